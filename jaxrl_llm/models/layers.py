@@ -1,0 +1,164 @@
+"""Building blocks of the decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`);
+activations are constrained by logical names through `sharding.constrain`.
+No mesh axis name appears here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.sharding.rules import constrain
+
+_NEG_INF = -1e30  # finite, so fully-masked rows (left padding) give a uniform softmax, not NaN
+
+
+def _init(cfg: ModelConfig, names):
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in Llama/Qwen: normalise in float32, cast back, then scale."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2], with Llama-3 / linear scaling as in HF."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    sc = cfg.rope_scaling
+    if not sc:
+        return inv.astype(np.float32)
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        lo_wavelen, hi_wavelen = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > lo_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, T, head_dim/2] (float32) for integer positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF 'rotate_half' convention: x [B, T, H, D], first half paired with second half."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with an optional KV cache slice for this layer.
+
+    `kv` is None (keys are the current tokens) or (k, v) of shape
+    [B, S, kv_heads, head_dim] into which the new keys are written at `index`.
+    `bias` is an additive float32 mask [B, 1, 1, T, S].
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, bias, kv, index):
+        cfg = self.cfg
+        dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
+        h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def proj(name, heads, heads_axis):
+            return nn.DenseGeneral(
+                (heads, d), use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name,
+                kernel_init=_init(cfg, ("embed", heads_axis, "head_dim")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")))(x)
+
+        q = proj("q_proj", h, "heads")
+        kx = proj("k_proj", k, "kv_heads")
+        vx = proj("v_proj", k, "kv_heads")
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="q_norm")(q)
+            kx = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="k_norm")(kx)
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        kx = constrain(apply_rope(kx, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        vx = constrain(vx, ("batch", "length", "kv_heads", "head_dim"))
+
+        if kv is not None:
+            kc, vc = kv
+            kx = jax.lax.dynamic_update_slice(kc, kx.astype(kc.dtype), (0, index, 0, 0))
+            vx = jax.lax.dynamic_update_slice(vc, vx.astype(vc.dtype), (0, index, 0, 0))
+            kv = (kx, vx)
+
+        b, t = q.shape[:2]
+        qg = q.reshape(b, t, k, h // k, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kx.astype(dt),
+                            preferred_element_type=jnp.float32) / math.sqrt(d)
+        probs = jax.nn.softmax(scores + bias, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, vx.astype(dt)).reshape(b, t, h, d)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
+                              kernel_init=_init(cfg, ("heads", "head_dim", "embed")), name="o_proj")(out)
+        return out, kv
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
+
+        def dense(name, feats, names):
+            return nn.Dense(feats, use_bias=False, dtype=dt, param_dtype=pdt, name=name,
+                            kernel_init=_init(cfg, names))
+
+        g = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        u = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        hmid = constrain(nn.silu(g) * u, ("batch", "length", "mlp"))
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(hmid)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; the signature fits `nn.scan` (carry x, scanned kv)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, bias, index, kv):
+        cfg = self.cfg
+        dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
+        hdn = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
+        attn, kv = Attention(cfg, name="self_attn")(hdn, cos, sin, bias, kv, index)
+        x = constrain(x + attn, ("batch", "length", "embed"))
+        hdn = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
+        x = constrain(x + MLP(cfg, name="mlp")(hdn), ("batch", "length", "embed"))
+        return x, kv

@@ -1,0 +1,201 @@
+"""The decoder-only model family and its heads (causal LM, per-token value, reward).
+
+Pure functional at every jit boundary: parameters are a pytree and the forward
+pass is `model.apply({"params": params}, tokens, positions, mask, cache)`.
+
+Layers are stacked with `nn.scan` (one compiled layer body whatever the depth;
+every layer parameter has a leading "layers" axis), optionally rematerialised.
+
+Masks and positions:
+* `mask` [B, T] marks real tokens (1) vs padding (0) of the tokens fed now.
+* `positions` [B, T] are RoPE positions; by default `cumsum(mask) - 1`, which
+  is right for left-padded batches.
+* Without a cache, token j is visible to token i iff j <= i and mask[j].
+* With a `KVCache` of S slots, the T new tokens are written at slots
+  [index, index + T); slot j is visible to new token t iff
+  j <= index + t and the slot holds a real token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.layers import _NEG_INF, DecoderLayer, RMSNorm, _init, rope_tables
+from jaxrl_llm.sharding.rules import constrain
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer: k, v [L, B, S, kv_heads, head_dim]; mask [B, S]; index []."""
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        k = constrain(jnp.zeros(shape, cfg.jnp_dtype), CACHE_AXES)
+        v = constrain(jnp.zeros(shape, cfg.jnp_dtype), CACHE_AXES)
+        mask = constrain(jnp.zeros((batch, length), jnp.bool_), ("batch", "length"))
+        return cls(k=k, v=v, mask=mask, index=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """RoPE positions for a (left- or right-) padded batch: count of real tokens before, minus 1."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _layer_stack(cfg: ModelConfig):
+    layer = DecoderLayer
+    if cfg.remat != "none":
+        layer = nn.remat(DecoderLayer, policy=_REMAT[cfg.remat], prevent_cse=False)
+    return nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class Decoder(nn.Module):
+    """Token embedding, the stacked decoder layers and the final norm."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype,
+                                     param_dtype=cfg.jnp_param_dtype,
+                                     embedding_init=_init(cfg, ("vocab", "embed")))
+        self.layers = _layer_stack(cfg)(cfg)
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
+
+    def __call__(self, tokens, positions=None, mask=None, cache: KVCache | None = None):
+        b, t = tokens.shape
+        if mask is None:
+            mask = jnp.ones((b, t), jnp.bool_)
+        mask = mask.astype(jnp.bool_)
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required when decoding with a KV cache")
+            positions = positions_from_mask(mask)
+        x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))
+        cos, sin = rope_tables(self.cfg, positions)
+
+        if cache is None:
+            index, kv_mask, kvs = 0, mask, None
+        else:
+            index = cache.index
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+            kvs = (cache.k, cache.v)
+        q_slot = index + jnp.arange(t)
+        k_slot = jnp.arange(kv_mask.shape[1])
+        allowed = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]  # [B, T, S]
+        bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
+
+        x, kvs = self.layers(x, cos, sin, bias, index, kvs)
+        x = self.norm(x)
+        if cache is not None:
+            cache = KVCache(k=constrain(kvs[0], CACHE_AXES), v=constrain(kvs[1], CACHE_AXES),
+                            mask=kv_mask, index=cache.index + t)
+        return x, cache
+
+    def attend(self, hidden):
+        return self.embed_tokens.attend(hidden)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head (tied to the embedding or separate)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.model = Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
+                                    param_dtype=cfg.jnp_param_dtype,
+                                    kernel_init=_init(cfg, ("embed", "vocab")))
+
+    def __call__(self, tokens, positions=None, mask=None, cache: KVCache | None = None, *,
+                 return_hidden: bool = False):
+        """Returns (logits [B, T, V] in the compute dtype, or final hidden [B, T, E]; new cache)."""
+        hidden, cache = self.model(tokens, positions, mask, cache)
+        if return_hidden:
+            return hidden, cache
+        return self.logits(hidden), cache
+
+    def logits(self, hidden):
+        if self.cfg.tie_word_embeddings:
+            out = self.model.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return constrain(out, ("batch", "length", "vocab"))
+
+
+class ScalarHeadModel(nn.Module):
+    """Decoder + scalar head: per-token values (`per_token=True`) or one reward per sequence.
+
+    The reward is read at the last real token of each row (the last position
+    where mask == 1), which works for left and right padding alike.
+    """
+
+    cfg: ModelConfig
+    per_token: bool = True
+    zero_init_head: bool = True
+
+    def setup(self):
+        cfg = self.cfg
+        init = nn.initializers.zeros if self.zero_init_head else nn.initializers.normal(
+            1.0 / (cfg.hidden_size + 1))
+        self.model = Decoder(cfg)
+        self.score = nn.Dense(1, use_bias=True, dtype=jnp.float32, param_dtype=cfg.jnp_param_dtype,
+                              kernel_init=nn.with_logical_partitioning(init, ("embed", None)),
+                              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+
+    def __call__(self, tokens, positions=None, mask=None):
+        b, t = tokens.shape
+        if mask is None:
+            mask = jnp.ones((b, t), jnp.bool_)
+        hidden, _ = self.model(tokens, positions, mask)
+        values = self.score(hidden.astype(jnp.float32))[..., 0]  # [B, T] float32
+        if self.per_token:
+            return values
+        last = jnp.max(jnp.where(mask.astype(bool), jnp.arange(t)[None, :], 0), axis=-1)
+        return jnp.take_along_axis(values, last[:, None], axis=-1)[:, 0]  # [B]
+
+
+def value_model(cfg: ModelConfig, **kw) -> ScalarHeadModel:
+    return ScalarHeadModel(cfg, per_token=True, **kw)
+
+
+def reward_model(cfg: ModelConfig, **kw) -> ScalarHeadModel:
+    return ScalarHeadModel(cfg, per_token=False, **kw)
+
+
+def unembedding(params: Any, cfg: ModelConfig) -> jax.Array:
+    """The [embed, vocab] output matrix of a CausalLM's params (for chunked log-probs)."""
+    if cfg.tie_word_embeddings:
+        return params["model"]["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]

@@ -1,0 +1,52 @@
+"""Device mesh from config: named axes with sizes, one of them may be -1 (auto)."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+DEFAULT_AXES: dict[str, int] = {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+def resolve_axis_sizes(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Fills in the one -1 axis and checks that the sizes multiply to `num_devices`."""
+    axes = dict(axes)
+    if not axes:
+        raise ValueError("mesh.axes is empty; give at least one named axis, e.g. {'data': -1}")
+    auto = [k for k, v in axes.items() if v == -1]
+    for k, v in axes.items():
+        if not isinstance(v, int) or (v < 1 and v != -1):
+            raise ValueError(f"mesh.axes.{k}={v!r}: sizes must be positive integers or -1 (auto)")
+    if len(auto) > 1:
+        raise ValueError(f"mesh.axes: at most one axis may be -1 (auto), got {auto}")
+    fixed = math.prod(v for v in axes.values() if v != -1)
+    if auto:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh.axes={axes}: the fixed sizes multiply to {fixed}, which does not divide the "
+                f"{num_devices} available devices; choose sizes whose product divides {num_devices}")
+        axes[auto[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(
+            f"mesh.axes={axes}: sizes multiply to {fixed} but there are {num_devices} devices; "
+            "make the product equal the device count or set one axis to -1 (auto)")
+    return axes
+
+
+def make_mesh(axes: Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a mesh over `devices` (default: all) with named axes, in the given order.
+
+    Axes are `Auto` (GSPMD propagation between the explicit constraints).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_axis_sizes(axes if axes is not None else DEFAULT_AXES, len(devices))
+    names, shape = tuple(sizes), tuple(sizes.values())
+    try:
+        return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+    except Exception:  # topologies make_mesh cannot lay out (e.g. a subset of devices)
+        return Mesh(np.asarray(devices).reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))
