@@ -10,7 +10,7 @@ of one array's logical axes to a `PartitionSpec`:
   an axis already taken by an earlier one drops it (activations
   ("batch", "length", "embed") get batch over data+fsdp and embed unsharded,
   while the parameter ("vocab", "embed") gets embed over fsdp);
-* a mesh axis of size 1, or one whose size does not divide the dimension, is
+* a mesh axis absent from the mesh or of size 1, or one whose size does not divide the dimension, is
   dropped for that dimension (the bytes left replicated show up in
   `replication_report`).
 """
@@ -28,6 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # (logical axis, mesh axes). None = never sharded.
 Rules = tuple[tuple[str, tuple[str, ...] | str | None], ...]
+
+STANDARD_MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
@@ -80,10 +82,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules, mesh: Mesh
         chosen = []
         size = 1
         for ax in table[name]:
-            if ax not in mesh.shape:
-                raise KeyError(f"sharding rule for {name!r} names mesh axis {ax!r}, "
-                               f"but the mesh has axes {tuple(mesh.shape)}")
-            n = mesh.shape[ax]
+            n = mesh.shape.get(ax, 1)  # the standard axes may be left out of a mesh
             if ax in used or n == 1:
                 continue
             if shape is not None and shape[i] % (size * n):
@@ -111,6 +110,16 @@ class ShardingEnv:
 
     mesh: Mesh
     rules: Rules = DEFAULT_RULES
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", normalize_rules(self.rules))
+        known = set(self.mesh.shape) | set(STANDARD_MESH_AXES)
+        for name, axes in self.rules:
+            for ax in _as_tuple(axes):
+                if ax not in known:
+                    raise KeyError(f"sharding rule ({name!r}, {axes!r}) names mesh axis {ax!r}, which is "
+                                   f"neither in the mesh {tuple(self.mesh.shape)} nor a standard axis "
+                                   f"{STANDARD_MESH_AXES}")
 
     def spec(self, logical_axes, shape=None) -> PartitionSpec:
         return logical_to_spec(logical_axes, self.rules, self.mesh, shape)

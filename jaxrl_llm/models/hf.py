@@ -1,0 +1,541 @@
+"""Hugging Face interop: `config.json` <-> `ModelConfig`, safetensors <-> sharded params.
+
+Supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (the families of
+`models.config`). Only safetensors are read; pickle-based `.bin`/`.pt` files
+are refused and no remote code is ever run. Torch is not imported.
+
+`load_hf` creates every parameter directly in its target sharding: each device
+shard is read from the memory-mapped safetensors files for just the layers and
+rows/columns it holds (`jax.make_array_from_callback`), so the full model is
+never materialised on one host. `save_hf` streams one parameter at a time to
+the host and writes into a temporary directory that is renamed into place at
+the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxrl_llm.models.api import init_fn_for
+from jaxrl_llm.models.config import ModelConfig, dtype_of
+from jaxrl_llm.models.transformer import CausalLM
+from jaxrl_llm.sharding.params import abstract_params, param_shardings
+from jaxrl_llm.sharding.rules import ShardingEnv
+
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+_ARCH_OF_FAMILY = {fam: arch for arch, fam in SUPPORTED_ARCHITECTURES.items()}
+# HF class defaults for keys a config.json may leave out.
+_FAMILY_DEFAULTS = {"llama": {"max_position_embeddings": 2048, "head_dim": None},
+                    "qwen2": {"max_position_embeddings": 32768, "head_dim": None},
+                    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128}}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports saved; recomputed here
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's tensors do not match its config.json (missing, extra, wrong shape or dtype)."""
+
+
+def _dtype_name(dtype: Any) -> str:
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _family_of(c: Mapping[str, Any]) -> str:
+    archs = c.get("architectures") or []
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    if archs:
+        for arch in archs:
+            if arch in SUPPORTED_ARCHITECTURES:
+                return SUPPORTED_ARCHITECTURES[arch]
+        raise ValueError(f"unsupported architecture {', '.join(map(str, archs))}; "
+                         f"supported architectures: {supported}")
+    model_type = c.get("model_type")
+    if model_type in _FAMILY_DEFAULTS:
+        return model_type
+    raise ValueError(f"unsupported model_type {model_type!r} (config has no 'architectures'); "
+                     f"supported: model_type llama, qwen2, qwen3 / architectures {supported}")
+
+
+def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from legacy `rope_theta`/`rope_scaling` or v5 `rope_parameters`."""
+    # transformers v5 gives the legacy `rope_scaling` priority over `rope_parameters`.
+    key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+    sc = dict(c.get(key) or {})
+    if any(isinstance(v, Mapping) for v in sc.values()):
+        raise ValueError(f"config.json {key} is nested per layer type; only one global RoPE is supported")
+    theta = float(sc.pop("rope_theta", c.get("rope_theta", 10000.0)))
+    rope_type = sc.pop("rope_type", None) or sc.pop("type", None) or "default"
+    partial = sc.pop("partial_rotary_factor", c.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"config.json partial_rotary_factor={partial} is not supported (only 1.0)")
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ("linear", "llama3"):
+        raise ValueError(f"config.json {key}: rope type {rope_type!r} is not supported; "
+                         "supported rope types: default, llama3, linear")
+    needed = ("factor",) if rope_type == "linear" else (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if rope_type == "llama3":  # HF's default when the key is absent
+        sc.setdefault("original_max_position_embeddings", c.get("max_position_embeddings"))
+    missing = [k for k in needed if sc.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json {key} with rope_type {rope_type!r} lacks {missing}")
+    return theta, {"rope_type": rope_type, **{k: float(sc[k]) for k in needed}}
+
+
+def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> ModelConfig:
+    """Builds a `ModelConfig` from a Hugging Face `config.json` dict.
+
+    `overrides` replace fields afterwards (e.g. `param_dtype="bfloat16"`,
+    `remat="full"`; dtypes may be names or numpy/jnp dtypes). Configurations
+    the model cannot reproduce exactly raise a `ValueError` that says why.
+    Numerics default to float32 whatever `torch_dtype` the checkpoint records.
+    """
+    c = dict(hf_config)
+    family = _family_of(c)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if c.get(key) is None:
+            raise ValueError(f"config.json lacks the required key {key!r}")
+    act = c.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"config.json hidden_act={act!r} is not supported; only 'silu' (SwiGLU) is")
+    if c.get("mlp_bias"):
+        raise ValueError("config.json mlp_bias=true is not supported (the MLP has no biases)")
+    if family in ("llama", "qwen3") and c.get("attention_bias"):
+        raise ValueError(f"config.json attention_bias=true is not supported for {family}: HF then also "
+                         "biases o_proj, which this model does not have")
+    if c.get("use_sliding_window"):
+        raise ValueError("config.json use_sliding_window=true is not supported (sliding-window attention "
+                         "is not implemented); full attention would silently change the model")
+    layer_types = set(c.get("layer_types") or ()) - {"full_attention"}
+    if layer_types:
+        raise ValueError(f"config.json layer_types {sorted(layer_types)} are not supported; "
+                         "only full_attention")
+    heads = c["num_attention_heads"]
+    head_dim = c["head_dim"] if "head_dim" in c else _FAMILY_DEFAULTS[family]["head_dim"]
+    rope_theta, rope_scaling = _rope_from_hf(c)
+    fields = dict(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=head_dim or c["hidden_size"] // heads, rope_theta=rope_theta, rope_scaling=rope_scaling,
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+        max_position_embeddings=c.get("max_position_embeddings")
+        or _FAMILY_DEFAULTS[family]["max_position_embeddings"],
+        initializer_range=float(c.get("initializer_range", 0.02)), family=family)
+    for key in ("dtype", "param_dtype"):
+        if overrides.get(key) is not None:
+            overrides[key] = _dtype_name(overrides[key])
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise TypeError(f"unknown ModelConfig field(s) {sorted(unknown)} in overrides")
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**fields)
+
+
+def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict[str, Any]:
+    """A `config.json` dict that transformers (v4 and v5) load as the family's *ForCausalLM.
+
+    RoPE is written both ways: legacy `rope_theta`/`rope_scaling` (read by v4,
+    and preferred by v5 when set) and v5 `rope_parameters`.
+    """
+    if cfg.qk_norm != (cfg.family == "qwen3"):
+        raise ValueError(f"qk_norm={cfg.qk_norm} cannot be exported as family {cfg.family!r}: "
+                         "HF has q/k norms exactly in Qwen3")
+    if cfg.qkv_bias and cfg.family != "qwen2":
+        raise ValueError(f"qkv_bias=True cannot be exported as family {cfg.family!r} (HF's attention_bias "
+                         "would add an o_proj bias too); use family='qwen2'")
+    dtype = _dtype_name(dtype) if dtype is not None else cfg.param_dtype
+    scaling = None
+    if cfg.rope_scaling:
+        sc = dict(cfg.rope_scaling)
+        rope_type = sc.pop("rope_type", None) or sc.pop("type", None) or "default"
+        sc.pop("type", None)
+        scaling = {"rope_type": rope_type, **sc}
+    out: dict[str, Any] = {
+        "architectures": [_ARCH_OF_FAMILY[cfg.family]], "model_type": cfg.family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.initializer_range, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta},
+        "attention_dropout": 0.0, "use_cache": True, "dtype": dtype, "torch_dtype": dtype,
+    }
+    if cfg.family in ("llama", "qwen3"):
+        out["attention_bias"] = False
+    if cfg.family == "llama":
+        out["mlp_bias"] = False
+    if cfg.family in ("qwen2", "qwen3"):
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+    return out
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed `config.json` of a checkpoint directory (clear errors when absent or invalid)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json in {Path(path)} (expected a Hugging Face model directory)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: line {e.lineno}: {e.msg}") from None
+
+
+# ------------------------------------------------------------------- tensor name map
+#
+# Layouts (ours per layer <- HF), N heads, D = head_dim:
+#   copy:       same array (norm scales, embedding)
+#   linear:     [in, out] <- [out, in]
+#   heads_in:   [E, N, D] <- [N*D, E]     (q/k/v kernels)
+#   heads_bias: [N, D]    <- [N*D]
+#   heads_out:  [N, D, E] <- [E, N*D]     (o_proj)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    path: tuple[str, ...]       # key path in the params tree
+    hf_name: str                # may contain {i} (layer index)
+    layout: str
+    hf_shape: tuple[int, ...]   # one layer's HF shape
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_name
+
+    def names(self, num_layers: int) -> list[str]:
+        return [self.hf_name.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
+
+
+def _tensor_specs(cfg: ModelConfig) -> list[_Spec]:
+    e, h, k, d, m, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.intermediate_size, cfg.vocab_size)
+    specs = [_Spec(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", "copy", (v, e))]
+
+    def layer(path, name, layout, shape):
+        specs.append(_Spec(("model", "layers") + path, "model.layers.{i}." + name, layout, shape))
+
+    layer(("input_layernorm", "scale"), "input_layernorm.weight", "copy", (e,))
+    for name, n in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
+        layer(("self_attn", name, "kernel"), f"self_attn.{name}.weight", "heads_in", (n * d, e))
+        if cfg.qkv_bias:
+            layer(("self_attn", name, "bias"), f"self_attn.{name}.bias", "heads_bias", (n * d,))
+    if cfg.qk_norm:
+        layer(("self_attn", "q_norm", "scale"), "self_attn.q_norm.weight", "copy", (d,))
+        layer(("self_attn", "k_norm", "scale"), "self_attn.k_norm.weight", "copy", (d,))
+    layer(("self_attn", "o_proj", "kernel"), "self_attn.o_proj.weight", "heads_out", (e, h * d))
+    layer(("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", "copy", (e,))
+    layer(("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", "linear", (m, e))
+    layer(("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", "linear", (m, e))
+    layer(("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", "linear", (e, m))
+    specs.append(_Spec(("model", "norm", "scale"), "model.norm.weight", "copy", (e,)))
+    if not cfg.tie_word_embeddings:
+        specs.append(_Spec(("lm_head", "kernel"), "lm_head.weight", "linear", (v, e)))
+    return specs
+
+
+def _read_ours(sl, layout: str, d: int, b: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Reads the block `b` ((start, stop) per dim, our layout) of one HF tensor slice `sl`."""
+    if layout == "copy":
+        return sl[tuple(slice(lo, hi) for lo, hi in b)]
+    if layout == "linear":
+        (i0, i1), (o0, o1) = b
+        return sl[o0:o1, i0:i1].T
+    if layout == "heads_in":
+        (e0, e1), (h0, h1), (d0, d1) = b
+        x = sl[h0 * d:h1 * d, e0:e1].reshape(h1 - h0, d, e1 - e0)
+        return x.transpose(2, 0, 1)[:, :, d0:d1]
+    if layout == "heads_bias":
+        (h0, h1), (d0, d1) = b
+        return sl[h0 * d:h1 * d].reshape(h1 - h0, d)[:, d0:d1]
+    if layout == "heads_out":
+        (h0, h1), (d0, d1), (e0, e1) = b
+        x = sl[e0:e1, h0 * d:h1 * d].reshape(e1 - e0, h1 - h0, d)
+        return x.transpose(1, 2, 0)[:, d0:d1, :]
+    raise AssertionError(layout)
+
+
+def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
+    """One layer of a parameter, our layout -> HF layout (inverse of `_read_ours`)."""
+    if layout == "linear":
+        x = x.T
+    elif layout == "heads_in":
+        x = x.reshape(x.shape[0], -1).T
+    elif layout == "heads_bias":
+        x = x.reshape(-1)
+    elif layout == "heads_out":
+        x = x.reshape(-1, x.shape[-1]).T
+    return np.ascontiguousarray(x)
+
+
+def _check_paths(specs: list[_Spec], tree, what: str) -> dict[tuple[str, ...], Any]:
+    flat = {tuple(str(getattr(k, "key", k)) for k in p): x
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    known = {s.path for s in specs}
+    if set(flat) != known:
+        raise ValueError(f"{what} do not match the HF name map: unmapped {sorted(set(flat) - known)}, "
+                         f"absent {sorted(known - set(flat))}")
+    return flat
+
+
+# ------------------------------------------------------------------------- loading
+
+
+class _Checkpoint:
+    """Tensor name -> safetensors file of a checkpoint dir (single file or index.json shards)."""
+
+    def __init__(self, path: Path):
+        single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+        if single.is_file():
+            self.files = [single]
+            self.where = {name: single for name in safe_open(single, framework="numpy").keys()}
+            self.searched = str(single)
+        elif index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no 'weight_map' object")
+            self.where = {name: path / f for name, f in weight_map.items()}
+            self.files = sorted(set(self.where.values()))
+            absent = [f.name for f in self.files if not f.is_file()]
+            if absent:
+                raise FileNotFoundError(f"{index} lists shard files missing from {path}: {absent}")
+            self.searched = f"{index} (shards {', '.join(f.name for f in self.files)})"
+        else:
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            if pickles:
+                raise ValueError(
+                    f"{path} holds only pickle-based weights ({', '.join(pickles)}); jaxrl_llm never "
+                    "unpickles checkpoints (unpickling can run arbitrary code). Convert them to "
+                    "safetensors first, e.g. in a trusted environment: AutoModelForCausalLM."
+                    "from_pretrained(path).save_pretrained(out_dir, safe_serialization=True)")
+            others = sorted(p.name for p in path.glob("*.safetensors"))
+            raise FileNotFoundError(
+                f"no weights found in {path}: expected model.safetensors or model.safetensors.index.json"
+                + (f" (found {others}; rename or add an index.json)" if others else ""))
+        self._open: dict[Path, Any] = {}
+
+    def slice(self, name: str):
+        file = self.where[name]
+        if file not in self._open:
+            self._open[file] = safe_open(file, framework="numpy")
+        try:
+            return self._open[file].get_slice(name)
+        except Exception as e:  # the index points at a file that lacks the tensor
+            raise CheckpointError(f"missing tensor {name!r} in {file} (listed there by the index)") from e
+
+    def validate(self, specs: list[_Spec], cfg: ModelConfig) -> None:
+        """Every expected tensor present with its shape; no unexpected ones (no silent data loss)."""
+        expected = set()
+        missing = []
+        for spec in specs:
+            for name in spec.names(cfg.num_layers):
+                expected.add(name)
+                if name not in self.where:
+                    missing.append(name)
+                    continue
+                sl = self.slice(name)
+                shape = tuple(sl.get_shape())
+                if shape != spec.hf_shape:
+                    raise CheckpointError(f"shape mismatch for tensor {name!r} in {self.where[name]}: "
+                                     f"expected {spec.hf_shape} from config.json, found {shape}")
+                if sl.get_dtype() not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"tensor {name!r} has dtype {sl.get_dtype()}; expected one of "
+                                     f"{_FLOAT_DTYPES} (quantized checkpoints are not supported)")
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise CheckpointError(f"missing tensor {', '.join(map(repr, missing[:5]))}{more}; "
+                           f"searched {self.searched}")
+        ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+        extra = sorted(n for n in self.where if n not in expected and n not in ignored
+                       and not n.endswith(_IGNORED_SUFFIXES))
+        if extra:
+            more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+            raise CheckpointError(f"unexpected tensor {', '.join(map(repr, extra[:5]))}{more} in "
+                             f"{self.searched}: config.json describes no parameter for it, and "
+                             "dropping it would silently change the model")
+
+
+def load_hf(path: str | os.PathLike, env: ShardingEnv, *, dtype: Any = None, param_dtype: Any = None,
+            **config_overrides) -> tuple[ModelConfig, Any]:
+    """Loads a Hugging Face checkpoint dir into (ModelConfig, params sharded on `env`'s mesh).
+
+    `dtype` (compute) and `param_dtype` (storage) default to float32; other
+    `config_overrides` (e.g. `remat="full"`) go to `config_from_hf`. Every
+    parameter is built shard by shard in its target sharding.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    ckpt = _Checkpoint(path)
+    specs = _tensor_specs(cfg)
+    ckpt.validate(specs, cfg)
+    shapes, shardings = param_shardings(init_fn_for(CausalLM(cfg)), env)
+    by_path = {s.path: s for s in specs}
+    _check_paths(specs, shapes, "CausalLM parameters")
+
+    def build(key_path, shaped, sharding):
+        spec = by_path[tuple(str(k.key) for k in key_path)]
+        cache: dict[tuple, np.ndarray] = {}  # replicated shards are read once
+
+        def callback(index) -> np.ndarray:
+            index = tuple(index) + (slice(None),) * (len(shaped.shape) - len(tuple(index)))
+            bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shaped.shape))
+            if bounds not in cache:
+                if spec.stacked:
+                    (l0, l1), rest = bounds[0], bounds[1:]
+                    block = np.stack([_read_ours(ckpt.slice(spec.hf_name.format(i=i)), spec.layout,
+                                                 cfg.head_dim, rest) for i in range(l0, l1)])
+                else:
+                    block = _read_ours(ckpt.slice(spec.hf_name), spec.layout, cfg.head_dim, bounds)
+                cache[bounds] = np.ascontiguousarray(block.astype(shaped.dtype))
+            return cache[bounds]
+
+        return jax.make_array_from_callback(shaped.shape, sharding, callback, dtype=shaped.dtype)
+
+    return cfg, jax.tree_util.tree_map_with_path(build, shapes, shardings)
+
+
+# ------------------------------------------------------------------------ exporting
+
+
+def _to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one numpy array; collective when not addressable."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: Any = None,
+            max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | os.PathLike | None = None,
+            overwrite: bool = False) -> Path:
+    """Exports CausalLM params as a Hugging Face checkpoint (config.json + safetensors).
+
+    `dtype` is the file dtype (default: `cfg.param_dtype`). Above
+    `max_shard_bytes` the weights are split into `model-0000k-of-0000n`
+    shards plus `model.safetensors.index.json`. Parameters are gathered to
+    the host one at a time (every process must call this; only process 0
+    writes). Files go to a temporary directory beside `path` that is renamed
+    into place at the end; an existing non-empty `path` is replaced only with
+    `overwrite=True`. Tokenizer files in `tokenizer_dir` are copied along.
+    """
+    path = Path(path)
+    out_dtype = _dtype_name(dtype) if dtype is not None else cfg.param_dtype
+    np_dtype = np.dtype(dtype_of(out_dtype))
+    hf_config = config_to_hf(cfg, dtype=out_dtype)
+    specs = _tensor_specs(cfg)
+    flat = _check_paths(specs, params, "params")
+    shapes, _ = abstract_params(init_fn_for(CausalLM(cfg)), jax.random.key(0))
+    for p, shaped in _check_paths(specs, shapes, "CausalLM parameters").items():
+        if tuple(flat[p].shape) != tuple(shaped.shape):
+            raise ValueError(f"param {'/'.join(p)} has shape {tuple(flat[p].shape)}; "
+                             f"the config expects {tuple(shaped.shape)}")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+    tok_files = []
+    if tokenizer_dir is not None:
+        tok_files = [Path(tokenizer_dir) / f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
+        if not tok_files:
+            raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) "
+                                    f"in tokenizer_dir {tokenizer_dir}")
+
+    # Plan the shards from shapes alone, so every process issues the same gathers in the same order.
+    items = [(spec, i, name) for spec in specs for i, name in enumerate(spec.names(cfg.num_layers))]
+    shards: list[list] = [[]]
+    size = total = 0
+    for item in items:
+        nbytes = int(np.prod(item[0].hf_shape)) * np_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+        total += nbytes
+    n = len(shards)
+    fnames = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+    writer = jax.process_index() == 0
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    try:
+        current: tuple[tuple[str, ...] | None, np.ndarray | None] = (None, None)
+        weight_map = {}
+        for fname, shard in zip(fnames, shards):
+            tensors = {}
+            for spec, i, name in shard:
+                if current[0] != spec.path:  # items of one param are consecutive: gather it once
+                    current = (spec.path, _to_host(flat[spec.path]).astype(np_dtype))
+                tensors[name] = _to_hf(current[1][i] if spec.stacked else current[1], spec.layout)
+                weight_map[name] = fname
+            if writer:
+                save_file(tensors, tmp / fname, metadata={"format": "pt"})
+                _fsync(tmp / fname)
+        if writer:
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            if n > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for f in tok_files:
+                shutil.copy2(f, tmp / f.name)
+            _swap_into_place(tmp, path)
+    except BaseException:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxrl_llm.save_hf:{path}")
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Renames `tmp` to `path`; an existing `path` is moved aside first and deleted after."""
+    _fsync(tmp)
+    old = None
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(tmp, path)  # atomic; an empty directory at `path` is replaced
+    _fsync(path.parent)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+__all__ = ["CheckpointError", "SUPPORTED_ARCHITECTURES", "TOKENIZER_FILES", "config_from_hf", "config_to_hf", "load_hf",
+           "read_hf_config", "save_hf"]

@@ -1,0 +1,164 @@
+"""Sampling configuration and logit processing (temperature, top-k, top-p) on [B, V] logits.
+
+Everything here is a pure function of float32 arrays. The keep-set of top-k and
+top-p is defined by *rank* (position in one descending sort, ties broken by
+the lower token id first), never by comparing with a threshold value, so a
+token tied with the last kept one is still excluded when it falls outside the
+rank limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled. Frozen and hashable (a static argument of the jitted sampler).
+
+    max_new_tokens: completion buffer length N (>= 1); decoding stops earlier once every row is done.
+    temperature: >= 0. 0.0 means greedy (argmax of the raw logits; top_k/top_p are then ignored).
+    top_k: keep the k highest-ranked tokens; 0 = off.
+    top_p: nucleus sampling, in (0, 1]; keep the smallest rank-prefix whose probability mass
+        reaches top_p (after top-k, renormalised); 1.0 = off.
+    n_samples: completions per prompt (>= 1); rows i*n .. i*n+n-1 of the rollout belong to prompt i.
+    eos_token_ids: token ids that end a completion (may be empty: then every row runs N steps).
+    pad_token_id: written into the completion buffer after a row's first EOS.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    n_samples: int = 1
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        def _is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
+        if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
+                or not math.isfinite(self.temperature) or self.temperature < 0):
+            raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: must be a finite number >= 0 "
+                             "(0.0 = greedy)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
+        if (not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool)
+                or not 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: must be in (0, 1] (1.0 = off)")
+        if not _is_int(self.n_samples) or self.n_samples < 1:
+            raise ValueError(f"SamplingConfig.n_samples={self.n_samples!r}: must be an integer >= 1")
+        eos = self.eos_token_ids
+        if _is_int(eos):
+            eos = (eos,)
+        try:
+            eos = tuple(eos)
+        except TypeError:
+            raise ValueError(f"SamplingConfig.eos_token_ids={self.eos_token_ids!r}: must be a tuple of "
+                             "token ids >= 0") from None
+        if not all(_is_int(e) and e >= 0 for e in eos):
+            raise ValueError(f"SamplingConfig.eos_token_ids={self.eos_token_ids!r}: must be a tuple of "
+                             "token ids >= 0")
+        # A list from a JSON config would make the config unhashable; store a tuple.
+        object.__setattr__(self, "eos_token_ids", eos)
+        if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
+            raise ValueError(f"SamplingConfig.pad_token_id={self.pad_token_id!r}: must be an integer >= 0")
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **kw) -> "SamplingConfig":
+        return dataclasses.replace(self, **kw)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raises if an EOS or pad id does not exist in a vocabulary of `vocab_size` tokens."""
+        bad = [e for e in self.eos_token_ids if e >= vocab_size]
+        if bad:
+            raise ValueError(f"SamplingConfig.eos_token_ids={self.eos_token_ids}: ids {bad} are >= the "
+                             f"model's vocab_size={vocab_size}")
+        if self.pad_token_id >= vocab_size:
+            raise ValueError(f"SamplingConfig.pad_token_id={self.pad_token_id} is >= the model's "
+                             f"vocab_size={vocab_size}")
+
+
+def scale_logits(logits_bv: jax.Array, temperature: float) -> jax.Array:
+    """logits / temperature in float32; temperature 0 (greedy) scales by 1."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    if temperature == 0.0 or temperature == 1.0:
+        return logits_bv
+    return logits_bv / jnp.float32(temperature)
+
+
+def _scatter_rows(values_bk: jax.Array, idx_bk: jax.Array, vocab: int) -> jax.Array:
+    rows = jnp.arange(values_bk.shape[0])[:, None]
+    return jnp.zeros((values_bk.shape[0], vocab), values_bk.dtype).at[rows, idx_bk].set(values_bk)
+
+
+def keep_mask(logits_bv: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array | None:
+    """Boolean [B, V] mask of the tokens top-k / top-p keep, or None when both are off.
+
+    Ranks come from one descending sort (lower token id first on ties):
+    * top-k keeps ranks 0 .. k-1 (exactly min(k, V) tokens);
+    * top-p, applied after top-k on the distribution renormalised over the
+      top-k set (as Hugging Face and vLLM do), keeps rank r iff the mass of
+      ranks < r is below top_p: the smallest prefix whose mass reaches top_p.
+      Rank 0 is always kept.
+    Only `lax.top_k` runs when top-k is on (a partial sort of k entries); a
+    full sort only when top-p is on alone.
+    """
+    vocab = logits_bv.shape[-1]
+    k = top_k if 0 < top_k < vocab else 0
+    if k == 0 and top_p >= 1.0:
+        return None
+    logits_bv = logits_bv.astype(jnp.float32)
+    if k:
+        sorted_bk, idx_bk = jax.lax.top_k(logits_bv, k)
+    else:
+        idx_bk = jnp.argsort(-logits_bv, axis=-1, stable=True)
+        sorted_bk = jnp.take_along_axis(logits_bv, idx_bk, axis=-1)
+    keep_bk = jnp.ones(sorted_bk.shape, jnp.bool_)
+    if top_p < 1.0:
+        probs_bk = jax.nn.softmax(sorted_bk, axis=-1)  # renormalised over the top-k set
+        mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
+        keep_bk = mass_before_bk < jnp.float32(top_p)
+        keep_bk = keep_bk.at[:, 0].set(True)
+    return _scatter_rows(keep_bk, idx_bk, vocab)
+
+
+def process_logits(logits_bv: jax.Array, temperature: float, top_k: int = 0,
+                   top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Returns (logp_bv, raw_logp_bv), both float32 [B, V].
+
+    raw_logp_bv = log_softmax(logits / T) over the full vocabulary (T = 1 when greedy).
+    logp_bv     = raw_logp_bv renormalised over the top-k/top-p keep set, -inf outside it;
+                  equal to raw_logp_bv when both filters are off. This is the distribution
+                  the sampler draws from. For greedy (temperature 0) both are the unscaled
+                  softmax and the filters are ignored.
+    """
+    scaled_bv = scale_logits(logits_bv, temperature)
+    raw_logp_bv = jax.nn.log_softmax(scaled_bv, axis=-1)
+    if temperature == 0.0:
+        return raw_logp_bv, raw_logp_bv
+    keep_bv = keep_mask(scaled_bv, top_k, top_p)
+    if keep_bv is None:
+        return raw_logp_bv, raw_logp_bv
+    logp_bv = jax.nn.log_softmax(jnp.where(keep_bv, scaled_bv, -jnp.inf), axis=-1)
+    return logp_bv, raw_logp_bv
+
+
+def sample_tokens(rng: jax.Array, logp_bv: jax.Array, raw_logp_bv: jax.Array,
+                  greedy: bool) -> jax.Array:
+    """Draws one token per row: argmax when greedy, else categorical(logp_bv). int32 [B]."""
+    if greedy:
+        return jnp.argmax(raw_logp_bv, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, logp_bv, axis=-1).astype(jnp.int32)

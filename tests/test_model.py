@@ -1,0 +1,158 @@
+"""Model family: presets, KV cache, remat, dtypes, value/reward heads, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_llm.models import (PRESETS, CausalLM, KVCache, ModelConfig, ScalarHeadModel, create_model,
+                              get_preset, init_fn_for, positions_from_mask, unembedding)
+from jaxrl_llm.sharding import ShardingEnv, make_mesh
+from jaxrl_llm.sharding.params import abstract_params
+
+SMALL = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2, qkv_bias=True)
+
+
+@pytest.fixture(scope="module")
+def env():
+    return ShardingEnv(make_mesh({"data": 1}, devices=jax.devices()[:1]))
+
+
+def _batch(b=3, t=7, vocab=96, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = np.array([t, t - 3, 2][:b])
+    mask = np.arange(t)[None, :] >= (t - lengths)[:, None]
+    tokens = np.where(mask, rng.integers(2, vocab, size=(b, t)), 0).astype(np.int32)
+    return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_param_counts_match_shapes(name):
+    cfg = get_preset(name)
+    shapes, logical = abstract_params(init_fn_for(CausalLM(cfg), seq_len=2), jax.random.key(0))
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == cfg.num_params()
+    # every parameter carries logical names, one per dimension
+    for s, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(logical, is_leaf=lambda x: x is not None and
+                                                                  type(x).__name__ == "PartitionSpec")):
+        assert len(spec) == len(s.shape)
+
+
+def test_known_parameter_counts():
+    assert get_preset("tiny").num_params() == 4_067_584  # the benchmark workload's tiny-qwen2
+    assert abs(get_preset("qwen2.5-0.5b").num_params() - 494_032_768) == 0
+    assert abs(get_preset("llama-3.1-8b").num_params() - 8_030_261_248) == 0
+
+
+def test_prefill_then_decode_equals_full_forward(env):
+    module, params, _ = create_model(SMALL, jax.random.key(1), env)
+    tokens, mask = _batch()
+    full, _ = module.apply({"params": params}, tokens, None, mask)
+    # prefill 4 tokens into a cache of 10 slots, then feed the remaining 3 one at a time
+    cache = KVCache.zeros(SMALL, 3, 10)
+    pos = positions_from_mask(mask)
+    out, cache = module.apply({"params": params}, tokens[:, :4], pos[:, :4], mask[:, :4], cache)
+    pieces = [out]
+    for t in range(4, 7):
+        out, cache = module.apply({"params": params}, tokens[:, t:t + 1], pos[:, t:t + 1], mask[:, t:t + 1], cache)
+        pieces.append(out)
+    assert int(cache.index) == 7
+    stepped = jnp.concatenate(pieces, axis=1)
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(stepped)[m], np.asarray(full)[m], atol=1e-5)
+
+
+def test_padding_does_not_change_real_tokens(env):
+    module, params, _ = create_model(SMALL, jax.random.key(2), env)
+    tokens, mask = _batch()
+    padded, _ = module.apply({"params": params}, tokens, None, mask)
+    row = 1  # 4 real tokens, left-padded by 3
+    alone, _ = module.apply({"params": params}, tokens[row:row + 1, 3:], None, None)
+    np.testing.assert_allclose(np.asarray(padded[row, 3:]), np.asarray(alone[0]), atol=1e-5)
+    assert np.isfinite(np.asarray(padded)).all()
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_same_loss_and_grads(env, policy):
+    tokens, mask = _batch()
+
+    def loss_and_grad(cfg):
+        module, params, _ = create_model(cfg, jax.random.key(3), env)
+
+        def loss(p):
+            logits, _ = module.apply({"params": p}, tokens, None, mask)
+            return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0)[..., 5])
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    ref_l, ref_g = loss_and_grad(SMALL)
+    l, g = loss_and_grad(SMALL.replace(remat=policy))
+    np.testing.assert_allclose(l, ref_l, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g, ref_g)
+
+
+def test_bfloat16_compute_and_params(env):
+    tokens, mask = _batch()
+    module, params, _ = create_model(SMALL, jax.random.key(4), env)
+    ref, _ = module.apply({"params": params}, tokens, None, mask)
+    bf = SMALL.replace(dtype="bfloat16")
+    out, _ = CausalLM(bf).apply({"params": params}, tokens, None, mask)
+    assert out.dtype == jnp.bfloat16
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(out, np.float32)[m], np.asarray(ref)[m], atol=0.05)
+    bf_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    out2, _ = CausalLM(SMALL.replace(dtype="bfloat16", param_dtype="bfloat16")).apply(
+        {"params": bf_params}, tokens, None, mask)
+    assert out2.dtype == jnp.bfloat16 and np.isfinite(np.asarray(out2, np.float32)).all()
+
+
+def test_untied_head_and_unembedding(env):
+    cfg = SMALL.replace(tie_word_embeddings=False)
+    module, params, _ = create_model(cfg, jax.random.key(5), env)
+    assert "lm_head" in params
+    tokens, mask = _batch()
+    logits, _ = module.apply({"params": params}, tokens, None, mask)
+    hidden, _ = module.apply({"params": params}, tokens, None, mask, return_hidden=True)
+    np.testing.assert_allclose(logits, hidden @ unembedding(params, cfg), atol=1e-5)
+    _, tied, _ = create_model(SMALL, jax.random.key(5), env)
+    assert "lm_head" not in tied
+    np.testing.assert_array_equal(unembedding(tied, SMALL), tied["model"]["embed_tokens"]["embedding"].T)
+
+
+def test_value_and_reward_heads(env):
+    value = ScalarHeadModel(SMALL, per_token=True, zero_init_head=False)
+    reward = ScalarHeadModel(SMALL, per_token=False, zero_init_head=False)
+    _, params, _ = create_model(SMALL, jax.random.key(6), env, module=value)
+    assert params["score"]["kernel"].shape == (32, 1)
+    tokens, mask = _batch()
+    v = value.apply({"params": params}, tokens, None, mask)
+    assert v.shape == (3, 7) and v.dtype == jnp.float32
+    r = reward.apply({"params": params}, tokens, None, mask)
+    np.testing.assert_allclose(r, v[:, -1], atol=1e-6)  # left padding: last real token is the last slot
+    # right padding: the reward is read at the last real token, not the last slot
+    right_tokens = jnp.asarray([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]], jnp.int32)
+    right_mask = right_tokens > 0
+    rv = value.apply({"params": params}, right_tokens, None, right_mask)
+    rr = reward.apply({"params": params}, right_tokens, None, right_mask)
+    np.testing.assert_allclose(rr, jnp.stack([rv[0, 2], rv[1, 4]]), atol=1e-6)
+    _, zero_params, _ = create_model(SMALL, jax.random.key(6), env, module=ScalarHeadModel(SMALL))
+    assert float(jnp.abs(ScalarHeadModel(SMALL).apply({"params": zero_params}, tokens, None, mask)).max()) == 0.0
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="remat='some'"):
+        ModelConfig(remat="some")
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+        ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(KeyError, match="Did you mean 'qwen2.5-0.5b'"):
+        get_preset("qwen2.5-05b")
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        ModelConfig(dtype="fp8")
+    hash(get_preset("llama-3.2-1b"))  # configs with rope_scaling stay hashable (static jit args)
+
+
+def test_cache_positions_required(env):
+    module, params, _ = create_model(SMALL, jax.random.key(7), env)
+    with pytest.raises(ValueError, match="positions are required"):
+        module.apply({"params": params}, jnp.zeros((1, 1), jnp.int32), None, None, KVCache.zeros(SMALL, 1, 4))

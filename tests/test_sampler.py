@@ -1,0 +1,283 @@
+"""The jitted sampler against full (uncached) forwards and a numpy reference of the logit filters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_llm.models import ModelConfig, create_model, get_preset, init_fn_for
+from jaxrl_llm.rollout import SamplingConfig, keep_mask, make_sampler, process_logits, sample
+from jaxrl_llm.sharding import ShardingEnv, make_mesh
+from jaxrl_llm.sharding.params import param_shardings
+
+# Large enough init that distributions are peaked (top prob ~0.2) but far from one-hot.
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, qkv_bias=True, initializer_range=0.3, max_position_embeddings=64)
+
+# Left-padded prompts of lengths 5, 3, 1.
+PROMPTS = np.array([[0, 11, 12, 13, 14, 15],
+                    [0, 0, 0, 21, 22, 23],
+                    [0, 0, 0, 0, 0, 31]], np.int32)
+PMASK = (np.arange(6)[None, :] >= np.array([1, 3, 5])[:, None]).astype(np.int32)
+
+
+def _env1():
+    return ShardingEnv(make_mesh({"data": 1}, devices=jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module")
+def model():
+    module, params, _ = create_model(CFG, jax.random.key(0), _env1())
+    return module, params
+
+
+@jax.jit
+def _forward_small(params, tokens, mask):
+    from jaxrl_llm.models import CausalLM
+    return CausalLM(CFG).apply({"params": params}, tokens, None, mask)[0].astype(jnp.float32)
+
+
+def full_logits(module, params, tokens, mask):
+    """float32 [B, T, V] logits of one uncached forward (positions from the mask)."""
+    if module.cfg == CFG:
+        return np.asarray(_forward_small(params, jnp.asarray(tokens), jnp.asarray(mask, bool)))
+    logits, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(tokens), None, jnp.asarray(mask, bool))
+    return np.asarray(logits.astype(jnp.float32))
+
+
+def completion_logits(module, params, rollout):
+    """float32 [B, N, V]: the logits that predict each completion token, from one full forward."""
+    tokens, mask = rollout.sequences()
+    p = rollout.prompt_tokens.shape[1]
+    n = rollout.tokens.shape[1]
+    return full_logits(module, params, tokens, mask)[:, p - 1:p - 1 + n]
+
+
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_keep(logits, top_k, top_p):
+    """Reference keep set by rank (stable sort, lower id first on ties), float64."""
+    logits = np.asarray(logits, np.float64)
+    b, v = logits.shape
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    keep = np.zeros((b, v), bool)
+    for i in range(b):
+        ranked = order[i][:top_k] if top_k else order[i]
+        if top_p < 1.0:
+            pr = np.exp(np_log_softmax(logits[i, ranked]))
+            before = np.cumsum(pr) - pr
+            ranked = ranked[(before < top_p) | (np.arange(len(ranked)) == 0)]
+        keep[i, ranked] = True
+    return keep
+
+
+def np_process(logits, temperature, top_k, top_p):
+    scaled = np.asarray(logits, np.float64) / temperature
+    raw = np_log_softmax(scaled)
+    keep = np_keep(scaled, top_k, top_p)
+    return np_log_softmax(np.where(keep, scaled, -np.inf)), raw
+
+
+def test_greedy_matches_uncached_argmax(model):
+    module, params = model
+    n = 6
+    r = make_sampler(module, CFG, SamplingConfig(max_new_tokens=n, temperature=0.0))(
+        params, PROMPTS, PMASK, jax.random.key(0))
+    tokens, mask = PROMPTS, PMASK
+    want, want_lp = [], []
+    for _ in range(n):  # step-by-step argmax, every step a fresh full forward, no cache
+        logits = full_logits(module, params, tokens, mask)[:, -1]
+        tok = logits.argmax(-1).astype(np.int32)
+        want.append(tok)
+        want_lp.append(np_log_softmax(logits.astype(np.float64))[np.arange(3), tok])
+        tokens = np.concatenate([tokens, tok[:, None]], 1)
+        mask = np.concatenate([mask, np.ones((3, 1), np.int32)], 1)
+    np.testing.assert_array_equal(np.asarray(r.tokens), np.stack(want, 1))
+    # Greedy: both log-prob fields are of the unscaled softmax.
+    np.testing.assert_allclose(np.asarray(r.logprobs), np.stack(want_lp, 1), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(r.raw_logprobs), np.stack(want_lp, 1), atol=1e-5)
+    assert int(r.num_steps) == n and not np.asarray(r.finished).any()
+    np.testing.assert_array_equal(np.asarray(r.mask), 1)
+    np.testing.assert_array_equal(np.asarray(r.lengths), n)
+
+
+def test_logprobs_match_full_forward(model):
+    module, params = model
+    sc = SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=12, top_p=0.9, n_samples=2,
+                        eos_token_ids=(3, 7, 9), pad_token_id=1)
+    r = make_sampler(module, CFG, sc)(params, PROMPTS, PMASK, jax.random.key(3))
+    assert r.logprobs.dtype == jnp.float32 and r.raw_logprobs.dtype == jnp.float32
+    logits = completion_logits(module, params, r)  # [6, 8, V]
+    tok, m = np.asarray(r.tokens), np.asarray(r.mask).astype(bool)
+    rows, steps, v = logits.shape
+    logp, raw = np_process(logits.reshape(-1, v), 0.7, 12, 0.9)
+    logp = np.take_along_axis(logp, tok.reshape(-1, 1), -1).reshape(rows, steps)
+    raw = np.take_along_axis(raw, tok.reshape(-1, 1), -1).reshape(rows, steps)
+    assert m.sum() > rows  # real completions were compared
+    np.testing.assert_allclose(np.asarray(r.logprobs)[m], logp[m], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(r.raw_logprobs)[m], raw[m], atol=1e-5)
+    # Filtering renormalises: sampling log-probs are strictly above the raw ones somewhere.
+    assert (np.asarray(r.logprobs)[m] > np.asarray(r.raw_logprobs)[m] + 1e-3).any()
+    np.testing.assert_array_equal(np.asarray(r.logprobs)[~m], 0.0)
+    np.testing.assert_array_equal(np.asarray(r.raw_logprobs)[~m], 0.0)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.5), (8, 0.6)])
+def test_filters_never_emit_excluded_tokens(model, top_k, top_p):
+    module, params = model
+    temp = 1.5  # flat, so an unfiltered sampler would emit excluded tokens often
+    sc = SamplingConfig(max_new_tokens=8, temperature=temp, top_k=top_k, top_p=top_p, n_samples=8)
+    r = make_sampler(module, CFG, sc)(params, PROMPTS, PMASK, jax.random.key(5))
+    logits = completion_logits(module, params, r)
+    v = logits.shape[-1]
+    keep = np_keep(logits.reshape(-1, v) / temp, top_k, top_p).reshape(logits.shape)
+    tok = np.asarray(r.tokens)
+    emitted_kept = np.take_along_axis(keep, tok[..., None], -1)[..., 0]
+    assert emitted_kept.all(), f"{(~emitted_kept).sum()} emitted tokens were outside the keep set"
+    assert keep.sum(-1).min() < v // 2  # the filter actually excluded something
+    ranks = (logits > np.take_along_axis(logits, tok[..., None], -1)).sum(-1)
+    assert ranks.max() > 0  # not just argmax
+
+
+def test_keep_mask_ties_and_renormalisation():
+    logits = np.array([[1.0, 3.0, 3.0, 3.0, 0.0, -1.0],
+                       [2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+                       np.log([0.4, 0.3, 0.2, 0.1, 1e-9, 1e-9])], np.float32)
+    cases = {
+        (2, 1.0): [[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]],
+        (0, 0.45): [[0, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]],
+        # top-p after top-k on the renormalised top-3 (0.44, 0.33, 0.22): 2 tokens reach 0.75
+        # (without renormalisation it would take 3).
+        (3, 0.75): [[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]],
+        (1, 0.3): [[0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]],
+        (0, 1e-6): [[0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]],  # top token always kept
+    }
+    for (k, p), want in cases.items():
+        got = np.asarray(keep_mask(jnp.asarray(logits), k, p))
+        np.testing.assert_array_equal(got, np.array(want, bool), err_msg=f"top_k={k} top_p={p}")
+        np.testing.assert_array_equal(got, np_keep(logits, k, p), err_msg=f"top_k={k} top_p={p}")
+    assert keep_mask(jnp.asarray(logits), 0, 1.0) is None
+    assert keep_mask(jnp.asarray(logits), 6, 1.0) is None  # k >= V keeps everything
+
+    logp, raw = process_logits(jnp.asarray(logits), 0.5, 3, 0.75)
+    want_logp, want_raw = np_process(logits, 0.5, 3, 0.75)
+    np.testing.assert_allclose(np.asarray(raw), want_raw, atol=1e-6)
+    finite = np.isfinite(want_logp)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(logp)), finite)
+    np.testing.assert_allclose(np.asarray(logp)[finite], want_logp[finite], atol=1e-6)
+    np.testing.assert_allclose(np.exp(np.asarray(logp)).sum(-1), 1.0, atol=1e-6)
+    g_logp, g_raw = process_logits(jnp.asarray(logits), 0.0, 3, 0.75)  # greedy: unscaled, unfiltered
+    np.testing.assert_allclose(np.asarray(g_logp), np_log_softmax(logits.astype(np.float64)), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(g_logp), np.asarray(g_raw))
+
+
+def test_eos_stops_rows_and_exits_early(model):
+    module, params = model
+    n = 10
+    greedy = SamplingConfig(max_new_tokens=n, temperature=0.0, pad_token_id=63)
+    g = np.asarray(make_sampler(module, CFG, greedy)(params, PROMPTS, PMASK, jax.random.key(0)).tokens)
+    eos = tuple(sorted({int(g[0, 1]), int(g[1, 3]), int(g[2, 2])}))
+    assert 63 not in eos
+    r = make_sampler(module, CFG, greedy.replace(eos_token_ids=eos))(params, PROMPTS, PMASK, jax.random.key(0))
+    first = np.array([np.flatnonzero(np.isin(row, eos))[0] for row in g])  # first EOS per row
+    assert (first <= [1, 3, 2]).all()
+    tok, m = np.asarray(r.tokens), np.asarray(r.mask)
+    for i, f in enumerate(first):
+        np.testing.assert_array_equal(tok[i, :f + 1], g[i, :f + 1])
+        np.testing.assert_array_equal(tok[i, f + 1:], 63)
+        np.testing.assert_array_equal(m[i], np.arange(n) <= f)
+        np.testing.assert_array_equal(np.asarray(r.logprobs)[i, f + 1:], 0.0)
+    np.testing.assert_array_equal(np.asarray(r.lengths), first + 1)
+    assert np.asarray(r.finished).all()
+    assert int(r.num_steps) == first.max() + 1 < n
+
+
+def test_n_samples_layout_and_determinism(model):
+    module, params = model
+    sc = SamplingConfig(max_new_tokens=6, temperature=1.0, n_samples=4)
+    sampler = make_sampler(module, CFG, sc)
+    r = sampler(params, PROMPTS, PMASK, jax.random.key(7))
+    assert r.tokens.shape == (12, 6) and r.prompt_tokens.shape == (12, 6)
+    np.testing.assert_array_equal(np.asarray(r.prompt_tokens), np.repeat(PROMPTS, 4, axis=0))
+    np.testing.assert_array_equal(np.asarray(r.prompt_mask), np.repeat(PMASK, 4, axis=0))
+    tok = np.asarray(r.tokens)
+    for i in range(3):
+        assert len({tuple(t) for t in tok[i * 4:(i + 1) * 4]}) > 1, f"samples of prompt {i} are identical"
+    again = sampler(params, PROMPTS, PMASK, jax.random.key(7))
+    for a, b in zip(jax.tree.leaves(r), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = sampler(params, PROMPTS, PMASK, jax.random.key(8))
+    assert not np.array_equal(np.asarray(other.tokens), tok)
+    # The convenience wrapper is the same computation.
+    conv = sample(module, CFG, params, PROMPTS, PMASK, jax.random.key(7), sc)
+    np.testing.assert_array_equal(np.asarray(conv.tokens), tok)
+
+
+@pytest.mark.parametrize("axes", [{"data": 8}, {"fsdp": 4, "tensor": 2}])
+def test_sharded_equals_single_device(model, devices, axes):
+    module, params = model
+    sc = SamplingConfig(max_new_tokens=8, temperature=0.8, top_k=16, top_p=0.95, n_samples=4,
+                        eos_token_ids=(3, 7), pad_token_id=0)
+    prompts, pmask = np.concatenate([PROMPTS, PROMPTS[::-1]]), np.concatenate([PMASK, PMASK[::-1]])
+    want = make_sampler(module, CFG, sc)(params, prompts, pmask, jax.random.key(11))
+
+    env = ShardingEnv(make_mesh(axes, devices=devices))
+    _, shardings = param_shardings(init_fn_for(module), env)
+    sharded_params = jax.device_put(params, shardings)
+    got = make_sampler(module, CFG, sc, env=env, param_shardings=shardings)(
+        sharded_params, prompts, pmask, jax.random.key(11))
+    assert not got.tokens.sharding.is_fully_replicated  # 24 rows over the batch axes
+    assert len(got.tokens.sharding.device_set) == 8
+    for name in ("tokens", "mask", "lengths", "finished", "prompt_tokens", "prompt_mask", "num_steps"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)),
+                                      err_msg=name)
+    for name in ("logprobs", "raw_logprobs"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)),
+                                   atol=1e-5, err_msg=name)
+
+
+def test_bfloat16_compute_returns_float32_logprobs(model):
+    module32, params = model
+    cfg = CFG.replace(dtype="bfloat16")
+    module, _, _ = create_model(cfg, jax.random.key(0), _env1())
+    sc = SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, n_samples=2)
+    r = make_sampler(module, cfg, sc)(params, PROMPTS, PMASK, jax.random.key(2))
+    assert r.logprobs.dtype == jnp.float32 and r.raw_logprobs.dtype == jnp.float32
+    lp, raw, m = np.asarray(r.logprobs), np.asarray(r.raw_logprobs), np.asarray(r.mask).astype(bool)
+    assert np.isfinite(lp).all() and np.isfinite(raw).all()
+    assert (lp[m] <= 0).all() and (raw[m] <= lp[m] + 1e-6).all()  # renormalising only raises log-probs
+    # bf16 logits cast to float32: close to the float32 model's log-probs for the same tokens.
+    logits = completion_logits(module32, params, r)
+    ref = np.take_along_axis(np_log_softmax(logits.astype(np.float64)), np.asarray(r.tokens)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(raw[m], ref[m], atol=0.1)
+
+
+def test_tiny_preset_greedy_consistent_with_full_forward():
+    cfg = get_preset("tiny")
+    module, params, _ = create_model(cfg, jax.random.key(1), _env1())
+    prompts = np.array([[0, 0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
+    pmask = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8], np.int32)
+    r = make_sampler(module, cfg, SamplingConfig(max_new_tokens=5, temperature=0.0))(
+        params, prompts, pmask, jax.random.key(0))
+    logits = completion_logits(module, params, r)
+    # Greedy with a cache = argmax of the teacher-forced full forward at every step.
+    np.testing.assert_array_equal(np.asarray(r.tokens), logits.argmax(-1))
+    ref = np.take_along_axis(np_log_softmax(logits.astype(np.float64)), np.asarray(r.tokens)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(r.logprobs), ref, atol=1e-5)
+
+
+def test_config_validation_messages():
+    bad = [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-0.1), "temperature"),
+           (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+           (dict(n_samples=0), "n_samples"), (dict(eos_token_ids=(-2,)), "eos_token_ids"),
+           (dict(pad_token_id=-1), "pad_token_id"), (dict(temperature=float("nan")), "temperature")]
+    for kw, field in bad:
+        with pytest.raises(ValueError, match=field):
+            SamplingConfig(**kw)
+    sc = SamplingConfig(eos_token_ids=[2, 5])  # a list from JSON becomes a tuple (hashable)
+    assert sc.eos_token_ids == (2, 5) and hash(sc) == hash(SamplingConfig(eos_token_ids=(2, 5)))
+    with pytest.raises(ValueError, match="vocab_size"):
+        make_sampler(None, CFG, SamplingConfig(eos_token_ids=(64,)))
