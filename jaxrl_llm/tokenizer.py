@@ -5,7 +5,7 @@ or with no pad at all. Anything that recovers a mask from `tokens != pad_id`,
 or that drops padding before a loss, would then also drop the EOS the policy
 must learn to emit. So `load_tokenizer` always gives a pad id that differs
 from every EOS id: an existing unused pad/reserved special token when the
-tokenizer has one (e.g. Qwen's `<|vision_pad|>`, Llama 3.1's `<|finetune_right_pad_id|>`), else a new `<pad>`
+tokenizer has one (e.g. Qwen's `<|fim_pad|>`, Llama 3.1's `<|finetune_right_pad_id|>`), else a new `<pad>`
 added after the last id, which the model's embedding table must cover
 (`TokenizerInfo.pad_added`; checked against `vocab_size` when given). With
 pad distinct, EOS is never masked out of training. Masks are still returned
@@ -38,6 +38,7 @@ _INFO_ATTR = "_jaxrl_llm_tokenizer_info"
 # Names of special tokens that are safe to pad with, best first. Role/turn markers
 # (<|im_start|>, <|start_header_id|>, ...) and BOS are never candidates.
 _PAD_NAME = re.compile(r"pad", re.IGNORECASE)
+_MEDIA_NAME = re.compile(r"image|video|vision|audio", re.IGNORECASE)  # <|image_pad|> etc. fill real inputs
 _RESERVED_NAME = re.compile(r"reserved|unused", re.IGNORECASE)
 _FREE_NAMES = ("<|endoftext|>",)
 
@@ -107,10 +108,13 @@ def _eos_ids(tokenizer, path: pathlib.Path) -> tuple[int, ...]:
 
 
 def _unused_special_pad(tokenizer, avoid: set[int]) -> int | None:
-    """An existing special token that no text or template produces, to pad with."""
-    specials = {int(i): str(t) for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", True)}
+    """An existing added token that no text or template produces, to pad with.
+
+    Chosen by name, not by the `special` flag: Qwen2.5 marks `<|fim_pad|>` non-special.
+    """
+    specials = {int(i): str(t) for i, t in tokenizer.added_tokens_decoder.items()}
     ranked = [
-        sorted(i for i, s in specials.items() if _PAD_NAME.search(s)),
+        sorted(i for i, s in specials.items() if _PAD_NAME.search(s) and not _MEDIA_NAME.search(s)),
         sorted(i for i, s in specials.items() if _RESERVED_NAME.search(s)),
         sorted(i for i, s in specials.items() if s in _FREE_NAMES),
         # Llama-2 style sentencepiece tokenizers have nothing else; <unk> is the usual pad there.
@@ -155,8 +159,8 @@ def load_tokenizer(path_or_name: str | pathlib.Path = TINY, *, vocab_size: int |
             tokenizer.add_special_tokens({"pad_token": name})
             pad_added = True
             log.warning(
-                "%s: added a <pad> token with id %d; the model's embedding must have a row for it",
-                path, tokenizer.pad_token_id,
+                "%s: added pad token %r with id %d; the model's embedding must have a row for it",
+                path, name, tokenizer.pad_token_id,
             )
         log.info("%s: pad token %r is an EOS id or missing; padding with %r (id %d) so EOS is never masked",
                  path, old, tokenizer.pad_token, tokenizer.pad_token_id)
@@ -186,8 +190,11 @@ def tokenizer_info(tokenizer) -> TokenizerInfo:
     info = getattr(tokenizer, _INFO_ATTR, None)
     if info is not None:
         return info
-    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no eos or pad token; load it with jaxrl_llm.tokenizer.load_tokenizer")
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id in (None, tokenizer.eos_token_id):
+        raise ValueError(
+            "tokenizer has no EOS, no pad, or pad == EOS (EOS would be confused with padding); "
+            "load it with jaxrl_llm.tokenizer.load_tokenizer, which picks a distinct pad"
+        )
     return TokenizerInfo(pad_id=int(tokenizer.pad_token_id), eos_ids=(int(tokenizer.eos_token_id),),
                          vocab_size=len(tokenizer))
 

@@ -1,11 +1,12 @@
 """The jitted sampler against full (uncached) forwards and a numpy reference of the logit filters."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_llm.models import ModelConfig, create_model, get_preset, init_fn_for
+from jaxrl_llm.models import CausalLM, ModelConfig, create_model, get_preset, init_fn_for
 from jaxrl_llm.rollout import SamplingConfig, keep_mask, make_sampler, process_logits, sample
 from jaxrl_llm.sharding import ShardingEnv, make_mesh
 from jaxrl_llm.sharding.params import param_shardings
@@ -33,7 +34,6 @@ def model():
 
 @jax.jit
 def _forward_small(params, tokens, mask):
-    from jaxrl_llm.models import CausalLM
     return CausalLM(CFG).apply({"params": params}, tokens, None, mask)[0].astype(jnp.float32)
 
 
@@ -56,6 +56,12 @@ def completion_logits(module, params, rollout):
 def np_log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def token_logprobs(logits, tokens):
+    """float64 log_softmax(logits)[token] (temperature 1)."""
+    lp = np_log_softmax(logits.astype(np.float64))
+    return np.take_along_axis(lp, tokens[..., None], -1)[..., 0]
 
 
 def np_keep(logits, top_k, top_p):
@@ -86,15 +92,18 @@ def test_greedy_matches_uncached_argmax(model):
     n = 6
     r = make_sampler(module, CFG, SamplingConfig(max_new_tokens=n, temperature=0.0))(
         params, PROMPTS, PMASK, jax.random.key(0))
-    tokens, mask = PROMPTS, PMASK
+    # Step by step, each step a fresh full forward without a cache. One fixed shape [B, P + n]:
+    # not-yet-generated slots are masked out and lie in the causal future, so they change nothing.
+    tokens = np.concatenate([PROMPTS, np.zeros((3, n), np.int32)], 1)
+    mask = np.concatenate([PMASK, np.zeros((3, n), np.int32)], 1)
     want, want_lp = [], []
-    for _ in range(n):  # step-by-step argmax, every step a fresh full forward, no cache
-        logits = full_logits(module, params, tokens, mask)[:, -1]
+    for s in range(n):
+        last = PROMPTS.shape[1] - 1 + s
+        logits = full_logits(module, params, tokens, mask)[:, last]
         tok = logits.argmax(-1).astype(np.int32)
         want.append(tok)
         want_lp.append(np_log_softmax(logits.astype(np.float64))[np.arange(3), tok])
-        tokens = np.concatenate([tokens, tok[:, None]], 1)
-        mask = np.concatenate([mask, np.ones((3, 1), np.int32)], 1)
+        tokens[:, last + 1], mask[:, last + 1] = tok, 1
     np.testing.assert_array_equal(np.asarray(r.tokens), np.stack(want, 1))
     # Greedy: both log-prob fields are of the unscaled softmax.
     np.testing.assert_allclose(np.asarray(r.logprobs), np.stack(want_lp, 1), atol=1e-5)
@@ -151,7 +160,7 @@ def test_keep_mask_ties_and_renormalisation():
         (0, 0.45): [[0, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]],
         # top-p after top-k on the renormalised top-3 (0.44, 0.33, 0.22): 2 tokens reach 0.75
         # (without renormalisation it would take 3).
-        (3, 0.75): [[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]],
+        (3, 0.75): [[0, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]],
         (1, 0.3): [[0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]],
         (0, 1e-6): [[0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]],  # top token always kept
     }
@@ -181,7 +190,8 @@ def test_eos_stops_rows_and_exits_early(model):
     g = np.asarray(make_sampler(module, CFG, greedy)(params, PROMPTS, PMASK, jax.random.key(0)).tokens)
     eos = tuple(sorted({int(g[0, 1]), int(g[1, 3]), int(g[2, 2])}))
     assert 63 not in eos
-    r = make_sampler(module, CFG, greedy.replace(eos_token_ids=eos))(params, PROMPTS, PMASK, jax.random.key(0))
+    r = make_sampler(module, CFG, greedy.replace(eos_token_ids=eos))(
+        params, PROMPTS, PMASK, jax.random.key(0))
     first = np.array([np.flatnonzero(np.isin(row, eos))[0] for row in g])  # first EOS per row
     assert (first <= [1, 3, 2]).all()
     tok, m = np.asarray(r.tokens), np.asarray(r.mask)
@@ -242,7 +252,7 @@ def test_sharded_equals_single_device(model, devices, axes):
 def test_bfloat16_compute_returns_float32_logprobs(model):
     module32, params = model
     cfg = CFG.replace(dtype="bfloat16")
-    module, _, _ = create_model(cfg, jax.random.key(0), _env1())
+    module = CausalLM(cfg)  # same parameter tree as the float32 model (param_dtype is float32)
     sc = SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, n_samples=2)
     r = make_sampler(module, cfg, sc)(params, PROMPTS, PMASK, jax.random.key(2))
     assert r.logprobs.dtype == jnp.float32 and r.raw_logprobs.dtype == jnp.float32
@@ -251,7 +261,7 @@ def test_bfloat16_compute_returns_float32_logprobs(model):
     assert (lp[m] <= 0).all() and (raw[m] <= lp[m] + 1e-6).all()  # renormalising only raises log-probs
     # bf16 logits cast to float32: close to the float32 model's log-probs for the same tokens.
     logits = completion_logits(module32, params, r)
-    ref = np.take_along_axis(np_log_softmax(logits.astype(np.float64)), np.asarray(r.tokens)[..., None], -1)[..., 0]
+    ref = token_logprobs(logits, np.asarray(r.tokens))
     np.testing.assert_allclose(raw[m], ref[m], atol=0.1)
 
 
@@ -265,7 +275,7 @@ def test_tiny_preset_greedy_consistent_with_full_forward():
     logits = completion_logits(module, params, r)
     # Greedy with a cache = argmax of the teacher-forced full forward at every step.
     np.testing.assert_array_equal(np.asarray(r.tokens), logits.argmax(-1))
-    ref = np.take_along_axis(np_log_softmax(logits.astype(np.float64)), np.asarray(r.tokens)[..., None], -1)[..., 0]
+    ref = token_logprobs(logits, np.asarray(r.tokens))
     np.testing.assert_allclose(np.asarray(r.logprobs), ref, atol=1e-5)
 
 
@@ -281,3 +291,15 @@ def test_config_validation_messages():
     assert sc.eos_token_ids == (2, 5) and hash(sc) == hash(SamplingConfig(eos_token_ids=(2, 5)))
     with pytest.raises(ValueError, match="vocab_size"):
         make_sampler(None, CFG, SamplingConfig(eos_token_ids=(64,)))
+
+
+def test_prefill_never_materialises_prompt_logits():
+    cfg = CFG.replace(intermediate_size=48)  # so no MLP activation has the vocab's size
+    module = CausalLM(cfg)
+    params = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, 4), jnp.int32))["params"],
+                            jax.random.key(0))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(params))
+    sampler = make_sampler(module, cfg, SamplingConfig(max_new_tokens=4, temperature=1.0))
+    text = str(jax.make_jaxpr(sampler)(params, PROMPTS, PMASK, jax.random.key(0)))
+    assert "[3,1,64]" in text  # the last-slot logits are there ...
+    assert "[3,6,64]" not in text  # ... but never logits for every prompt slot [B, P, V]

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from jaxrl_llm.assets import train_tiny_tokenizer as tt
@@ -166,7 +167,10 @@ def test_decode_completions_masks_and_stops_at_eos(tok):
 
 def test_pad_equal_to_eos_gets_a_distinct_pad(tmp_path):
     path = _save_variant(tmp_path, pad_token="<eos>")
-    assert AutoTokenizer.from_pretrained(str(path), local_files_only=True).pad_token_id == EOS  # the setup
+    raw = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    assert raw.pad_token_id == EOS  # the setup
+    with pytest.raises(ValueError, match="pad == EOS"):
+        tokenizer_info(raw)  # not loaded through load_tokenizer: refused, not silently used
     t = load_tokenizer(path)
     info = tokenizer_info(t)
     assert info.pad_id == PAD and t.pad_token_id == PAD
@@ -189,6 +193,25 @@ def test_generation_config_eos_ids_and_reserved_pad(tmp_path):
     info = tokenizer_info(load_tokenizer(path))
     assert info.eos_ids == (EOS, PAD)
     assert info.pad_id == 512 and not info.pad_added
+
+
+def test_qwen_like_instruct_tokenizer_pads_with_fim_pad(tmp_path):
+    # Qwen2.5-Instruct: eos <|im_end|>, pad <|endoftext|>, and generation_config.json
+    # stops on both, so the shipped pad is an EOS id. <|vision_pad|> fills image
+    # inputs; <|fim_pad|> (marked non-special by Qwen) is free. No <unk>, no <pad>.
+    raw = Tokenizer(models.WordLevel({"1": 0, "2": 1, "3": 2}, unk_token="<unk>"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"]
+    t = PreTrainedTokenizerFast(tokenizer_object=raw, additional_special_tokens=names)
+    t.add_tokens([AddedToken("<|fim_pad|>", special=False)])
+    t.eos_token, t.pad_token = "<|im_end|>", "<|endoftext|>"
+    t.save_pretrained(str(tmp_path))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 3]}))
+    t = load_tokenizer(tmp_path)
+    assert [t.convert_ids_to_tokens(i) for i in range(3, 8)] == names + ["<|fim_pad|>"]  # the setup
+    assert t("12")["input_ids"] == [0, 1] and t.unk_token_id is None
+    assert tokenizer_info(t) == TokenizerInfo(pad_id=7, eos_ids=(5, 3), vocab_size=8, pad_added=False)
+    assert decode_completions(t, [[2, 0, 3, 1]], [[True] * 4]) == ["31"]  # <|endoftext|> stops too
 
 
 def test_no_free_special_token_adds_pad_within_vocab_size(tmp_path):

@@ -9,9 +9,11 @@ vocab 512, `<pad>`=0 and `<eos>`=1, no BOS, trained on 20,000 strings like
 (`72+4=`, `7+7737=`, ...) are the first eight problems of the same generator
 with seed 1 (`arithmetic_problems(8, seed=1)`).
 
-Training is deterministic (tests/test_tokenizer.py re-trains and compares
-tokenizer.json byte for byte), takes well under a second, and runs in a
-few seconds of wall time with the imports. The shipped copy lives in its own
+Training is deterministic (tests/test_tokenizer.py re-trains in a fresh
+process and compares every file byte for byte) and takes under a second on
+one CPU core. Expected result: tokenizer.json, tokenizer_config.json and
+chat_template.jinja (transformers 5 writes no special_tokens_map.json;
+the template lives in its own file). The shipped copy lives in its own
 directory, not inside a model directory, or `AutoTokenizer` would pick
 Qwen2's tokenizer class from the model's config.json.
 """

@@ -1,11 +1,14 @@
-"""The decoder-only model family (Llama 2/3, Qwen2/2.5, Qwen3) and its heads."""
+"""The decoder-only model family (Llama 2/3, Qwen2/2.5, Qwen3), its heads, and HF interop."""
 
+from jaxrl_llm.models.api import create_model, init_fn_for
 from jaxrl_llm.models.config import PRESETS, ModelConfig, get_preset
+from jaxrl_llm.models.hf import CheckpointError, load_hf, save_hf
+from jaxrl_llm.models.hf_config import config_from_hf, config_to_hf
 from jaxrl_llm.models.transformer import (
     CausalLM, KVCache, ScalarHeadModel, positions_from_mask, reward_model, unembedding, value_model)
-from jaxrl_llm.models.api import create_model, init_fn_for
 
 __all__ = [
-    "PRESETS", "CausalLM", "KVCache", "ModelConfig", "ScalarHeadModel", "create_model", "get_preset",
-    "init_fn_for", "positions_from_mask", "reward_model", "unembedding", "value_model",
+    "PRESETS", "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "ScalarHeadModel", "config_from_hf",
+    "config_to_hf", "create_model", "get_preset", "init_fn_for", "load_hf", "positions_from_mask",
+    "reward_model", "save_hf", "unembedding", "value_model",
 ]

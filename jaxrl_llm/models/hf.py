@@ -20,7 +20,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,17 +30,12 @@ from safetensors.numpy import save_file
 
 from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import ModelConfig, dtype_of
+from jaxrl_llm.models.hf_config import (SUPPORTED_ARCHITECTURES, _dtype_name, config_from_hf, config_to_hf,
+                                        read_hf_config)
 from jaxrl_llm.models.transformer import CausalLM
 from jaxrl_llm.sharding.params import abstract_params, param_shardings
 from jaxrl_llm.sharding.rules import ShardingEnv
 
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-_ARCH_OF_FAMILY = {fam: arch for arch, fam in SUPPORTED_ARCHITECTURES.items()}
-# HF class defaults for keys a config.json may leave out.
-_FAMILY_DEFAULTS = {"llama": {"max_position_embeddings": 2048, "head_dim": None},
-                    "qwen2": {"max_position_embeddings": 32768, "head_dim": None},
-                    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128}}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports saved; recomputed here
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -53,157 +48,6 @@ class CheckpointError(ValueError):
     """A checkpoint's tensors do not match its config.json (missing, extra, wrong shape or dtype)."""
 
 
-def _dtype_name(dtype: Any) -> str:
-    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def _family_of(c: Mapping[str, Any]) -> str:
-    archs = c.get("architectures") or []
-    supported = ", ".join(SUPPORTED_ARCHITECTURES)
-    if archs:
-        for arch in archs:
-            if arch in SUPPORTED_ARCHITECTURES:
-                return SUPPORTED_ARCHITECTURES[arch]
-        raise ValueError(f"unsupported architecture {', '.join(map(str, archs))}; "
-                         f"supported architectures: {supported}")
-    model_type = c.get("model_type")
-    if model_type in _FAMILY_DEFAULTS:
-        return model_type
-    raise ValueError(f"unsupported model_type {model_type!r} (config has no 'architectures'); "
-                     f"supported: model_type llama, qwen2, qwen3 / architectures {supported}")
-
-
-def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from legacy `rope_theta`/`rope_scaling` or v5 `rope_parameters`."""
-    # transformers v5 gives the legacy `rope_scaling` priority over `rope_parameters`.
-    key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
-    sc = dict(c.get(key) or {})
-    if any(isinstance(v, Mapping) for v in sc.values()):
-        raise ValueError(f"config.json {key} is nested per layer type; only one global RoPE is supported")
-    theta = float(sc.pop("rope_theta", c.get("rope_theta", 10000.0)))
-    rope_type = sc.pop("rope_type", None) or sc.pop("type", None) or "default"
-    partial = sc.pop("partial_rotary_factor", c.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"config.json partial_rotary_factor={partial} is not supported (only 1.0)")
-    if rope_type == "default":
-        return theta, None
-    if rope_type not in ("linear", "llama3"):
-        raise ValueError(f"config.json {key}: rope type {rope_type!r} is not supported; "
-                         "supported rope types: default, llama3, linear")
-    needed = ("factor",) if rope_type == "linear" else (
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    if rope_type == "llama3":  # HF's default when the key is absent
-        sc.setdefault("original_max_position_embeddings", c.get("max_position_embeddings"))
-    missing = [k for k in needed if sc.get(k) is None]
-    if missing:
-        raise ValueError(f"config.json {key} with rope_type {rope_type!r} lacks {missing}")
-    return theta, {"rope_type": rope_type, **{k: float(sc[k]) for k in needed}}
-
-
-def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> ModelConfig:
-    """Builds a `ModelConfig` from a Hugging Face `config.json` dict.
-
-    `overrides` replace fields afterwards (e.g. `param_dtype="bfloat16"`,
-    `remat="full"`; dtypes may be names or numpy/jnp dtypes). Configurations
-    the model cannot reproduce exactly raise a `ValueError` that says why.
-    Numerics default to float32 whatever `torch_dtype` the checkpoint records.
-    """
-    c = dict(hf_config)
-    family = _family_of(c)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if c.get(key) is None:
-            raise ValueError(f"config.json lacks the required key {key!r}")
-    act = c.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"config.json hidden_act={act!r} is not supported; only 'silu' (SwiGLU) is")
-    if c.get("mlp_bias"):
-        raise ValueError("config.json mlp_bias=true is not supported (the MLP has no biases)")
-    if family in ("llama", "qwen3") and c.get("attention_bias"):
-        raise ValueError(f"config.json attention_bias=true is not supported for {family}: HF then also "
-                         "biases o_proj, which this model does not have")
-    if c.get("use_sliding_window"):
-        raise ValueError("config.json use_sliding_window=true is not supported (sliding-window attention "
-                         "is not implemented); full attention would silently change the model")
-    layer_types = set(c.get("layer_types") or ()) - {"full_attention"}
-    if layer_types:
-        raise ValueError(f"config.json layer_types {sorted(layer_types)} are not supported; "
-                         "only full_attention")
-    heads = c["num_attention_heads"]
-    head_dim = c["head_dim"] if "head_dim" in c else _FAMILY_DEFAULTS[family]["head_dim"]
-    rope_theta, rope_scaling = _rope_from_hf(c)
-    fields = dict(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-        num_layers=c["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=c.get("num_key_value_heads") or heads,
-        head_dim=head_dim or c["hidden_size"] // heads, rope_theta=rope_theta, rope_scaling=rope_scaling,
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
-        max_position_embeddings=c.get("max_position_embeddings")
-        or _FAMILY_DEFAULTS[family]["max_position_embeddings"],
-        initializer_range=float(c.get("initializer_range", 0.02)), family=family)
-    for key in ("dtype", "param_dtype"):
-        if overrides.get(key) is not None:
-            overrides[key] = _dtype_name(overrides[key])
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
-    if unknown:
-        raise TypeError(f"unknown ModelConfig field(s) {sorted(unknown)} in overrides")
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return ModelConfig(**fields)
-
-
-def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict[str, Any]:
-    """A `config.json` dict that transformers (v4 and v5) load as the family's *ForCausalLM.
-
-    RoPE is written both ways: legacy `rope_theta`/`rope_scaling` (read by v4,
-    and preferred by v5 when set) and v5 `rope_parameters`.
-    """
-    if cfg.qk_norm != (cfg.family == "qwen3"):
-        raise ValueError(f"qk_norm={cfg.qk_norm} cannot be exported as family {cfg.family!r}: "
-                         "HF has q/k norms exactly in Qwen3")
-    if cfg.qkv_bias and cfg.family != "qwen2":
-        raise ValueError(f"qkv_bias=True cannot be exported as family {cfg.family!r} (HF's attention_bias "
-                         "would add an o_proj bias too); use family='qwen2'")
-    dtype = _dtype_name(dtype) if dtype is not None else cfg.param_dtype
-    scaling = None
-    if cfg.rope_scaling:
-        sc = dict(cfg.rope_scaling)
-        rope_type = sc.pop("rope_type", None) or sc.pop("type", None) or "default"
-        sc.pop("type", None)
-        scaling = {"rope_type": rope_type, **sc}
-    out: dict[str, Any] = {
-        "architectures": [_ARCH_OF_FAMILY[cfg.family]], "model_type": cfg.family,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "initializer_range": cfg.initializer_range, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
-        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta},
-        "attention_dropout": 0.0, "use_cache": True, "dtype": dtype, "torch_dtype": dtype,
-    }
-    if cfg.family in ("llama", "qwen3"):
-        out["attention_bias"] = False
-    if cfg.family == "llama":
-        out["mlp_bias"] = False
-    if cfg.family in ("qwen2", "qwen3"):
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
-    return out
-
-
-def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed `config.json` of a checkpoint directory (clear errors when absent or invalid)."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"no config.json in {Path(path)} (expected a Hugging Face model directory)")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: line {e.lineno}: {e.msg}") from None
 
 
 # ------------------------------------------------------------------- tensor name map
@@ -311,7 +155,6 @@ class _Checkpoint:
     def __init__(self, path: Path):
         single, index = path / "model.safetensors", path / "model.safetensors.index.json"
         if single.is_file():
-            self.files = [single]
             self.where = {name: single for name in safe_open(single, framework="numpy").keys()}
             self.searched = str(single)
         elif index.is_file():
@@ -319,11 +162,11 @@ class _Checkpoint:
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index} has no 'weight_map' object")
             self.where = {name: path / f for name, f in weight_map.items()}
-            self.files = sorted(set(self.where.values()))
-            absent = [f.name for f in self.files if not f.is_file()]
+            files = sorted(set(self.where.values()))
+            absent = [f.name for f in files if not f.is_file()]
             if absent:
                 raise FileNotFoundError(f"{index} lists shard files missing from {path}: {absent}")
-            self.searched = f"{index} (shards {', '.join(f.name for f in self.files)})"
+            self.searched = f"{index} (shards {', '.join(f.name for f in files)})"
         else:
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
             if pickles:
@@ -349,34 +192,30 @@ class _Checkpoint:
 
     def validate(self, specs: list[_Spec], cfg: ModelConfig) -> None:
         """Every expected tensor present with its shape; no unexpected ones (no silent data loss)."""
-        expected = set()
-        missing = []
+        expected = [name for spec in specs for name in spec.names(cfg.num_layers)]
+        missing = [name for name in expected if name not in self.where]
+        if missing:
+            raise CheckpointError(f"missing tensor {_few(missing)}; searched {self.searched}")
         for spec in specs:
             for name in spec.names(cfg.num_layers):
-                expected.add(name)
-                if name not in self.where:
-                    missing.append(name)
-                    continue
                 sl = self.slice(name)
-                shape = tuple(sl.get_shape())
-                if shape != spec.hf_shape:
+                if tuple(sl.get_shape()) != spec.hf_shape:
                     raise CheckpointError(f"shape mismatch for tensor {name!r} in {self.where[name]}: "
-                                     f"expected {spec.hf_shape} from config.json, found {shape}")
+                                          f"expected {spec.hf_shape} from config.json, "
+                                          f"found {tuple(sl.get_shape())}")
                 if sl.get_dtype() not in _FLOAT_DTYPES:
                     raise CheckpointError(f"tensor {name!r} has dtype {sl.get_dtype()}; expected one of "
-                                     f"{_FLOAT_DTYPES} (quantized checkpoints are not supported)")
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise CheckpointError(f"missing tensor {', '.join(map(repr, missing[:5]))}{more}; "
-                           f"searched {self.searched}")
-        ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-        extra = sorted(n for n in self.where if n not in expected and n not in ignored
-                       and not n.endswith(_IGNORED_SUFFIXES))
+                                          f"{_FLOAT_DTYPES} (quantized checkpoints are not supported)")
+        ignored = set(expected) | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+        extra = sorted(n for n in self.where if n not in ignored and not n.endswith(_IGNORED_SUFFIXES))
         if extra:
-            more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
-            raise CheckpointError(f"unexpected tensor {', '.join(map(repr, extra[:5]))}{more} in "
-                             f"{self.searched}: config.json describes no parameter for it, and "
-                             "dropping it would silently change the model")
+            raise CheckpointError(f"unexpected tensor {_few(extra)} in {self.searched}: config.json "
+                                  "describes no parameter for it, and dropping it would silently change "
+                                  "the model")
+
+
+def _few(names: list[str], k: int = 5) -> str:
+    return ", ".join(map(repr, names[:k])) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 def load_hf(path: str | os.PathLike, env: ShardingEnv, *, dtype: Any = None, param_dtype: Any = None,
@@ -391,19 +230,17 @@ def load_hf(path: str | os.PathLike, env: ShardingEnv, *, dtype: Any = None, par
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    ckpt = _Checkpoint(path)
-    specs = _tensor_specs(cfg)
+    ckpt, specs = _Checkpoint(path), _tensor_specs(cfg)
     ckpt.validate(specs, cfg)
     shapes, shardings = param_shardings(init_fn_for(CausalLM(cfg)), env)
-    by_path = {s.path: s for s in specs}
     _check_paths(specs, shapes, "CausalLM parameters")
+    by_path = {s.path: s for s in specs}
 
     def build(key_path, shaped, sharding):
         spec = by_path[tuple(str(k.key) for k in key_path)]
         cache: dict[tuple, np.ndarray] = {}  # replicated shards are read once
 
         def callback(index) -> np.ndarray:
-            index = tuple(index) + (slice(None),) * (len(shaped.shape) - len(tuple(index)))
             bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shaped.shape))
             if bounds not in cache:
                 if spec.stacked:
@@ -472,17 +309,15 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
                                     f"in tokenizer_dir {tokenizer_dir}")
 
     # Plan the shards from shapes alone, so every process issues the same gathers in the same order.
-    items = [(spec, i, name) for spec in specs for i, name in enumerate(spec.names(cfg.num_layers))]
     shards: list[list] = [[]]
     size = total = 0
-    for item in items:
-        nbytes = int(np.prod(item[0].hf_shape)) * np_dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += nbytes
-        total += nbytes
+    for spec in specs:
+        nbytes = int(np.prod(spec.hf_shape)) * np_dtype.itemsize
+        for i, name in enumerate(spec.names(cfg.num_layers)):
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards, size = shards + [[]], 0
+            shards[-1].append((spec, i, name))
+            size, total = size + nbytes, total + nbytes
     n = len(shards)
     fnames = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
@@ -499,7 +334,8 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
             for spec, i, name in shard:
                 if current[0] != spec.path:  # items of one param are consecutive: gather it once
                     current = (spec.path, _to_host(flat[spec.path]).astype(np_dtype))
-                tensors[name] = _to_hf(current[1][i] if spec.stacked else current[1], spec.layout)
+                if writer:
+                    tensors[name] = _to_hf(current[1][i] if spec.stacked else current[1], spec.layout)
                 weight_map[name] = fname
             if writer:
                 save_file(tensors, tmp / fname, metadata={"format": "pt"})
@@ -530,12 +366,11 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         os.replace(path, old)
     os.replace(tmp, path)  # atomic; an empty directory at `path` is replaced
     _fsync(path.parent)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+    if old is not None and old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink()
 
 
-__all__ = ["CheckpointError", "SUPPORTED_ARCHITECTURES", "TOKENIZER_FILES", "config_from_hf", "config_to_hf", "load_hf",
-           "read_hf_config", "save_hf"]
+__all__ = ["CheckpointError", "SUPPORTED_ARCHITECTURES", "TOKENIZER_FILES", "config_from_hf",
+           "config_to_hf", "load_hf", "read_hf_config", "save_hf"]

@@ -43,7 +43,8 @@ class SamplingConfig:
             return isinstance(x, int) and not isinstance(x, bool)
 
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
+            raise ValueError(
+                f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
         if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
                 or not math.isfinite(self.temperature) or self.temperature < 0):
             raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: must be a finite number >= 0 "

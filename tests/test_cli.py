@@ -1,0 +1,50 @@
+"""The `jaxrl-llm` console script: demo, sample, presets, and its input errors."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from jaxrl_llm.cli import _parse_mesh, main
+
+
+def test_demo_samples_from_tiny_model(capsys):
+    assert main(["demo", "--max-new-tokens", "4", "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\[(\d)\.0\] '([^']*)' -> ", out, flags=re.M)
+    assert [r[1] for r in rows][:2] == ["72+4=", "7+7737="] and len(rows) == 8
+    assert re.search(r"model tiny \(4,067,584 params, float32\)", out)
+    assert re.search(r"\d+ decode steps x 8 rows = [\d,]+ tokens/s", out)
+
+
+def test_sample_is_deterministic_for_a_seed(capsys):
+    argv = ["sample", "--model", "tiny", "--prompt", "1+2=", "--n", "3", "--max-new-tokens", "5",
+            "--temperature", "0.8", "--top-k", "20", "--seed", "3"]
+    main(argv)
+    first = capsys.readouterr().out.split("\n\nmodel")[0]
+    main(argv)
+    assert capsys.readouterr().out.split("\n\nmodel")[0] == first
+    assert first.count("'1+2=' ->") == 3
+
+
+def test_presets_lists_param_counts(capsys):
+    main(["presets"])
+    out = capsys.readouterr().out
+    assert re.search(r"qwen2.5-0.5b\s+qwen2\s+494,032,768", out)
+    assert re.search(r"llama-3.1-8b\s+llama\s+8,030,261,248", out)
+
+
+def test_input_errors():
+    assert _parse_mesh("fsdp=4,tensor=2") == {"fsdp": 4, "tensor": 2}
+    with pytest.raises(SystemExit, match="is not NAME=SIZE"):
+        _parse_mesh("fsdp4")
+    with pytest.raises(SystemExit, match="size of 'data' must be an integer"):
+        _parse_mesh("data=x")
+    with pytest.raises(SystemExit, match=r"--model 'qwen-0.5b': not a directory and unknown model preset"):
+        main(["sample", "--model", "qwen-0.5b", "--prompt", "x"])
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "jaxrl_llm.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "sample" in out.stdout
