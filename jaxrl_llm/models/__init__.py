@@ -5,10 +5,10 @@ from jaxrl_llm.models.config import PRESETS, ModelConfig, get_preset
 from jaxrl_llm.models.hf import CheckpointError, load_hf, save_hf
 from jaxrl_llm.models.hf_config import config_from_hf, config_to_hf
 from jaxrl_llm.models.transformer import (
-    CausalLM, KVCache, ScalarHeadModel, positions_from_mask, reward_model, unembedding, value_model)
+    CausalLM, KVCache, PolicyValueModel, ScalarHeadModel, positions_from_mask, reward_model, unembedding, value_model)
 
 __all__ = [
-    "PRESETS", "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "ScalarHeadModel", "config_from_hf",
+    "PRESETS", "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "PolicyValueModel", "ScalarHeadModel", "config_from_hf",
     "config_to_hf", "create_model", "get_preset", "init_fn_for", "load_hf", "positions_from_mask",
     "reward_model", "save_hf", "unembedding", "value_model",
 ]

@@ -199,3 +199,45 @@ def unembedding(params: Any, cfg: ModelConfig) -> jax.Array:
     if cfg.tie_word_embeddings:
         return params["model"]["embed_tokens"]["embedding"].T
     return params["lm_head"]["kernel"]
+
+
+class PolicyValueModel(nn.Module):
+    """PPO with a shared backbone: one Decoder, the LM head of `CausalLM`, and a scalar value head.
+
+    The parameter tree is a CausalLM's ("model", and "lm_head" when untied)
+    plus the "score" head of `ScalarHeadModel`, so a policy checkpoint loads
+    straight in (add a "score" entry; zeros reproduce the policy exactly).
+    `__call__` returns the final hidden states [B, T, E] (compute dtype) and
+    per-token values [B, T] float32; `logits(hidden)` applies the LM head, so
+    callers can run it chunked over only the positions they need.
+    """
+
+    cfg: ModelConfig
+    zero_init_head: bool = True
+
+    def setup(self):
+        cfg = self.cfg
+        self.model = Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
+                                    param_dtype=cfg.jnp_param_dtype,
+                                    kernel_init=_init(cfg, ("embed", "vocab")))
+        init = nn.initializers.zeros if self.zero_init_head else nn.initializers.normal(
+            1.0 / (cfg.hidden_size + 1))
+        self.score = nn.Dense(1, use_bias=True, dtype=jnp.float32, param_dtype=cfg.jnp_param_dtype,
+                              kernel_init=nn.with_logical_partitioning(init, ("embed", None)),
+                              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+
+    def __call__(self, tokens, positions=None, mask=None):
+        hidden, _ = self.model(tokens, positions, mask)
+        values = self.score(hidden.astype(jnp.float32))[..., 0]  # [B, T] float32
+        if self.is_initializing() and not self.cfg.tie_word_embeddings:
+            self.logits(hidden[:, :1])  # create lm_head's parameters; __call__ never runs the head
+        return hidden, values
+
+    def logits(self, hidden):
+        if self.cfg.tie_word_embeddings:
+            out = self.model.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return constrain(out, ("batch", "length", "vocab"))

@@ -1,0 +1,101 @@
+"""Token log-probs and entropy from hidden states, chunked so [B, T, V] float32 logits never exist.
+
+The LM head is applied to `chunk` positions at a time inside a `lax.scan`
+whose body is rematerialised (`jax.checkpoint`): forward and backward hold
+one [B, chunk, V] block of logits at a time. Logits are divided by the
+sampling temperature, so the result is the distribution the sampler's
+`raw_logprobs` come from.
+
+Sequences are split as the sampler returns them: a left-padded prompt
+[B, P] followed by a completion [B, N]. Log-probs are computed for the
+completion tokens only (the target of position P - 1 + n is completion
+token n), so the head never runs over the prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.transformer import unembedding
+from jaxrl_llm.sharding.rules import constrain
+
+
+def _pad_to_multiple(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    n = x.shape[axis]
+    extra = (-n) % multiple
+    if not extra:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, extra)
+    return jnp.pad(x, pad)
+
+
+def logprobs_from_hidden(hidden_btE: jax.Array, w_EV: jax.Array, targets_bt: jax.Array, *,
+                         temperature: float = 1.0, chunk: int = 128,
+                         with_entropy: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """log softmax(hidden @ W / temperature)[target] and the entropy of that distribution.
+
+    hidden_btE: [B, T, E] final hidden states (compute dtype) at the positions that predict `targets_bt`.
+    w_EV: [E, V] output matrix (`models.unembedding(params, cfg)`).
+    Returns float32 [B, T] log-probs and (if `with_entropy`) float32 [B, T] entropies.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be > 0 (greedy sampling still trains at 1.0)")
+    b, t, _ = hidden_btE.shape
+    c = max(1, min(chunk, t))
+    h = _pad_to_multiple(hidden_btE, 1, c)
+    y = _pad_to_multiple(targets_bt, 1, c)
+    n_chunks = h.shape[1] // c
+    # [n_chunks, B, c, E] so the scan walks over sequence chunks.
+    h = jnp.moveaxis(h.reshape(b, n_chunks, c, h.shape[-1]), 1, 0)
+    y = jnp.moveaxis(y.reshape(b, n_chunks, c), 1, 0)
+    w = w_EV.astype(hidden_btE.dtype)
+    inv_t = 1.0 / temperature
+
+    @jax.checkpoint
+    def one(h_bcE, y_bc):
+        logits = jnp.einsum("bce,ev->bcv", h_bcE, w, preferred_element_type=jnp.float32) * inv_t
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        # one-hot contraction instead of a gather: stays local when the vocab is sharded
+        picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == y_bc[..., None], logits, 0.0), axis=-1)
+        logp = picked - lse
+        if not with_entropy:
+            return logp, jnp.zeros_like(logp)
+        probs = jnp.exp(logits - lse[..., None])
+        ent = lse - jnp.sum(probs * logits, axis=-1)
+        return logp, ent
+
+    def body(_, xs):
+        return None, one(*xs)
+
+    _, (logp, ent) = jax.lax.scan(body, None, (h, y))
+    logp = jnp.moveaxis(logp, 0, 1).reshape(b, -1)[:, :t]
+    ent = jnp.moveaxis(ent, 0, 1).reshape(b, -1)[:, :t]
+    return logp, (ent if with_entropy else None)
+
+
+def completion_logprobs(module: Any, params: Any, cfg: ModelConfig, prompt_tokens: jax.Array,
+                        prompt_mask: jax.Array, completion_tokens: jax.Array, completion_mask: jax.Array, *,
+                        temperature: float = 1.0, chunk: int = 128,
+                        with_entropy: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """Log-probs [B, N] (and entropies) of completion tokens given left-padded prompts.
+
+    One forward over prompt + completion; the head runs only over the N
+    positions that predict completion tokens. Positions where
+    `completion_mask` is 0 get log-prob 0 and entropy 0.
+    """
+    p = prompt_tokens.shape[1]
+    n = completion_tokens.shape[1]
+    tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.bool_)
+    hidden, _ = module.apply({"params": params}, tokens, None, mask, return_hidden=True)
+    hidden = hidden[:, p - 1:p - 1 + n]
+    logp, ent = logprobs_from_hidden(hidden, unembedding(params, cfg), completion_tokens,
+                                     temperature=temperature, chunk=chunk, with_entropy=with_entropy)
+    m = completion_mask.astype(jnp.float32)
+    return logp * m, (ent * m if ent is not None else None)

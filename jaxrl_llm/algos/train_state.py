@@ -1,0 +1,281 @@
+"""Train state, optimisers from config, gradient accumulation and the jitted update machinery.
+
+Every algorithm's update is a pure `(state, batch, rng) -> (state, metrics)`
+built from three pieces here:
+
+* `accumulate(loss_fn, params, batch, rng, num_micro)`: the loss function
+  returns a *globally weighted* contribution (weights computed from the whole
+  minibatch before it is split, see `aggregation`), so summing gradients over
+  micro-batches equals the un-accumulated gradient for every aggregation mode.
+  Micro-batch m takes rows m, m + M, m + 2M, ... so each micro-batch stays
+  spread over all data-parallel devices.
+* `apply_gradients(state, grads, metrics)`: optax update (global-norm clipping
+  inside the optimiser), grad/update norms, learning rate, and a skipped step
+  (parameters and optimiser state unchanged) when the loss or gradient is not
+  finite.
+* `jit_update(step, state, batch_example, env)`: `jax.jit` with explicit
+  shardings and the state donated.
+
+`make_epoch_runner` runs epochs x minibatches of a step over one rollout batch
+inside a single jitted `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxrl_llm.sharding.rules import ShardingEnv
+
+Metrics = dict[str, jax.Array]
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimiser and schedule. `max_grad_norm=None` disables clipping."""
+
+    name: str = "adamw"           # adamw | adam | sgd | lion
+    learning_rate: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "constant"    # constant | linear | cosine (decay to end_lr_ratio * lr at total_steps)
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    end_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if self.name not in ("adamw", "adam", "sgd", "lion"):
+            raise ValueError(f"optimizer.name={self.name!r}; expected adamw, adam, sgd or lion")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optimizer.schedule={self.schedule!r}; expected constant, linear or cosine")
+        if self.schedule != "constant" and not self.total_steps:
+            raise ValueError(f"optimizer.schedule={self.schedule!r} needs optimizer.total_steps")
+        if self.learning_rate < 0 or self.warmup_steps < 0:
+            raise ValueError("optimizer.learning_rate and optimizer.warmup_steps must be >= 0")
+
+
+def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    lr, warm = cfg.learning_rate, cfg.warmup_steps
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    else:
+        decay_steps = max(cfg.total_steps - warm, 1)
+        end = lr * cfg.end_lr_ratio
+        main = (optax.linear_schedule(lr, end, decay_steps) if cfg.schedule == "linear"
+                else optax.cosine_decay_schedule(lr, decay_steps, alpha=cfg.end_lr_ratio))
+    if warm:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+    return main
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    sched = make_schedule(cfg)
+    if cfg.name == "adamw":
+        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adam":
+        opt = optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    elif cfg.name == "lion":
+        opt = optax.lion(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    else:
+        opt = optax.sgd(sched)
+    if cfg.max_grad_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
+    return opt
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Parameters (any pytree; e.g. {"policy": ..., "value": ...}), optimiser state and step."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    schedule: optax.Schedule | None = flax.struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def create(cls, params: Any, optimizer: OptimizerConfig | optax.GradientTransformation) -> "TrainState":
+        """Optimiser state is initialised under jit, so it is sharded like the parameters.
+
+        The update steps donate the state: `params` must not be used after the first step.
+        """
+        if isinstance(optimizer, OptimizerConfig):
+            tx, sched = make_optimizer(optimizer), make_schedule(optimizer)
+        else:
+            tx, sched = optimizer, None
+        opt_state = jax.jit(tx.init)(params)
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, tx=tx, schedule=sched)
+
+
+# -------------------------------------------------------------------- accumulation
+
+
+def _reduce(name: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    if name.endswith("_max"):
+        return jnp.maximum(a, b)
+    if name.endswith("_min"):
+        return jnp.minimum(a, b)
+    return a + b
+
+
+def split_micro(batch: Any, num_micro: int) -> Any:
+    """[B, ...] -> [M, B/M, ...] with micro-batch m = rows m, m+M, m+2M, ... (strided)."""
+    def one(x):
+        b = x.shape[0]
+        if b % num_micro:
+            raise ValueError(f"batch size {b} is not divisible by num_micro_batches={num_micro}")
+        return jnp.swapaxes(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 0, 1)
+    return jax.tree.map(one, batch)
+
+
+def accumulate(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]], params: Any, batch: Any,
+               rng: jax.Array, num_micro: int = 1) -> tuple[Any, Metrics]:
+    """Sum of gradients and metrics of `loss_fn` over `num_micro` micro-batches.
+
+    `loss_fn(params, micro_batch, rng) -> (loss, metrics)` must return its
+    share of the global loss (weights normalised over the whole batch), and
+    metrics as weighted sums (names ending in `_max`/`_min` are reduced by
+    max/min). The metric "loss" is added.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_micro == 1:
+        (loss, metrics), grads = grad_fn(params, batch, rng)
+        return grads, {"loss": loss, **metrics}
+
+    micro = split_micro(batch, num_micro)
+    first = jax.tree.map(lambda x: x[0], micro)
+    (_, m_shape), g_shape = jax.eval_shape(grad_fn, params, first, rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), g_shape)
+    init_metrics = {"loss": jnp.zeros((), jnp.float32)}
+    for k, s in m_shape.items():
+        fill = -jnp.inf if k.endswith("_max") else jnp.inf if k.endswith("_min") else 0.0
+        init_metrics[k] = jnp.full(s.shape, fill, s.dtype)
+
+    def body(carry, xs):
+        g_acc, m_acc = carry
+        i, mb = xs
+        (loss, metrics), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        metrics = {"loss": loss, **metrics}
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        m_acc = {k: _reduce(k, m_acc[k], metrics[k]) for k in m_acc}
+        return (g_acc, m_acc), None
+
+    (grads, metrics), _ = jax.lax.scan(body, (zeros, init_metrics), (jnp.arange(num_micro), micro))
+    return grads, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def apply_gradients(state: TrainState, grads: Any, metrics: Metrics) -> tuple[TrainState, Metrics]:
+    """One optimiser step; skipped (state unchanged but the step counter) when anything is non-finite."""
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics.get("loss", 0.0)) & _all_finite(updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    metrics = dict(metrics)
+    metrics["grad_norm"] = grad_norm
+    metrics["update_norm"] = jnp.where(ok, optax.tree.norm(updates), 0.0)
+    metrics["skipped"] = (~ok).astype(jnp.float32)
+    if state.schedule is not None:
+        metrics["learning_rate"] = jnp.asarray(state.schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    return new_state, metrics
+
+
+# -------------------------------------------------------------------- jit with shardings
+
+
+def batch_shardings(batch: Any, env: ShardingEnv) -> Any:
+    """Rows over the batch axes; [B, T] arrays get ("batch", "length"), the rest ("batch", None, ...)."""
+    def one(x):
+        names = ("batch", "length") if x.ndim == 2 else ("batch",) + (None,) * (x.ndim - 1)
+        return env.sharding(names[:x.ndim], x.shape)
+    return jax.tree.map(one, batch)
+
+
+def state_shardings(state: TrainState, env: ShardingEnv) -> Any:
+    """Each leaf's own sharding when it lives on `env`'s mesh; otherwise (scalars such as the step
+    counter, created on one device) replicated over the mesh."""
+    replicated = NamedSharding(env.mesh, PartitionSpec())
+    mesh_devices = set(env.mesh.devices.flat)
+
+    def one(x):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.device_set == mesh_devices:
+            return sh
+        return replicated
+    return jax.tree.map(one, state)
+
+
+def jit_update(step: Callable, state: TrainState, batch_example: Any, env: ShardingEnv | None = None,
+               donate: bool = True) -> Callable:
+    """`jax.jit(step)` with explicit shardings (state as it is placed, batch by logical axes), state donated.
+
+    The step is traced inside `env.activate()` so the model places its
+    activations by logical axis names.
+    """
+    donate_argnums = (0,) if donate else ()
+    if env is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+
+    def traced(state, batch, rng):
+        with env.activate():
+            return step(state, batch, rng)
+
+    replicated = NamedSharding(env.mesh, PartitionSpec())
+    st_sh = state_shardings(state, env)
+    b_sh = batch_shardings(batch_example, env)
+    jitted = jax.jit(traced, in_shardings=(st_sh, b_sh, replicated), out_shardings=(st_sh, replicated),
+                     donate_argnums=donate_argnums)
+
+    def update(state, batch, rng):
+        # Host arrays, or arrays placed elsewhere, are put on the batch shardings (a no-op when already there).
+        return jitted(jax.device_put(state, st_sh), jax.device_put(batch, b_sh), jax.device_put(rng, replicated))
+
+    update.jitted = jitted
+    return update
+
+
+def make_epoch_runner(step: Callable, num_minibatches: int, epochs: int = 1, shuffle: bool = True) -> Callable:
+    """(state, batch, rng) -> (state, metrics stacked over the epochs x minibatches updates).
+
+    Each epoch draws a fresh permutation of the rows (`fold_in(rng, epoch)`)
+    when `shuffle`, then updates on `num_minibatches` equal minibatches.
+    """
+    def run(state, batch, rng):
+        b = jax.tree.leaves(batch)[0].shape[0]
+        if b % num_minibatches:
+            raise ValueError(f"rollout batch of {b} rows is not divisible by num_minibatches={num_minibatches}")
+        mb = b // num_minibatches
+
+        def epoch(state, e):
+            erng = jax.random.fold_in(rng, e)
+            perm = jax.random.permutation(erng, b) if shuffle else jnp.arange(b)
+            shuffled = jax.tree.map(lambda x: x[perm].reshape(num_minibatches, mb, *x.shape[1:]), batch)
+
+            def one(state, xs):
+                i, minibatch = xs
+                return step(state, minibatch, jax.random.fold_in(erng, i + 1))
+
+            return jax.lax.scan(one, state, (jnp.arange(num_minibatches), shuffled))
+
+        state, metrics = jax.lax.scan(epoch, state, jnp.arange(epochs))
+        return state, jax.tree.map(lambda x: x.reshape(epochs * num_minibatches, *x.shape[2:]), metrics)
+
+    return run
