@@ -1,0 +1,160 @@
+"""What a task is: examples (prompt + gold answer) and a verifier that scores completions.
+
+    task = get_task("arithmetic", digits=2)
+    examples = task.examples("train", 1000, seed=0)      # generated tasks; file tasks load theirs
+    inputs = RewardInputs(completions, examples, lengths, finished, max_new_tokens)
+    out = task.reward(inputs)                            # RewardOutput: scores [B], components, correct [B]
+
+Rewards computed on the host take a `RewardInputs` (decoded completions, the
+examples they answer, token lengths, whether each emitted EOS) and return
+float32 scores [B]; `rewards.combine` builds weighted sums of such functions
+and `rewards.HostRewardRunner` calls them in batches with a time limit.
+Tasks whose reward can run inside jit (arithmetic) also expose `jax_reward`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+Prompt = str | Sequence[Mapping[str, str]]  # plain text, or chat messages [{"role", "content"}, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One prompt and what a correct completion must contain.
+
+    prompt: text, or chat messages (the tokenizer's chat template renders them).
+    answer: the gold answer in the task's canonical text form.
+    meta: task-specific data (e.g. the K&K solution, the number of people, the operands).
+    """
+
+    prompt: Prompt
+    answer: str
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt if isinstance(self.prompt, str) else [dict(m) for m in self.prompt],
+                "answer": self.answer, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Example":
+        return cls(prompt=d["prompt"], answer=d["answer"], meta=d.get("meta", {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardInputs:
+    """Everything a host-side reward function may look at, for B completions.
+
+    completions: decoded completion texts (EOS stripped).
+    examples: the example each completion answers (len B; repeated for n samples per prompt).
+    lengths: int32 [B] completion lengths in tokens (EOS included when emitted).
+    finished: bool [B], the completion ended with EOS (False: cut at max_new_tokens).
+    max_new_tokens: the sampler's completion budget.
+    """
+
+    completions: Sequence[str]
+    examples: Sequence[Example]
+    lengths: np.ndarray
+    finished: np.ndarray
+    max_new_tokens: int
+
+    def __post_init__(self):
+        b = len(self.completions)
+        for name in ("examples", "lengths", "finished"):
+            if len(getattr(self, name)) != b:
+                raise ValueError(f"RewardInputs.{name} has {len(getattr(self, name))} entries; "
+                                 f"expected one per completion ({b})")
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def subset(self, idx: Sequence[int]) -> "RewardInputs":
+        idx = list(idx)
+        return RewardInputs([self.completions[i] for i in idx], [self.examples[i] for i in idx],
+                            np.asarray(self.lengths)[idx], np.asarray(self.finished)[idx], self.max_new_tokens)
+
+
+# A reward function: RewardInputs -> float [B] (array-like). Written in a few lines in an experiment file.
+RewardFn = Callable[[RewardInputs], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardOutput:
+    """scores: float32 [B] total reward; components: name -> float32 [B] (each term before weighting);
+    correct: bool [B] task success (for accuracy), or None when the reward has no notion of it;
+    errors / timeouts: how many calls of each component failed (their outcome is in the scores)."""
+
+    scores: np.ndarray
+    components: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    correct: np.ndarray | None = None
+    errors: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    timeouts: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def metrics(self, prefix: str = "reward") -> dict[str, float]:
+        """Scalar summaries for logging: mean total, mean of each component, accuracy, error counts."""
+        out = {f"{prefix}/mean": float(np.mean(self.scores)) if len(self.scores) else 0.0}
+        for k, v in self.components.items():
+            out[f"{prefix}/{k}"] = float(np.mean(v)) if len(v) else 0.0
+        if self.correct is not None:
+            out["accuracy"] = float(np.mean(self.correct)) if len(self.correct) else 0.0
+        for k, v in self.errors.items():
+            out[f"{prefix}/errors/{k}"] = float(v)
+        for k, v in self.timeouts.items():
+            out[f"{prefix}/timeouts/{k}"] = float(v)
+        return out
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task: where examples come from, how a completion is scored, what counts as correct.
+
+    name: registry name.
+    examples(split, num, seed): deterministic for (split, num, seed); file-backed tasks ignore `num`
+        beyond truncation and `seed` beyond shuffling.
+    reward(inputs) -> RewardOutput: the training reward (may combine format and answer terms).
+    extract_answer(completion) -> str | None: the final answer in canonical form (None: unparseable),
+        used by maj@k.
+    is_correct(completion, example) -> bool: used by pass@k and accuracy.
+    """
+
+    name: str
+
+    def examples(self, split: str, num: int, seed: int) -> list[Example]: ...
+
+    def reward(self, inputs: RewardInputs) -> RewardOutput: ...
+
+    def extract_answer(self, completion: str) -> str | None: ...
+
+    def is_correct(self, completion: str, example: Example) -> bool: ...
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str):
+    """Decorator: make a task factory available to `get_task(name, **kwargs)` and to configs by name."""
+    def deco(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"task {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+    return deco
+
+
+def get_task(name: str, **kwargs) -> Task:
+    """Builds a registered task by name (e.g. 'arithmetic', 'knights_knaves', 'math')."""
+    import jaxrl_llm.tasks  # noqa: F401  (registers the built-in tasks)
+    if name not in _REGISTRY:
+        import difflib
+        near = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise KeyError(f"unknown task {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**kwargs)
+
+
+def registered_tasks() -> list[str]:
+    import jaxrl_llm.tasks  # noqa: F401
+    return sorted(_REGISTRY)

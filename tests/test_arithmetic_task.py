@@ -1,0 +1,104 @@
+"""The arithmetic task: generation, splits, the Python verifier and the in-jit reward agree."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_llm.tasks import RewardInputs, get_task
+from jaxrl_llm.tasks.arithmetic import ArithmeticTask, token_byte_table
+from jaxrl_llm.tokenizer import decode_completions, load_tokenizer, tokenizer_info
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny")
+
+
+def test_examples_deterministic_disjoint_and_correct():
+    task = get_task("arithmetic", min_digits=1, max_digits=3, operators=("+", "-", "*"))
+    train = task.examples("train", 500, seed=0)
+    assert train == task.examples("train", 500, seed=0)
+    assert train != task.examples("train", 500, seed=1)
+    test = task.examples("test", 200, seed=0)
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    for e in train[:100] + test[:100]:
+        a, op, b = e.meta["a"], e.meta["op"], e.meta["b"]
+        assert e.prompt == f"{a}{op}{b}=" and int(e.answer) == {"+": a + b, "-": a - b, "*": a * b}[op]
+        assert 0 <= a < 1000 and 0 <= b < 1000
+    assert any(int(e.answer) < 0 for e in train)
+    no_neg = ArithmeticTask(operators=("-",), allow_negative=False).examples("train", 200, 0)
+    assert all(int(e.answer) >= 0 for e in no_neg)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="each must be one of"):
+        ArithmeticTask(operators=("/",))
+    with pytest.raises(ValueError, match="min_digits"):
+        ArithmeticTask(min_digits=3, max_digits=2)
+    with pytest.raises(KeyError, match="Did you mean 'arithmetic'"):
+        get_task("arithmatic")
+
+
+def test_python_reward_and_answer_extraction():
+    task = ArithmeticTask()
+    ex = task.examples("train", 2, 0)
+    inputs = RewardInputs([ex[0].answer, ex[1].answer + "0"], ex, np.array([2, 3]), np.array([True, True]), 8)
+    out = task.reward(inputs)
+    np.testing.assert_array_equal(out.scores, [1.0, 0.0])
+    np.testing.assert_array_equal(out.correct, [True, False])
+    assert task.extract_answer(" 046 ") == "46" and task.extract_answer("4x6") is None
+    assert out.metrics()["accuracy"] == 0.5
+
+
+def test_token_byte_table_matches_decoding(tok):
+    table, lens = token_byte_table(tok, 512)
+    info = tokenizer_info(tok)
+    assert lens[info.pad_id] == 0 and all(lens[e] == 0 for e in info.eos_ids)
+    for i in range(2, 512):
+        assert bytes(table[i, :lens[i]].astype(np.uint8)) == tok.decode([i]).encode("utf-8", "surrogatepass") or \
+            "\ufffd" in tok.decode([i])
+
+
+def test_in_jit_reward_equals_python_verifier(tok):
+    """Thousands of random completions: right answers in several tokenizations, near misses, noise."""
+    task = ArithmeticTask(min_digits=1, max_digits=3, operators=("+", "-", "*"))
+    info = tokenizer_info(tok)
+    eos, pad = info.eos_ids[0], info.pad_id
+    digit_ids = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+    minus_id = tok.convert_tokens_to_ids("-")
+    rng = np.random.default_rng(0)
+    examples = task.examples("train", 3000, seed=3)
+    n_new = 12
+    tokens = np.full((len(examples), n_new), pad, np.int32)
+    mask = np.zeros((len(examples), n_new), np.int32)
+    for i, e in enumerate(examples):
+        kind = i % 6
+        ans = e.answer
+        if kind == 0:
+            ids = tok.encode(ans, add_special_tokens=False)                       # BPE tokenization
+        elif kind == 1:
+            ids = [digit_ids[c] if c != "-" else minus_id for c in ans]            # one digit per token
+        elif kind == 2:
+            ids = tok.encode(ans + str(rng.integers(10)), add_special_tokens=False)  # one digit too many
+        elif kind == 3:
+            ids = tok.encode(ans[:-1] or "7", add_special_tokens=False)           # one digit short
+        elif kind == 4:
+            ids = tok.encode(str(int(ans) + int(rng.integers(1, 5))), add_special_tokens=False)
+        else:
+            ids = list(rng.integers(2, 512, size=rng.integers(1, 6)))              # noise
+        if rng.random() < 0.7:
+            ids = ids + [eos]
+        ids = ids[:n_new]
+        tokens[i, :len(ids)] = ids
+        mask[i, :len(ids)] = 1
+        if rng.random() < 0.3 and len(ids) < n_new:  # garbage after the mask must not count
+            tokens[i, len(ids):] = rng.integers(2, 512, size=n_new - len(ids))
+    texts = decode_completions(tok, tokens, mask)
+    python = task.reward(RewardInputs(texts, examples, mask.sum(1), np.ones(len(examples), bool), n_new)).scores
+    target_bytes, target_len = task.encode_targets(examples)
+    reward = jax.jit(task.jax_reward(tok, 512))
+    in_jit = np.asarray(reward(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(target_bytes),
+                               jnp.asarray(target_len)))
+    np.testing.assert_array_equal(in_jit, python)
+    assert 0.25 < python.mean() < 0.5  # both right and wrong answers are well represented
