@@ -1,8 +1,12 @@
 """The `jaxrl-llm` command line.
 
+    jaxrl-llm train EXP.py[:preset] [--set key=value ...] [--fresh]   # run (or resume) an experiment
     jaxrl-llm demo                      # build the tiny default model and sample from it
     jaxrl-llm sample --model DIR_OR_PRESET --prompt "12+34=" [--chat] [--n 4] ...
     jaxrl-llm presets                   # model presets and their parameter counts
+    jaxrl-llm plot RUN_DIR [RUN_DIR ...] # plots/<stage>.png per run; with several runs an overlay too
+    jaxrl-llm sweep EXP.py[:preset] --grid key=v1,v2 [--grid ...] --seeds 3 [--jobs 2] [--set ...]
+    jaxrl-llm eval RUN_DIR_OR_EXP [--split test] [--k 1,4] [--n-samples 4] [--temperature 1.0]
 """
 
 from __future__ import annotations
@@ -102,6 +106,186 @@ def cmd_demo(args) -> int:
     return cmd_sample(ns)
 
 
+def cmd_train(args) -> int:
+    from jaxrl_llm.train.config import ConfigError, load_experiment
+    from jaxrl_llm.train.trainer import train
+
+    try:
+        cfg = load_experiment(args.experiment, args.set)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    summary = train(cfg, fresh=args.fresh)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\nrun {summary['name']}: {summary['run_dir']} ({summary['wall_time_s']:.0f} s)")
+    for k, v in summary.items():
+        if k.endswith("accuracy_before") or k.endswith("accuracy_after"):
+            print(f"  {k}: {v:.3f}")
+    for k in summary:
+        if k.endswith("accuracy_before"):
+            stage = k.rsplit("/", 1)[0]
+            after = summary.get(f"{stage}/accuracy_after")
+            if after is not None:
+                print(f"  {stage}: held-out accuracy {summary[k]:.3f} -> {after:.3f} "
+                      f"({100 * (after - summary[k]):+.1f} points)")
+    for p in summary.get("plots", []):
+        print(f"  plot: {p}")
+
+
+def cmd_plot(args) -> int:
+    import os
+
+    from jaxrl_llm.train.plots import plot_overlay, plot_run
+
+    dirs = [pathlib.Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not (d / "metrics.jsonl").is_file():
+            raise SystemExit(f"error: {d} has no metrics.jsonl; give run directories (runs/<name>)")
+    for d in dirs:
+        for p in plot_run(d):
+            print(p)
+    if len(dirs) > 1:
+        out = pathlib.Path(args.out) if args.out else (
+            pathlib.Path(os.path.commonpath([str(d.absolute()) for d in dirs])) / "plots")
+        names = [d.name for d in dirs]
+        labels = names if len(set(names)) == len(names) else [str(d) for d in dirs]
+        for p in plot_overlay({label: [d] for label, d in zip(labels, dirs)}, out):
+            print(p)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from jaxrl_llm.train.config import ConfigError
+    from jaxrl_llm.train.sweep import parse_grid, sweep
+
+    try:
+        result = sweep(args.experiment, parse_grid(args.grid), args.seeds, args.set, jobs=args.jobs,
+                       run_root=args.run_root, name=args.name, fresh=args.fresh,
+                       compile_cache=not args.no_compile_cache)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    return 1 if result.failed else 0
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise SystemExit(f"--k {text!r}: give comma-separated integers, e.g. --k 1,4") from None
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"--k {text!r}: every k must be >= 1")
+    return ks
+
+
+def _run_config(run_dir: pathlib.Path):
+    """The resolved config a run saved in config.json (JSON lists back to the tuples they were)."""
+    import json
+
+    import ml_collections as mc
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+    return mc.ConfigDict(tuples(json.loads((run_dir / "config.json").read_text())))
+
+
+def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = None, temperature: float = 1.0,
+                 num_examples: int | None = None, max_new_tokens: int | None = None, batch_size: int = 0,
+                 seed: int = 0):
+    """Scores the final params of a run (latest checkpoint of its last stage) on `split` of its task.
+
+    Returns (EvalResult, info) and writes <run_dir>/eval.json (the result's dict plus info)."""
+    import json
+
+    import jax
+    import numpy as np
+
+    from jaxrl_llm.eval.metrics import evaluate_samples
+    from jaxrl_llm.rollout import SamplingConfig, make_sampler
+    from jaxrl_llm.tokenizer import decode_completions
+    from jaxrl_llm.train.build import build, encode_prompt_batch
+    from jaxrl_llm.train.checkpoint import Checkpointer, abstract_like
+    from jaxrl_llm.train.trainer import stage_class
+
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise SystemExit(f"error: {run_dir} has no config.json; give a run directory or the experiment it ran")
+    cfg = _run_config(run_dir)
+    stages = tuple(cfg.stages)
+    name = stages[-1]
+    ck_dir = run_dir / "checkpoints" / name
+    if not ck_dir.is_dir():
+        raise SystemExit(f"error: {run_dir} has no checkpoints of its last stage {name!r} ({ck_dir})")
+    n = n_samples or max(ks)
+    if n < max(ks):
+        raise SystemExit(f"error: --k {max(ks)} needs --n-samples >= {max(ks)} (got {n})")
+
+    comp, params = build(cfg)
+    # The checkpoint holds the stage's whole state (optimizer, reference params): restore into its structure.
+    stage = stage_class(cfg[name].kind)(comp, None, name, len(stages) - 1, stages[:-1])
+    stage.init(params)
+    with Checkpointer(ck_dir, max_to_keep=None, async_save=False) as ck:
+        step = ck.latest_step()
+        if step is None:
+            raise SystemExit(f"error: no complete checkpoint in {ck_dir}")
+        tree, meta = ck.restore(step, abstract_like(stage.tree()))
+    params = tree["params"]
+    del stage
+    if not meta.get("done"):
+        print(f"warning: {ck_dir}/{step} is not the final checkpoint of stage {name!r} (the run did not finish)")
+
+    examples = comp.task.examples(split, int(num_examples or cfg.eval.num_examples), int(cfg.seed))
+    mnt = int(max_new_tokens or cfg.eval.max_new_tokens)
+    sc = SamplingConfig(max_new_tokens=mnt, temperature=float(temperature), n_samples=n,
+                        eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
+    sampler = make_sampler(comp.module, comp.model_cfg, sc, env=comp.env, param_shardings=comp.shardings)
+    prompt_len = int(cfg[name].get("max_prompt_len", 256))
+    bs = batch_size or len(examples)
+    texts, lengths, finished = [], [], []
+    for start in range(0, len(examples), bs):
+        chunk = examples[start:start + bs]
+        padded = chunk + [chunk[-1]] * (bs - len(chunk))  # one prompt shape: one compile
+        tokens, mask, _ = encode_prompt_batch(comp, padded, prompt_len)
+        ro = sampler(params, tokens, mask, jax.random.fold_in(jax.random.key(seed), start))
+        rows = len(chunk) * n
+        texts += decode_completions(comp.tokenizer, np.asarray(ro.tokens)[:rows], np.asarray(ro.mask)[:rows])
+        lengths.append(np.asarray(ro.lengths)[:rows])
+        finished.append(np.asarray(ro.finished)[:rows])
+    lengths_pn = np.concatenate(lengths).reshape(len(examples), n)
+    finished_pn = np.concatenate(finished).reshape(len(examples), n)
+    result = evaluate_samples(comp.task, examples, [texts[i * n:(i + 1) * n] for i in range(len(examples))],
+                              ks=ks, lengths=lengths_pn, finished=finished_pn, max_new_tokens=mnt)
+    info = {"run_dir": str(run_dir), "stage": name, "step": int(step), "final": bool(meta.get("done")),
+            "split": split, "n_samples": n, "temperature": float(temperature), "max_new_tokens": mnt, "seed": seed}
+    (run_dir / "eval.json").write_text(json.dumps({**info, **result.to_dict()}, indent=1, default=str) + "\n")
+    return result, info
+
+
+def cmd_eval(args) -> int:
+    target = pathlib.Path(args.target)
+    if target.is_dir():
+        run_dir = target
+    else:
+        from jaxrl_llm.train.config import ConfigError, load_experiment
+        try:
+            cfg = load_experiment(args.target, args.set)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        run_dir = pathlib.Path(cfg.run_root) / cfg.name
+    result, info = evaluate_run(run_dir, args.split, _parse_ks(args.k), args.n_samples, args.temperature,
+                                args.num_examples, args.max_new_tokens, args.batch_size, args.seed)
+    print(f"eval of {run_dir}: stage {info['stage']!r} step {info['step']}, split {info['split']!r}, "
+          f"{info['n_samples']} sample(s) per prompt at temperature {info['temperature']}\n")
+    print(result.table())
+    print(f"\nwritten: {run_dir / 'eval.json'}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from jaxrl_llm.models import PRESETS
     print(f"{'preset':<16}{'family':<8}{'params':>16}  layers  hidden  heads/kv  vocab")
@@ -115,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxrl-llm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="run or resume an experiment file")
+    tr.add_argument("experiment", help="experiment file, optionally with a preset: experiments/grpo.py:smoke")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set rl.algo.loss.kl_coef=0.0 (repeatable)")
+    tr.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
+    tr.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="build the tiny default model and sample from it")
     demo.add_argument("--seed", type=int, default=0)
@@ -141,6 +332,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list model presets")
     p.set_defaults(func=cmd_presets)
+
+    pl = sub.add_parser("plot", help="plot runs' metrics (plots/<stage>.png); several runs: also an overlay")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", default=None, help="overlay directory (default: <common parent>/plots)")
+    pl.set_defaults(func=cmd_plot)
+
+    sw = sub.add_parser("sweep", help="run a grid of overrides x seeds as separate processes; table + plots")
+    sw.add_argument("experiment", help="experiment file, optionally with a preset: experiments/demo.py:smoke")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="values to sweep (Python literals, comma-separated); repeat for a cartesian product")
+    sw.add_argument("--seeds", default="1", help="a count (3 = seeds 0,1,2) or a list (0,1,2; one seed: 7,)")
+    sw.add_argument("--jobs", type=int, default=None, help="runs at a time (default: half the CPU cores)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    sw.add_argument("--name", default=None, help="sweep name (default: <experiment name>-sweep)")
+    sw.add_argument("--run-root", default=None, help="default: the experiment's run_root")
+    sw.add_argument("--fresh", action="store_true", help="restart runs that exist (default: resume or skip)")
+    sw.add_argument("--no-compile-cache", action="store_true",
+                    help="do not share JAX's compilation cache (<run_root>/.jax_cache) between the runs")
+    sw.set_defaults(func=cmd_sweep)
+
+    ev = sub.add_parser("eval", help="pass@k / maj@k of a finished run's final params on held-out data")
+    ev.add_argument("target", metavar="RUN_DIR_OR_EXP", help="runs/<name>, or the experiment[:preset] that ran")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="with an experiment: the overrides it ran with (they decide the run name)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--k", default="1", help="comma-separated k of pass@k and maj@k, e.g. 1,4")
+    ev.add_argument("--n-samples", type=int, default=None, help="samples per prompt (default: the largest k)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ev.add_argument("--num-examples", type=int, default=None, help="default: the run's eval.num_examples")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
+    ev.add_argument("--batch-size", type=int, default=0, help="prompts per sampler call (0: all at once)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=cmd_eval)
     return ap
 
 

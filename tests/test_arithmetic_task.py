@@ -102,3 +102,15 @@ def test_in_jit_reward_equals_python_verifier(tok):
                                jnp.asarray(target_len)))
     np.testing.assert_array_equal(in_jit, python)
     assert 0.25 < python.mean() < 0.5  # both right and wrong answers are well represented
+
+
+def test_spaced_format_gives_one_token_per_digit(tok):
+    task = ArithmeticTask(min_digits=2, max_digits=2, spaced=True)
+    plain = ArithmeticTask(min_digits=2, max_digits=2)
+    ex, ref = task.examples("train", 50, 0), plain.examples("train", 50, 0)
+    for e, r in zip(ex, ref):  # the same problems, written digit by digit
+        assert e.prompt.replace(" ", "") == r.prompt and e.answer.replace(" ", "") == r.answer
+        pieces = [tok.convert_ids_to_tokens(i) for i in tok.encode(e.prompt + e.answer, add_special_tokens=False)]
+        assert all(len(p) == 1 for p in pieces), pieces
+    assert task.is_correct(ex[0].answer, ex[0]) and not task.is_correct(ex[0].answer.replace(" ", ""), ex[0])
+    assert task.extract_answer("1 2 3") == "123"

@@ -54,6 +54,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1  # layers are a lax.scan; unroll this many per iteration (num_layers: fully unrolled)
     family: str = "qwen2"  # the HF architecture written on export: llama, qwen2, qwen3
 
     def __post_init__(self):
@@ -66,6 +67,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA)")
+        if self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 1 (1: one compiled layer body)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.family not in ("llama", "qwen2", "qwen3"):
@@ -124,7 +127,7 @@ def _llama3_scaling(factor: float) -> dict:
 # Real shapes (random weights are fine for benchmarks; load real weights with models.hf).
 PRESETS: dict[str, ModelConfig] = {
     # The embedded default: the tiny-qwen2 shape of bench/BENCHMARK_WORKLOAD (4,067,584 params).
-    "tiny": ModelConfig(qkv_bias=True, family="qwen2"),
+    "tiny": ModelConfig(qkv_bias=True, family="qwen2", scan_unroll=4),
     "qwen2.5-0.5b": ModelConfig(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
         num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True,

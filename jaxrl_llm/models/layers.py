@@ -93,11 +93,15 @@ class Attention(nn.Module):
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
+        b, t = x.shape[:2]
+        x2 = x.reshape(b * t, x.shape[-1])  # 2-D matmuls: XLA:CPU runs their backward much faster than 3-D
+
         def proj(name, heads, heads_axis):
-            return nn.DenseGeneral(
+            y = nn.DenseGeneral(
                 (heads, d), use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name,
                 kernel_init=_init(cfg, ("embed", heads_axis, "head_dim")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")))(x)
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")))(x2)
+            return y.reshape(b, t, heads, d)
 
         q = proj("q_proj", h, "heads")
         kx = proj("k_proj", k, "kv_heads")
@@ -115,16 +119,15 @@ class Attention(nn.Module):
             vx = jax.lax.dynamic_update_slice(vc, vx.astype(vc.dtype), (0, index, 0, 0))
             kv = (kx, vx)
 
-        b, t = q.shape[:2]
         qg = q.reshape(b, t, k, h // k, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, kx.astype(dt),
                             preferred_element_type=jnp.float32) / math.sqrt(d)
         probs = jax.nn.softmax(scores + bias, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, vx.astype(dt)).reshape(b, t, h, d)
-        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        out = constrain(out, ("batch", "length", "heads", "head_dim")).reshape(b * t, h, d)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
                               kernel_init=_init(cfg, ("heads", "head_dim", "embed")), name="o_proj")(out)
-        return out, kv
+        return out.reshape(b, t, cfg.hidden_size), kv
 
 
 class MLP(nn.Module):
@@ -141,10 +144,12 @@ class MLP(nn.Module):
             return nn.Dense(feats, use_bias=False, dtype=dt, param_dtype=pdt, name=name,
                             kernel_init=_init(cfg, names))
 
-        g = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        u = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        hmid = constrain(nn.silu(g) * u, ("batch", "length", "mlp"))
-        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(hmid)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # [tokens, embed]: see Attention
+        g = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x2)
+        u = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x2)
+        hmid = constrain(nn.silu(g) * u, ("batch", "mlp"))
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(hmid).reshape(*lead, cfg.hidden_size)
 
 
 class DecoderLayer(nn.Module):

@@ -74,6 +74,7 @@ def _layer_stack(cfg: ModelConfig):
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=cfg.num_layers,
+        unroll=min(cfg.scan_unroll, cfg.num_layers),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 

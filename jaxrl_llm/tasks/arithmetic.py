@@ -30,6 +30,10 @@ _OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lamb
                                                "*": lambda a, b: a * b}
 
 
+def _spaced(text: str) -> str:
+    return " ".join(text)
+
+
 def _in_test_split(problem: str, test_fraction: float) -> bool:
     h = int.from_bytes(hashlib.sha256(problem.encode()).digest()[:8], "little")
     return (h / 2**64) < test_fraction
@@ -42,7 +46,15 @@ class ArithmeticTask:
 
     operators: any of "+", "-", "*". allow_negative=False re-draws problems
     whose result is negative. test_fraction: share of all problems held out
-    for the "test" split.
+    for the "test" split. spaced=True writes every digit and sign as its own
+    word ("4 7 + 8 =" -> "5 5"), so a BPE tokenizer that merges digit pairs
+    still gives one token per digit and a model can learn digit-wise rules.
+    pad_operands=True zero-pads operands to max_digits and reverse_answer=True
+    writes the answer least-significant digit first, zero-padded to the
+    widest possible result ("0 7 + 3 8 =" -> "5 4 0" for 45): the format with
+    which small transformers learn addition from far fewer samples (Lee et
+    al. 2023, "Teaching Arithmetic to Small Transformers", arXiv 2307.03381).
+    reverse_answer needs operators without "-" (no sign to place).
     """
 
     min_digits: int = 1
@@ -52,6 +64,9 @@ class ArithmeticTask:
     test_fraction: float = 0.1
     correct_score: float = 1.0
     wrong_score: float = 0.0
+    spaced: bool = False
+    pad_operands: bool = False
+    reverse_answer: bool = False
     name: str = "arithmetic"
 
     def __post_init__(self):
@@ -61,6 +76,8 @@ class ArithmeticTask:
         bad = [op for op in self.operators if op not in _OPS]
         if bad or not self.operators:
             raise ValueError(f"arithmetic: operators {self.operators!r}; each must be one of {sorted(_OPS)}")
+        if self.reverse_answer and "-" in self.operators:
+            raise ValueError("arithmetic: reverse_answer needs operators without '-' (a sign has no digit place)")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"arithmetic: test_fraction={self.test_fraction} must be in (0, 1)")
 
@@ -89,13 +106,26 @@ class ArithmeticTask:
             problem = f"{a}{op}{b}="
             if _in_test_split(problem, self.test_fraction) != want_test:
                 continue
-            out.append(Example(prompt=problem, answer=str(value), meta={"a": a, "b": b, "op": op}))
+            prompt, answer = self._render(a, b, op, value)
+            out.append(Example(prompt=prompt, answer=answer, meta={"a": a, "b": b, "op": op}))
         return out
+
+    def _render(self, a: int, b: int, op: str, value: int) -> tuple[str, str]:
+        w = self.max_digits
+        sa, sb = (f"{a:0{w}d}", f"{b:0{w}d}") if self.pad_operands else (str(a), str(b))
+        answer = str(value)
+        if self.reverse_answer:
+            width = len(str(max(_OPS[o](10 ** w - 1, 10 ** w - 1) for o in self.operators)))
+            answer = f"{value:0{width}d}"[::-1]
+        prompt = f"{sa}{op}{sb}="
+        return (_spaced(prompt), _spaced(answer)) if self.spaced else (prompt, answer)
 
     # ------------------------------------------------------------------ verification
 
     def extract_answer(self, completion: str) -> str | None:
-        text = completion.strip()
+        text = completion.replace(" ", "") if self.spaced else completion.strip()
+        if self.reverse_answer:
+            text = text[::-1]
         try:
             return str(int(text))
         except ValueError:

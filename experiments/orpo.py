@@ -1,0 +1,35 @@
+"""ORPO on 1-2 digit addition: SFT and preference alignment in one stage, from a random init.
+
+    jaxrl-llm train experiments/orpo.py          # default preset
+    jaxrl-llm train experiments/orpo.py:smoke    # a few steps (the test suite runs this)
+
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
+-> "5 5 0" (55 reversed). Pairs from the task's train split: chosen = the gold answer, rejected = the result
+off by 1-3 or with two digits swapped (train/pref_data.py). ORPO (Hong et al. 2024): NLL of the chosen
+answer + lambda * -log sig(log odds ratio), lambda 0.1, no reference and no SFT stage (ORPO is its own warm
+start), 300 steps of 128 pairs, lr 3e-3. Evaluation: greedy accuracy on 256 held-out problems, preference
+accuracy on 256 held-out pairs.
+Expect (2-core CPU): RESULT_ORPO
+"""
+
+import ml_collections as mc
+
+from jaxrl_llm.train.config import base_config, dpo_stage
+
+PRESETS = ("smoke",)
+
+
+def get_config(preset=None):
+    c = base_config()
+    # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
+    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
+                                       pad_operands=True, reverse_answer=True))
+    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
+    c.stages = ("orpo",)
+    c.orpo = dpo_stage("orpo", steps=300, batch_size=128, learning_rate=3e-3, max_prompt_len=12,
+                       max_response_len=6, orpo_lambda=0.1)
+    c.orpo.optimizer.warmup_steps = 20
+    if preset == "smoke":  # a few steps
+        c.orpo.steps, c.orpo.batch_size, c.orpo.data.num_pairs, c.orpo.data.eval_pairs = 2, 8, 64, 16
+        c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 0
+    return c

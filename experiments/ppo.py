@@ -1,0 +1,36 @@
+"""PPO on 1-2 digit addition: an SFT warm start, then PPO with a value model and the KL to the SFT model in the reward.
+
+    jaxrl-llm train experiments/ppo.py          # default preset
+    jaxrl-llm train experiments/ppo.py:smoke    # a few steps (the test suite runs this)
+
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
+-> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT: 300 steps of 128
+gold answers. PPO: 64 prompts x 4 samples per iteration, a separate value model (the SFT backbone with a
+zero head, lr 3e-4), k1 KL in the reward with a fixed coefficient 0.02, GAE (gamma 1, lambda 0.95),
+2 epochs x 2 minibatches, policy lr 3e-4.
+Expect (2-core CPU): RESULT_PPO
+"""
+
+import ml_collections as mc
+
+from jaxrl_llm.train.config import base_config, ppo_stage, sft_stage
+
+PRESETS = ("smoke",)
+
+
+def get_config(preset=None):
+    c = base_config()
+    # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
+    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
+                                       pad_operands=True, reverse_answer=True))
+    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
+    c.stages = ("sft", "rl")
+    c.sft = sft_stage(steps=300, batch_size=128, learning_rate=3e-3, max_prompt_len=12, max_response_len=6)
+    c.sft.optimizer.warmup_steps = 20
+    c.rl = ppo_stage(iterations=200, prompts_per_iter=64, samples_per_prompt=4, learning_rate=3e-4,
+                     value_learning_rate=3e-4, max_new_tokens=6, kl_coef=0.02, epochs=2, num_minibatches=2)
+    c.rl.max_prompt_len = 12
+    if preset == "smoke":  # a few steps of each stage
+        c.sft.steps, c.rl.iterations, c.rl.prompts_per_iter = 2, 2, 4
+        c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 0
+    return c

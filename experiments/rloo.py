@@ -1,0 +1,35 @@
+"""RLOO on 1-2 digit addition: the leave-one-out baseline, after an SFT warm start.
+
+    jaxrl-llm train experiments/rloo.py          # default preset
+    jaxrl-llm train experiments/rloo.py:smoke    # a few steps (the test suite runs this)
+
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
+-> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT warm start: 300 steps
+of 128 gold answers. RLOO (Ahmadian et al. 2024): 32 prompts x 8 samples,
+advantage r_i - mean of the other 7 rewards of the group, no std, no KL, lr 1e-3.
+Expect (2-core CPU): RESULT_RLOO
+"""
+
+import ml_collections as mc
+
+from jaxrl_llm.train.config import base_config, grpo_stage, sft_stage
+
+PRESETS = ("smoke",)
+
+
+def get_config(preset=None):
+    c = base_config()
+    # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
+    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
+                                       pad_operands=True, reverse_answer=True))
+    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
+    c.stages = ("sft", "rl")
+    c.sft = sft_stage(steps=300, batch_size=128, learning_rate=3e-3, max_prompt_len=12, max_response_len=6)
+    c.sft.optimizer.warmup_steps = 20
+    c.rl = grpo_stage("rloo", iterations=200, prompts_per_iter=32, group_size=8, learning_rate=1e-3,
+                      max_new_tokens=6)
+    c.rl.max_prompt_len = 12
+    if preset == "smoke":  # a few steps of each stage
+        c.sft.steps, c.rl.iterations, c.rl.prompts_per_iter = 2, 2, 4
+        c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 0
+    return c

@@ -1,0 +1,33 @@
+"""Supervised fine-tuning on 1-2 digit addition: masked NLL of the gold answers, from a random init.
+
+    jaxrl-llm train experiments/sft.py          # default preset
+    jaxrl-llm train experiments/sft.py:smoke    # a few steps (the test suite runs this)
+
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
+-> "5 5 0" (55 reversed); 300 steps of 128 (prompt, answer + EOS) pairs from the task's train split, AdamW lr 3e-3 with 20
+warm-up steps; greedy accuracy on 256 held-out problems every 50 steps. This is the warm start the RL and
+preference experiments begin with.
+Expect (2-core CPU): RESULT_SFT
+"""
+
+import ml_collections as mc
+
+from jaxrl_llm.train.config import base_config, sft_stage
+
+PRESETS = ("smoke",)
+
+
+def get_config(preset=None):
+    c = base_config()
+    # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
+    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
+                                       pad_operands=True, reverse_answer=True))
+    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
+    c.stages = ("sft",)
+    c.sft = sft_stage(steps=300, batch_size=128, learning_rate=3e-3, max_prompt_len=12, max_response_len=6)
+    c.sft.optimizer.warmup_steps = 20
+    c.checkpoint.every = 100
+    if preset == "smoke":  # a few steps, with a mid-run checkpoint
+        c.sft.steps = 4
+        c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 2
+    return c

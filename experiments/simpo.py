@@ -1,0 +1,36 @@
+"""SimPO on 1-2 digit addition: no reference model, length-normalised log-probs and a margin, after an SFT warm start.
+
+    jaxrl-llm train experiments/simpo.py          # default preset
+    jaxrl-llm train experiments/simpo.py:smoke    # a few steps (the test suite runs this)
+
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
+-> "5 5 0" (55 reversed). SFT warm start: 150 steps of 128 gold answers. Pairs from the task's train split:
+chosen = the gold answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py).
+SimPO (Meng et al. 2024): -log sig(beta (avg logp_c - avg logp_r) - gamma), beta 2.0, gamma 1.0
+(gamma/beta 0.5), no reference forward, 200 steps of 64 pairs, lr 1e-3. Evaluation: greedy accuracy on 256 held-out problems, preference accuracy on 256 held-out pairs.
+Expect (2-core CPU): RESULT_SIMPO
+"""
+
+import ml_collections as mc
+
+from jaxrl_llm.train.config import base_config, dpo_stage, sft_stage
+
+PRESETS = ("smoke",)
+
+
+def get_config(preset=None):
+    c = base_config()
+    # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
+    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
+                                       pad_operands=True, reverse_answer=True))
+    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
+    c.stages = ("sft", "pref")
+    c.sft = sft_stage(steps=150, batch_size=128, learning_rate=3e-3, max_prompt_len=12, max_response_len=6)
+    c.sft.optimizer.warmup_steps = 20
+    c.pref = dpo_stage("simpo", steps=200, batch_size=64, learning_rate=1e-3, max_prompt_len=12,
+                       max_response_len=6, beta=2.0, simpo_gamma=1.0)
+    if preset == "smoke":  # a few steps of each stage
+        c.sft.steps, c.pref.steps, c.pref.batch_size, c.pref.data.num_pairs = 2, 2, 8, 64
+        c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 0
+        c.pref.data.eval_pairs = 16
+    return c

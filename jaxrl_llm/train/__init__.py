@@ -1,0 +1,1 @@
+"""The training loop's host-side pieces: checkpoints (`jaxrl_llm.train.checkpoint`)."""

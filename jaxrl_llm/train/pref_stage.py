@@ -1,0 +1,260 @@
+"""Preference stages: the DPO family (kind "dpo") and Bradley-Terry reward models (kind "reward_model").
+
+Both train on (prompt, chosen, rejected) pairs (train/pref_data.py: generated from the task, or a file),
+tokenized once at the start (`loaders.encode_preferences`) and read in shuffled batches of row indices by
+a resumable `PromptIterator`.
+
+DPOStage: `dpo.make_dpo_step` with `DPOConfig.loss_type` sigmoid | ipo | hinge | robust | simpo | orpo.
+  The reference is the frozen copy of the params the stage starts from (kept in the checkpoint as
+  "ref_params"); its summed log-probs are computed per batch, just before the step, with
+  `make_reference_logps_fn`. SimPO and ORPO have no reference: no copy, no reference forward.
+  Evaluation: held-out task accuracy (`build.Evaluator`, greedy) and preference accuracy on held-out
+  pairs: the fraction whose implicit reward (beta * log-ratio to the reference; average log-prob for
+  SimPO/ORPO) is higher for the chosen response ("eval/pref_accuracy", "eval/pref_margin").
+
+RewardModelStage: `reward_model.make_reward_model_step` on a `ScalarHeadModel(per_token=False)` whose
+  backbone is a copy of the policy's and whose head starts at zero. Evaluation: the fraction of held-out
+  pairs it ranks right, logged as "eval/accuracy" (so the run summary's accuracy_before/after of this
+  stage are pair accuracies) with the mean reward margin "eval/margin".
+  Its params are a ScalarHeadModel tree, not a policy: they are saved in this stage's checkpoints as
+  "reward_params", and the stage hands the policy it was given, unchanged, to the next stage. A later PPO
+  stage reads them by name (`ppo_stage(...)` with reward_model_stage="<name>" and value_init="reward_model"
+  and/or reward.source="reward_model") through `load_reward_params`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_llm.algos import dpo
+from jaxrl_llm.algos.reward_model import RewardModelConfig, make_reward_model_step, pair_rewards
+from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update
+from jaxrl_llm.data.iterator import PromptIterator
+from jaxrl_llm.data.loaders import encode_preferences
+from jaxrl_llm.models import init_fn_for, reward_model
+from jaxrl_llm.sharding.params import param_shardings
+from jaxrl_llm.train.build import Components, Evaluator, jnp_tree_copy
+from jaxrl_llm.train.checkpoint import Checkpointer, abstract_like
+from jaxrl_llm.train.config import to_dataclass
+from jaxrl_llm.train.pref_data import stage_pairs
+from jaxrl_llm.train.stage import Stage
+
+EVAL_CHUNK = 256  # held-out pairs per forward (the last chunk is padded: one compile)
+
+
+def scalar_head_params(policy_params: Any, comp: Components, shardings: Any) -> Any:
+    """A ScalarHeadModel tree (reward or value model) from a CausalLM tree: a copy of its backbone and a zero
+    head, placed on `shardings` (those of the ScalarHeadModel on the run's mesh)."""
+    dt = comp.model_cfg.jnp_param_dtype
+    score = {"kernel": jnp.zeros((comp.model_cfg.hidden_size, 1), dt), "bias": jnp.zeros((1,), dt)}
+    return jax.device_put({"model": jnp_tree_copy(policy_params["model"]), "score": score}, shardings)
+
+
+def _in_env(comp: Components, fn):
+    """jit(fn) traced inside the mesh environment, so activations are placed by their logical axes."""
+    def traced(*args):
+        with comp.env.activate():
+            return fn(*args)
+    return jax.jit(traced)
+
+
+def _chunks(arrays: dict[str, np.ndarray], size: int):
+    """(chunk, valid rows) over the rows of `arrays`; the last chunk is padded with its first row."""
+    n = len(arrays["prompt_tokens"])
+    for start in range(0, n, size):
+        idx = np.arange(start, start + size)
+        valid = min(size, n - start)
+        idx[valid:] = start
+        yield {k: v[idx] for k, v in arrays.items()}, valid
+
+
+class _PairStage(Stage):
+    """What both preference stages share: the pairs, their batches, the optimiser config."""
+
+    def __init__(self, *a, with_data: bool = True, **kw):
+        super().__init__(*a, **kw)
+        s = self.section
+        self.total_steps = int(s.steps)
+        self.where = f"config.{self.name}"
+        self.opt_cfg = to_dataclass(OptimizerConfig, s.optimizer, f"{self.where}.optimizer")
+        self.update = None
+        self.arrays = self.eval_arrays = self.iterator = None
+        if not with_data:
+            return
+        train, held_out = stage_pairs(s.data, self.comp.task, self.cfg.seed, self.where)
+        encode = lambda pairs: encode_preferences(self.comp.tokenizer, pairs, int(s.max_prompt_len),  # noqa: E731
+                                                  int(s.max_response_len))
+        self.arrays, stats = encode(train)
+        self.summary.update({"pairs/train": len(self.arrays["prompt_tokens"]), "pairs/held_out": len(held_out),
+                             "pairs/prompts_truncated": stats.prompts_truncated,
+                             "pairs/responses_truncated": stats.responses_truncated})
+        if held_out:
+            self.eval_arrays, _ = encode(held_out)
+        self.iterator = PromptIterator(np.arange(len(self.arrays["prompt_tokens"])), int(s.batch_size),
+                                       seed=self.cfg.seed + self.index)
+
+    def _batch(self) -> dict[str, np.ndarray]:
+        idx = np.asarray(next(self.iterator))
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def _train(self, i: int, batch: dict) -> dict:
+        if self.update is None:
+            self.update = jit_update(self.step_fn, self.state, batch, self.comp.env)
+        self.state, metrics = self.update(self.state, batch, jax.random.fold_in(self.key, i))
+        return metrics
+
+    def meta(self) -> dict:
+        return {"iterator": self.iterator.state()} if self.iterator is not None else {}
+
+    def _restore_iterator(self, meta: dict) -> None:
+        if self.iterator is not None:
+            self.iterator.restore(meta["iterator"])
+
+
+class DPOStage(_PairStage):
+    kind = "dpo"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        s, comp = self.section, self.comp
+        self.algo = to_dataclass(dpo.DPOConfig, s.algo, f"{self.where}.algo")
+        self.step_fn = dpo.make_dpo_step(comp.module, comp.model_cfg, self.algo, int(s.num_micro_batches))
+        chunk = self.algo.logprob_chunk
+        self.ref_fn = (_in_env(comp, dpo.make_reference_logps_fn(comp.module, comp.model_cfg, chunk))
+                       if self.algo.needs_reference else None)
+
+        def sums(params, batch):  # summed log-probs [B] of chosen and rejected
+            lc, lr = dpo.pair_logprobs(comp.module, params, comp.model_cfg, batch, chunk)
+            return lc.sum(-1), lr.sum(-1)
+        self.sums_fn = _in_env(comp, sums)
+        self.evaluator = Evaluator(comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
+        self.ref = None
+
+    def init(self, params) -> None:
+        self.state = TrainState.create(jnp_tree_copy(params), self.opt_cfg)
+        self.ref = jnp_tree_copy(params) if self.algo.needs_reference else None
+        self._eval_ref = None
+
+    def step(self, i: int) -> dict:
+        batch = self._batch()
+        if self.ref is not None:
+            batch.update(self.ref_fn(self.ref, batch))
+        return self._train(i, batch)
+
+    def params(self):
+        return self.state.params
+
+    def tree(self) -> dict:
+        tree = {"params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
+        if self.ref is not None:
+            tree["ref_params"] = self.ref
+        return tree
+
+    def restore(self, tree: dict, meta: dict) -> None:
+        self.state = self.state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
+        if "ref_params" in tree:
+            self.ref = tree["ref_params"]
+        self._eval_ref = None
+        self._restore_iterator(meta)
+
+    def _held_out_sums(self, params) -> tuple[np.ndarray, np.ndarray]:
+        c, r = [], []
+        for chunk, valid in _chunks(self.eval_arrays, EVAL_CHUNK):
+            sc, sr = self.sums_fn(params, chunk)
+            c.append(np.asarray(sc)[:valid])
+            r.append(np.asarray(sr)[:valid])
+        return np.concatenate(c), np.concatenate(r)
+
+    def _implicit_rewards(self, c: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rewards dpo.py's metrics use: beta * (policy - reference) log-probs; averages for SimPO/ORPO."""
+        a = self.algo
+        len_c = np.maximum(self.eval_arrays["chosen_mask"].sum(-1), 1)
+        len_r = np.maximum(self.eval_arrays["rejected_mask"].sum(-1), 1)
+        if not a.needs_reference:
+            scale = a.beta if a.loss_type == "simpo" else 1.0
+            return scale * c / len_c, scale * r / len_r
+        if self._eval_ref is None:  # the reference is frozen: its held-out log-probs once per run (or resume)
+            self._eval_ref = self._held_out_sums(self.ref)
+        ref_c, ref_r = self._eval_ref
+        if a.loss_type == "ipo" and a.ipo_length_normalize:
+            c, r, ref_c, ref_r = c / len_c, r / len_r, ref_c / len_c, ref_r / len_r
+        return a.beta * (c - ref_c), a.beta * (r - ref_r)
+
+    def evaluate(self) -> dict:
+        out = self.evaluator(self.state.params) if self.evaluator else {}
+        if self.eval_arrays is not None:
+            rc, rr = self._implicit_rewards(*self._held_out_sums(self.state.params))
+            acc = float(np.mean(rc > rr))
+            out.update({"eval/pref_accuracy": acc, "eval/pref_margin": float(np.mean(rc - rr))})
+            self.summary.setdefault("pref_accuracy_before", acc)
+            self.summary["pref_accuracy_after"] = acc
+        return out
+
+
+class RewardModelStage(_PairStage):
+    kind = "reward_model"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        s, comp = self.section, self.comp
+        self.module = reward_model(comp.model_cfg)
+        _, self.shardings = param_shardings(init_fn_for(self.module), comp.env)
+        self.algo = to_dataclass(RewardModelConfig, s.algo, f"{self.where}.algo")
+        self.step_fn = make_reward_model_step(self.module, comp.model_cfg, self.algo, int(s.num_micro_batches))
+        self.eval_fn = _in_env(comp, lambda p, b: pair_rewards(self.module, p, b))
+
+    def init(self, params) -> None:
+        self.state = TrainState.create(scalar_head_params(params, self.comp, self.shardings), self.opt_cfg)
+
+    def run_stage(self, prev_params, checkpointer) -> Any:
+        """Trains (or resumes) the reward model; returns `prev_params`: the next stage continues the policy."""
+        super().run_stage(prev_params, checkpointer)
+        return prev_params
+
+    def step(self, i: int) -> dict:
+        return self._train(i, self._batch())
+
+    def params(self):
+        return self.state.params
+
+    def tree(self) -> dict:
+        return {"reward_params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
+
+    def restore(self, tree: dict, meta: dict) -> None:
+        self.state = self.state.replace(params=tree["reward_params"], opt_state=tree["opt_state"],
+                                        step=tree["step"])
+        self._restore_iterator(meta)
+
+    def evaluate(self) -> dict:
+        if self.eval_arrays is None:
+            return {}
+        rc, rr = [], []
+        for chunk, valid in _chunks(self.eval_arrays, EVAL_CHUNK):
+            c, r = self.eval_fn(self.state.params, chunk)
+            rc.append(np.asarray(c)[:valid])
+            rr.append(np.asarray(r)[:valid])
+        rc, rr = np.concatenate(rc), np.concatenate(rr)
+        return {"eval/accuracy": float(np.mean(rc > rr)), "eval/margin": float(np.mean(rc - rr))}
+
+
+def load_reward_params(comp: Components, run, stage_name: str, stages: tuple[str, ...], policy_params) -> Any:
+    """The final params of the finished reward_model stage `stage_name` of this run (a ScalarHeadModel tree,
+    placed like the policy's backbone). `policy_params` only give the structure to restore into."""
+    index = stages.index(stage_name)
+    rm = RewardModelStage(comp, run, stage_name, index, stages[:index], with_data=False)
+    rm.init(policy_params)
+    directory = run.checkpoint_dir(stage_name)
+    with Checkpointer(directory, max_to_keep=None, async_save=False) as ck:
+        step = ck.latest_step()
+        if step is None:
+            raise ValueError(f"reward model stage {stage_name!r} has no checkpoint in {directory}; it must run "
+                             "(and finish) before the stage that reads it")
+        tree, meta = ck.restore(step, abstract_like(rm.tree()))
+    if not meta.get("done"):
+        raise ValueError(f"reward model stage {stage_name!r} did not finish (latest checkpoint {directory}/{step} "
+                         "is not final)")
+    return tree["reward_params"]

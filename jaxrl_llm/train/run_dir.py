@@ -1,0 +1,156 @@
+"""The run directory: resolved config, metrics, samples, TensorBoard events, checkpoints, plots, summary.
+
+    runs/<name>/config.json     the resolved config (after overrides)
+                metrics.jsonl    one JSON object per logged step: {"stage", "step", "time", <metric>: value}
+                samples.jsonl    {"stage", "step", "prompt", "completion", "reward", "correct"}
+                events/<stage>/  TensorBoard event files
+                checkpoints/<stage>/<step>/   orbax checkpoints
+                plots/*.png      written by `jaxrl-llm plot` and at the end of a run
+                summary.json     final metrics (and before/after accuracy of RL stages)
+
+Only process 0 writes. On resume the log files are cut back to the step of
+the checkpoint the run continues from, so a resumed run's logs equal those
+of a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any, Mapping
+
+import jax
+import ml_collections as mc
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "size", 2) == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them visible as strings
+    return v
+
+
+class RunDir:
+    """Writes everything a run leaves behind; see the module docstring for the layout."""
+
+    def __init__(self, root: str | pathlib.Path, name: str, config: mc.ConfigDict, *, fresh: bool = False):
+        self.path = pathlib.Path(root) / name
+        self.writer = jax.process_index() == 0
+        self.start = time.time()
+        self._tb: dict[str, Any] = {}
+        self.tensorboard = bool(config.log.get("tensorboard", True))
+        resolved = json.loads(config.to_json())
+        cfg_file = self.path / "config.json"
+        if cfg_file.exists() and not fresh:
+            saved = json.loads(cfg_file.read_text())
+            if saved != resolved:
+                diff = sorted(k for k in set(_flat(saved)) | set(_flat(resolved))
+                              if _flat(saved).get(k) != _flat(resolved).get(k))
+                raise ValueError(
+                    f"{self.path} holds a run with a different config (differs at: {', '.join(diff[:8])}); "
+                    "resume it with the same config, pick another name (--set name=...), or pass --fresh to "
+                    "start over in that directory")
+        if self.writer:
+            if fresh and self.path.exists():
+                import shutil
+                shutil.rmtree(self.path)
+            (self.path / "plots").mkdir(parents=True, exist_ok=True)
+            cfg_file.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def metrics_file(self) -> pathlib.Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def samples_file(self) -> pathlib.Path:
+        return self.path / "samples.jsonl"
+
+    def checkpoint_dir(self, stage: str) -> pathlib.Path:
+        return self.path / "checkpoints" / stage
+
+    # ------------------------------------------------------------------ writing
+
+    def _append(self, file: pathlib.Path, records: list[dict]) -> None:
+        if not self.writer or not records:
+            return
+        with open(file, "a") as f:
+            for r in records:
+                f.write(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n")
+
+    def log_metrics(self, stage: str, step: int, metrics: Mapping[str, Any]) -> dict:
+        record = {"stage": stage, "step": int(step), "time": round(time.time() - self.start, 3)}
+        record.update({k: _jsonable(v) for k, v in metrics.items()})
+        self._append(self.metrics_file, [record])
+        if self.writer and self.tensorboard:
+            tb = self._tb_writer(stage)
+            for k, v in record.items():
+                if k not in ("stage", "step") and isinstance(v, (int, float)):
+                    tb.add_scalar(k, v, int(step))
+            tb.flush()
+        return record
+
+    def log_samples(self, stage: str, step: int, samples: list[dict]) -> None:
+        self._append(self.samples_file, [{"stage": stage, "step": int(step), **s} for s in samples])
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        if self.writer:
+            (self.path / "summary.json").write_text(
+                json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
+
+    def _tb_writer(self, stage: str):
+        if stage not in self._tb:
+            from tensorboardX import SummaryWriter
+            self._tb[stage] = SummaryWriter(str(self.path / "events" / stage))
+        return self._tb[stage]
+
+    # ------------------------------------------------------------------ resume
+
+    def rewind(self, stage: str, step: int, stages_before: tuple[str, ...]) -> None:
+        """Drops log records the restored checkpoint has not seen: this stage's steps > `step` and any
+        later stage's records. TensorBoard events of this stage are purged from `step + 1` on."""
+        if not self.writer:
+            return
+        keep_stages = set(stages_before)
+
+        def keep(r: dict) -> bool:
+            return r.get("stage") in keep_stages or (r.get("stage") == stage and r.get("step", 0) <= step)
+
+        for file in (self.metrics_file, self.samples_file):
+            if file.exists():
+                lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
+                kept = []
+                for ln in lines:
+                    try:
+                        if keep(json.loads(ln)):
+                            kept.append(ln)
+                    except json.JSONDecodeError:
+                        pass  # a line cut by a kill mid-write
+                file.write_text("".join(ln + "\n" for ln in kept))
+        if self.tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb[stage] = SummaryWriter(str(self.path / "events" / stage), purge_step=step + 1)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(ln) for ln in self.metrics_file.read_text().splitlines() if ln.strip()]
+
+    def close(self) -> None:
+        for tb in self._tb.values():
+            tb.close()
+        self._tb.clear()
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

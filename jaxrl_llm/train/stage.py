@@ -1,0 +1,166 @@
+"""The loop every stage shares: steps, logging, evaluation, checkpoints, resume, non-finite steps.
+
+A stage subclass says how to start (`init`), what one step does (`step`),
+what goes into a checkpoint (`tree`, `meta`) and how to continue from one
+(`restore`). `run()` does the rest:
+
+* resume: the latest complete checkpoint of this stage is restored (state,
+  data position, counters) and the logs are cut back to its step, so the
+  run continues exactly as if it had never stopped;
+* every `log.every` steps: metrics to metrics.jsonl / TensorBoard and the
+  progress bar; every `eval.every`: held-out evaluation;
+* every `checkpoint.every` steps and at the end: an orbax checkpoint (the
+  final one is marked done, so a restarted run skips the finished stage);
+* a step whose loss or gradient is not finite is skipped (parameters
+  unchanged) and counted; after `max_consecutive_skips` in a row the run
+  stops with a clear message and its last good checkpoint intact.
+
+Randomness: step i of stage s uses fold_in(fold_in(key(seed), s), i).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import ml_collections as mc
+
+from jaxrl_llm.train.build import Components, keys_for
+from jaxrl_llm.train.run_dir import RunDir
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Stage:
+    kind = "stage"
+
+    def __init__(self, comp: Components, run: RunDir, name: str, index: int, stages_before: tuple[str, ...]):
+        self.comp = comp
+        self.cfg: mc.ConfigDict = comp.config
+        self.section: mc.ConfigDict = comp.config[name]
+        self.run = run
+        self.name = name
+        self.index = index
+        self.stages_before = stages_before
+        self.key = keys_for(self.cfg.seed, index)
+        self.summary: dict[str, Any] = {}
+
+    # --- to implement -------------------------------------------------------------------------
+    total_steps: int
+
+    def init(self, params) -> None:
+        """Fresh start from `params` (the previous stage's result or the initial model); also called
+        before a resume, whose checkpoint then replaces the state."""
+        raise NotImplementedError
+
+    def step(self, i: int) -> dict:
+        """One step; returns metrics (device arrays are fine: they are fetched only on log steps)."""
+        raise NotImplementedError
+
+    def tree(self) -> dict:
+        """The pytrees a checkpoint holds (e.g. {"params": ..., "opt_state": ..., "step": ...})."""
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        """JSON-able state: data position, counters."""
+        raise NotImplementedError
+
+    def restore(self, tree: dict, meta: dict) -> None:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def params(self):
+        raise NotImplementedError
+
+    # --- the shared loop ------------------------------------------------------------------------
+
+    def run_stage(self, prev_params, checkpointer) -> Any:
+        """Runs (or resumes, or skips when finished) the stage; returns its final params."""
+        start = 0
+        self.init(prev_params)  # a fresh state also gives the shapes/shardings a checkpoint restores into
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            tree, meta = checkpointer.restore(latest, _abstract(self.tree()))
+            self.restore(tree, meta)
+            self.summary = dict(meta.get("summary", {}))
+            if meta.get("done"):
+                return self.params()
+            start = latest
+            self.run.rewind(self.name, start, self.stages_before)
+        else:
+            self.run.rewind(self.name, 0, self.stages_before)
+            if self.cfg.eval.every > 0:
+                self.summary["accuracy_before"] = self._log_eval(0).get("eval/accuracy")
+
+        log_every, ck_every = self.cfg.log.every, self.cfg.checkpoint.every
+        bar = self._progress(start)
+        skips = 0
+        t_last, steps_since = time.time(), 0
+        for i in range(start, self.total_steps):
+            metrics = self.step(i)
+            steps_since += 1
+            n = i + 1
+            if "skipped" in metrics:
+                skipped = float(metrics["skipped"]) > 0  # one scalar fetch: cheap next to a step
+                skips = skips + 1 if skipped else 0
+                if skips >= self.cfg.max_consecutive_skips:
+                    checkpointer.wait()
+                    raise NonFiniteError(
+                        f"stage {self.name!r}: {skips} consecutive steps had a non-finite loss or gradient "
+                        f"(last at step {n}); stopped. The last good checkpoint is in "
+                        f"{self.run.checkpoint_dir(self.name)}. Lower the learning rate, check the data and "
+                        "rewards, or raise max_consecutive_skips.")
+            if n % log_every == 0 or n == self.total_steps:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.time() - t_last
+                host["time/step_s"] = dt / max(steps_since, 1)
+                host["skipped_in_a_row"] = skips
+                t_last, steps_since = time.time(), 0
+                self.run.log_metrics(self.name, n, host)
+                self._update_bar(bar, n, host)
+            if self.cfg.eval.every > 0 and (n % self.cfg.eval.every == 0 or n == self.total_steps):
+                ev = self._log_eval(n)
+                if bar is not None and "eval/accuracy" in ev:
+                    bar.write(f"{self.name} step {n}: held-out accuracy {ev['eval/accuracy']:.3f}")
+            if n == self.total_steps:
+                if "eval/accuracy" in self._last_eval:
+                    self.summary["accuracy_after"] = self._last_eval["eval/accuracy"]
+                checkpointer.save(n, self.tree(), {**self.meta(), "done": True, "summary": self.summary})
+            elif ck_every > 0 and n % ck_every == 0:
+                checkpointer.save(n, self.tree(), {**self.meta(), "done": False, "summary": self.summary})
+        checkpointer.wait()
+        if bar is not None:
+            bar.close()
+        return self.params()
+
+    _last_eval: dict = {}
+
+    def _log_eval(self, n: int) -> dict:
+        ev = self.evaluate()
+        if ev:
+            self._last_eval = ev
+            self.run.log_metrics(self.name, n, ev)
+        return ev
+
+    def _progress(self, start: int):
+        if not self.cfg.log.progress or jax.process_index() != 0:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.total_steps, initial=start, desc=f"{self.name} ({self.kind})", dynamic_ncols=True,
+                    leave=True)
+
+    def _update_bar(self, bar, n: int, host: dict) -> None:
+        if bar is None:
+            return
+        bar.update(n - bar.n)
+        keys = ("reward/mean", "accuracy", "loss", "kl_ref", "response_length", "tokens_per_s")
+        bar.set_postfix_str(" ".join(f"{k.split('/')[0]}={host[k]:.3g}" for k in keys if k in host))

@@ -1,0 +1,71 @@
+"""Runs an experiment: builds the components, then each stage in order, resuming where the run stopped.
+
+    summary = train(load_experiment("experiments/demo.py"))
+
+Stages hand their final parameters to the next one (an SFT warm start then
+GRPO, for example); all of them write into one run directory. A finished
+stage is skipped on restart (its final checkpoint is marked done); an
+interrupted one resumes from its latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ml_collections as mc
+
+from jaxrl_llm.train.build import build
+from jaxrl_llm.train.checkpoint import Checkpointer
+from jaxrl_llm.train.run_dir import RunDir
+
+
+def stage_class(kind: str):
+    if kind == "sft":
+        from jaxrl_llm.train.sft_stage import SFTStage
+        return SFTStage
+    if kind == "grpo":
+        from jaxrl_llm.train.grpo_stage import GRPOStage
+        return GRPOStage
+    if kind == "ppo":
+        from jaxrl_llm.train.ppo_stage import PPOStage
+        return PPOStage
+    if kind == "dpo":
+        from jaxrl_llm.train.pref_stage import DPOStage
+        return DPOStage
+    if kind == "reward_model":  # hands on the policy it got; its own params stay in its checkpoints
+        from jaxrl_llm.train.pref_stage import RewardModelStage
+        return RewardModelStage
+    raise NotImplementedError(f"stage kind {kind!r} has no trainer yet")
+
+
+def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) every stage of `cfg`; returns the run summary (also written to summary.json)."""
+    t0 = time.time()
+    run = RunDir(cfg.run_root, cfg.name, cfg, fresh=fresh)
+    comp, params = build(cfg)
+    summary: dict[str, Any] = {"name": cfg.name, "run_dir": str(run.path)}
+    stages = tuple(cfg.stages)
+    try:
+        for index, name in enumerate(stages):
+            stage = stage_class(cfg[name].kind)(comp, run, name, index, stages[:index])
+            ck = Checkpointer(run.checkpoint_dir(name), max_to_keep=cfg.checkpoint.keep,
+                              async_save=cfg.checkpoint.async_save)
+            try:
+                params = stage.run_stage(params, ck)
+            finally:
+                ck.close()
+                if hasattr(stage, "close"):
+                    stage.close()
+            for k, v in stage.summary.items():
+                summary[f"{name}/{k}"] = v
+    finally:
+        run.close()
+    summary["wall_time_s"] = round(time.time() - t0, 1)
+    run.write_summary(summary)
+    try:
+        from jaxrl_llm.train.plots import plot_run
+        summary["plots"] = [str(p) for p in plot_run(run.path)]
+    except ImportError:
+        pass
+    return summary

@@ -1,0 +1,140 @@
+"""The training loop end to end: SIGKILL at several points then resume == never stopped; non-finite stop."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxrl_llm.train.config import load_experiment
+from jaxrl_llm.train.stage import NonFiniteError
+from jaxrl_llm.train.trainer import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "experiments" / "demo.py")
+# Two stages (SFT warm start, then GRPO), checkpoints every 2 steps, no evaluation (fast).
+ARGS = ["sft.steps=6", "rl.iterations=6", "checkpoint.every=2", "eval.every=0", "log.every=1",
+        "log.progress=False", "log.tensorboard=False", "log.samples_every=0"]
+
+
+def _cmd(run_root):
+    sets = [x for a in ARGS + [f"run_root={run_root}"] for x in ("--set", a)]
+    return [sys.executable, "-m", "jaxrl_llm.cli", "train", DEMO + ":smoke", *sets]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".pytest_cache" / "jax_cache")
+    return env
+
+
+def _final_arrays(run_root) -> dict:
+    ck = pathlib.Path(run_root) / "demo-smoke" / "checkpoints" / "rl"
+    last = max(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+    state = ocp.StandardCheckpointer().restore(ck / str(last) / "state")
+    flat = {}
+
+    def walk(tree, prefix):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}/")
+            else:
+                flat[f"{prefix}{k}"] = np.asarray(v)
+    walk(state, "")
+    return flat
+
+
+def _metrics(run_root) -> list[dict]:
+    lines = (pathlib.Path(run_root) / "demo-smoke" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def _run_until(run_root, predicate, timeout=240):
+    """Starts the run and SIGKILLs it as soon as predicate(run_dir) holds; returns whether it was killed."""
+    proc = subprocess.Popen(_cmd(run_root), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=ROOT)
+    run_dir = pathlib.Path(run_root) / "demo-smoke"
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+        if predicate(run_dir):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.01)
+    out = proc.communicate()[1].decode()
+    assert proc.returncode == 0, out[-3000:]
+    return False
+
+
+def _metric_steps(run_dir, stage):
+    f = run_dir / "metrics.jsonl"
+    if not f.exists():
+        return 0
+    try:
+        return sum(1 for ln in f.read_text().splitlines() if f'"stage": "{stage}"' in ln)
+    except OSError:
+        return 0
+
+
+def _writing(run_dir, stage):
+    d = run_dir / "checkpoints" / stage
+    return d.exists() and any("tmp" in p.name for p in d.iterdir())
+
+
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
+    ref_root, root = tmp_path / "ref", tmp_path / "killed"
+    assert not _run_until(ref_root, lambda d: False)
+    reference = _final_arrays(ref_root)
+    kill_points = [
+        lambda d: _metric_steps(d, "sft") >= 3,   # mid SFT, between checkpoints
+        lambda d: _writing(d, "sft"),              # during an SFT checkpoint write
+        lambda d: _metric_steps(d, "rl") >= 1,    # first RL step done, before its first checkpoint
+        lambda d: _writing(d, "rl"),               # during an RL checkpoint write
+    ]
+    kills = sum(_run_until(root, p) for p in kill_points)
+    assert kills >= 3, "the run finished before most kill points were reached"
+    _run_until(root, lambda d: False)  # resume to the end
+    resumed = _final_arrays(root)
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+    # the logs of the resumed run equal the uninterrupted run's (times aside)
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rs]  # noqa: E731
+    assert strip(_metrics(root)) == strip(_metrics(ref_root))
+
+
+def test_finished_run_is_skipped_on_restart(tmp_path):
+    cfg = load_experiment(DEMO + ":smoke", ARGS + [f"run_root={tmp_path}", "sft.steps=2", "rl.iterations=2"])
+    first = train(cfg)
+    t0 = time.time()
+    again = train(load_experiment(DEMO + ":smoke", ARGS + [f"run_root={tmp_path}", "sft.steps=2",
+                                                            "rl.iterations=2"]))
+    assert time.time() - t0 < first["wall_time_s"]
+    assert len(_metrics(tmp_path)) == 4  # 2 SFT + 2 RL log records, not duplicated
+    with pytest.raises(ValueError, match="holds a run with a different config .*differs at: rl.iterations"):
+        train(load_experiment(DEMO + ":smoke", ARGS + [f"run_root={tmp_path}", "sft.steps=2", "rl.iterations=3"]))
+    del again
+
+
+def test_non_finite_steps_stop_the_run_with_its_checkpoint_intact(tmp_path):
+    # A learning rate of 1e38 sends the parameters to ~1e38 after one step; every later loss overflows.
+    cfg = load_experiment(DEMO + ":smoke", ARGS + [f"run_root={tmp_path}", "sft.steps=20",
+                                                   "sft.optimizer.learning_rate=1e38",
+                                                   "sft.optimizer.max_grad_norm=None", "max_consecutive_skips=3"])
+    with pytest.raises(NonFiniteError, match=r"3 consecutive steps had a non-finite loss or gradient"):
+        train(cfg)
+    records = [r for r in _metrics(tmp_path) if r["stage"] == "sft"]
+    assert records[0]["skipped"] == 0.0 and records[1]["skipped"] == 1.0 and records[-1]["skipped_in_a_row"] == 2
+    ck = tmp_path / "demo-smoke" / "checkpoints" / "sft"
+    steps = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+    assert steps and steps[-1] <= len(records)
+    state = ocp.StandardCheckpointer().restore(ck / str(steps[0]) / "state")
+    assert np.isfinite(np.asarray(state["params"]["model"]["norm"]["scale"])).all()
