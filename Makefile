@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/jaxrl-llm demo
+	$(BIN)/jaxrl-llm train experiments/demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -4,8 +4,14 @@
     jaxrl-llm train experiments/demo.py:smoke    # a few steps (tests)
 
 Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the
-shipped tokenizer. Task: 1-2 digit addition ("47+8=" -> "55"), held-out
-problems for evaluation. Expect on a 2-core CPU: see README "Measured".
+shipped tokenizer. Task: 1-2 digit addition written digit by digit with
+zero-padded operands and the answer least-significant digit first
+("0 7 + 3 8 =" -> "5 4 0" for 45, arXiv 2307.03381); accuracy is greedy
+exact match on 256 held-out problems.
+
+Expect (measured, 2-core CPU): the SFT warm start reaches 45.7% held-out
+accuracy after 200 steps; 25 GRPO iterations lift it to 73.4%. Full figures
+and times: README "Measured".
 """
 
 import ml_collections as mc
@@ -23,12 +29,12 @@ def get_config(preset=None):
     c.eval.num_examples = 256
     c.eval.max_new_tokens = 6
     c.stages = ("sft", "rl")
-    c.sft = sft_stage(steps=300, batch_size=128, learning_rate=3e-3, max_prompt_len=12, max_response_len=6)
+    c.sft = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
     c.sft.optimizer.warmup_steps = 20
-    c.rl = grpo_stage("grpo", iterations=200, prompts_per_iter=32, group_size=8, learning_rate=1e-3,
+    c.rl = grpo_stage("grpo", iterations=60, prompts_per_iter=32, group_size=8, learning_rate=1e-4,
                       max_new_tokens=6, beta=0.0)
     c.rl.max_prompt_len = 12
-    c.eval.every = 50
+    c.eval.every = 20
     c.log.every = 10
     c.checkpoint.every = 100
     if preset == "smoke":

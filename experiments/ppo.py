@@ -23,11 +23,11 @@ def get_config(preset=None):
     # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
     c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
                                        pad_operands=True, reverse_answer=True))
-    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
+    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 25
     c.stages = ("sft", "rl")
-    c.sft = sft_stage(steps=300, batch_size=128, learning_rate=3e-3, max_prompt_len=12, max_response_len=6)
-    c.sft.optimizer.warmup_steps = 20
-    c.rl = ppo_stage(iterations=200, prompts_per_iter=64, samples_per_prompt=4, learning_rate=3e-4,
+    c.sft = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
+    c.sft.optimizer.warmup_steps = 30
+    c.rl = ppo_stage(iterations=100, prompts_per_iter=64, samples_per_prompt=4, learning_rate=1e-4,
                      value_learning_rate=3e-4, max_new_tokens=6, kl_coef=0.02, epochs=2, num_minibatches=2)
     c.rl.max_prompt_len = 12
     if preset == "smoke":  # a few steps of each stage

@@ -26,9 +26,9 @@ def get_config(preset=None):
                                        pad_operands=True, reverse_answer=True))
     c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
     c.stages = ("sft", "rm")
-    c.sft = sft_stage(steps=150, batch_size=128, learning_rate=3e-3, max_prompt_len=12, max_response_len=6)
-    c.sft.optimizer.warmup_steps = 20
-    c.rm = reward_model_stage(steps=300, batch_size=64, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
+    c.sft = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
+    c.sft.optimizer.warmup_steps = 30
+    c.rm = reward_model_stage(steps=300, batch_size=64, learning_rate=3e-4, max_prompt_len=12, max_response_len=6)
     if preset == "smoke":  # a few steps of each stage
         c.sft.steps, c.rm.steps, c.rm.batch_size, c.rm.data.num_pairs = 2, 2, 8, 64
         c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 0

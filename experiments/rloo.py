@@ -4,7 +4,7 @@
     jaxrl-llm train experiments/rloo.py:smoke    # a few steps (the test suite runs this)
 
 Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT warm start: 300 steps
+-> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT warm start: 200 steps
 of 128 gold answers. RLOO (Ahmadian et al. 2024): 32 prompts x 8 samples,
 advantage r_i - mean of the other 7 rewards of the group, no std, no KL, lr 1e-3.
 Expect (2-core CPU): RESULT_RLOO
@@ -22,11 +22,11 @@ def get_config(preset=None):
     # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
     c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
                                        pad_operands=True, reverse_answer=True))
-    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
+    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 25
     c.stages = ("sft", "rl")
-    c.sft = sft_stage(steps=300, batch_size=128, learning_rate=3e-3, max_prompt_len=12, max_response_len=6)
-    c.sft.optimizer.warmup_steps = 20
-    c.rl = grpo_stage("rloo", iterations=200, prompts_per_iter=32, group_size=8, learning_rate=1e-3,
+    c.sft = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
+    c.sft.optimizer.warmup_steps = 30
+    c.rl = grpo_stage("rloo", iterations=100, prompts_per_iter=32, group_size=8, learning_rate=3e-4,
                       max_new_tokens=6)
     c.rl.max_prompt_len = 12
     if preset == "smoke":  # a few steps of each stage

@@ -24,8 +24,8 @@ def get_config(preset=None):
                                        pad_operands=True, reverse_answer=True))
     c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
     c.stages = ("sft",)
-    c.sft = sft_stage(steps=300, batch_size=128, learning_rate=3e-3, max_prompt_len=12, max_response_len=6)
-    c.sft.optimizer.warmup_steps = 20
+    c.sft = sft_stage(steps=300, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
+    c.sft.optimizer.update(dict(warmup_steps=30, schedule="cosine", total_steps=300))
     c.checkpoint.every = 100
     if preset == "smoke":  # a few steps, with a mid-run checkpoint
         c.sft.steps = 4

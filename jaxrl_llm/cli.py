@@ -136,23 +136,33 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_plot(args) -> int:
+    import json
     import os
 
     from jaxrl_llm.train.plots import plot_overlay, plot_run
 
     dirs = [pathlib.Path(d) for d in args.run_dirs]
     for d in dirs:
-        if not (d / "metrics.jsonl").is_file():
-            raise SystemExit(f"error: {d} has no metrics.jsonl; give run directories (runs/<name>)")
+        if not ((d / "metrics.jsonl").is_file() or (d / "results.json").is_file()):
+            raise SystemExit(f"error: {d} has no metrics.jsonl (a run) or results.json (a sweep); give "
+                             "run directories (runs/<name>) or sweep directories")
+    runs = [d for d in dirs if (d / "metrics.jsonl").is_file()]
     for d in dirs:
+        if d not in runs:  # a sweep: its overlay again, variants as groups, seeds averaged
+            res = json.loads((d / "results.json").read_text())
+            groups = {v["variant"]: [r["run_dir"] for r in res["runs"] if r["variant"] == v["variant"] and r["ok"]]
+                      for v in res["variants"]}
+            for p in plot_overlay({k: v for k, v in groups.items() if v}, d / "plots"):
+                print(p)
+    for d in runs:
         for p in plot_run(d):
             print(p)
-    if len(dirs) > 1:
+    if len(runs) > 1:
         out = pathlib.Path(args.out) if args.out else (
-            pathlib.Path(os.path.commonpath([str(d.absolute()) for d in dirs])) / "plots")
-        names = [d.name for d in dirs]
-        labels = names if len(set(names)) == len(names) else [str(d) for d in dirs]
-        for p in plot_overlay({label: [d] for label, d in zip(labels, dirs)}, out):
+            pathlib.Path(os.path.commonpath([str(d.absolute()) for d in runs])) / "plots" / "compare")
+        names = [d.name for d in runs]
+        labels = names if len(set(names)) == len(names) else [str(d) for d in runs]
+        for p in plot_overlay({label: [d] for label, d in zip(labels, runs)}, out):
             print(p)
     return 0
 
@@ -334,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     pl = sub.add_parser("plot", help="plot runs' metrics (plots/<stage>.png); several runs: also an overlay")
-    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    pl.add_argument("--out", default=None, help="overlay directory (default: <common parent>/plots)")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or sweep directories "
+                    "(their mean ± std overlay is drawn again)")
+    pl.add_argument("--out", default=None, help="overlay of several runs (default: <common parent>/plots/compare)")
     pl.set_defaults(func=cmd_plot)
 
     sw = sub.add_parser("sweep", help="run a grid of overrides x seeds as separate processes; table + plots")

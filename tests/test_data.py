@@ -337,8 +337,13 @@ def test_iterator_state_restore_resumes_exactly(tok):
     resumed = make()
     resumed.restore(saved)
     assert ids_of([next(resumed) for _ in range(5)] + [resumed.take(3)]) == ids_of(later)
-    with pytest.raises(ValueError, match=r"source_len: saved 23, now 22.*process_index: saved 1, now 0"):
-        PromptIterator(data[:22], 4, 11, process_index=0, process_count=2).restore(saved)
+    with pytest.raises(ValueError, match=r"source_len: saved 23, now 22.*process_count: saved 2, now 3"):
+        PromptIterator(data[:22], 4, 11, process_index=0, process_count=3).restore(saved)
+    # every process saves the same state; each resumes its own shard at the same position
+    assert "process_index" not in saved
+    other = PromptIterator(data, 4, 11, process_index=0, process_count=2)
+    other.restore(saved)
+    assert (other.epoch, other.position) == (1, 6)
     with pytest.raises(ValueError, match=r"position=99"):
         make().restore({**saved, "position": 99})
 

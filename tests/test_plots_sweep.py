@@ -140,9 +140,12 @@ def test_sweep_runs_every_variant_and_seed_and_aggregates(smoke_sweep, tmp_path)
     assert all(p.read_bytes().startswith(PNG) for p in res.plots)
     assert all((r.run_dir / "plots" / "rl.png").exists() for r in res.runs)  # the trainer's plot_run
 
-    # `jaxrl-llm plot` with several runs also draws an overlay
+    # `jaxrl-llm plot`: several runs also get an overlay; a sweep directory gets its overlay redrawn
     assert main(["plot", *(str(r.run_dir) for r in res.runs[:2]), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "overlay_rl.png").read_bytes().startswith(PNG)
+    before = (res.path / "plots" / "overlay_rl.png").stat().st_mtime_ns
+    assert main(["plot", str(res.path)]) == 0
+    assert (res.path / "plots" / "overlay_rl.png").stat().st_mtime_ns > before
 
 
 def test_failing_variant_is_reported_and_the_others_finish(tmp_path, child_env):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -40,16 +41,8 @@ def _final_arrays(run_root) -> dict:
     ck = pathlib.Path(run_root) / "demo-smoke" / "checkpoints" / "rl"
     last = max(int(p.name) for p in ck.iterdir() if p.name.isdigit())
     state = ocp.StandardCheckpointer().restore(ck / str(last) / "state")
-    flat = {}
-
-    def walk(tree, prefix):
-        for k, v in tree.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}/")
-            else:
-                flat[f"{prefix}{k}"] = np.asarray(v)
-    walk(state, "")
-    return flat
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
 
 
 def _metrics(run_root) -> list[dict]:
@@ -125,14 +118,15 @@ def test_finished_run_is_skipped_on_restart(tmp_path):
 
 
 def test_non_finite_steps_stop_the_run_with_its_checkpoint_intact(tmp_path):
-    # A learning rate of 1e38 sends the parameters to ~1e38 after one step; every later loss overflows.
+    # A learning rate of 1e38 sends the parameters to ~1e38 once warm-up starts; every later loss overflows.
     cfg = load_experiment(DEMO + ":smoke", ARGS + [f"run_root={tmp_path}", "sft.steps=20",
                                                    "sft.optimizer.learning_rate=1e38",
                                                    "sft.optimizer.max_grad_norm=None", "max_consecutive_skips=3"])
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps had a non-finite loss or gradient"):
         train(cfg)
     records = [r for r in _metrics(tmp_path) if r["stage"] == "sft"]
-    assert records[0]["skipped"] == 0.0 and records[1]["skipped"] == 1.0 and records[-1]["skipped_in_a_row"] == 2
+    skipped = [r["skipped"] for r in records]
+    assert skipped[0] == 0.0 and skipped[-2:] == [1.0, 1.0] and records[-1]["skipped_in_a_row"] == 2
     ck = tmp_path / "demo-smoke" / "checkpoints" / "sft"
     steps = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
     assert steps and steps[-1] <= len(records)

@@ -23,7 +23,9 @@ from jaxrl_llm.data.records import DataError
 from jaxrl_llm.tasks.base import Example
 from jaxrl_llm.tokenizer import encode_prompts
 
-_STATE_CHECKED = ("seed", "shuffle", "source_len", "process_index", "process_count", "batch_size", "drop_remainder")
+# process_index is left out on purpose: every process saves the same state (multi-host checkpoints require
+# identical metadata) and each restores its own shard of the same position.
+_STATE_CHECKED = ("seed", "shuffle", "source_len", "process_count", "batch_size", "drop_remainder")
 
 
 class PromptIterator:

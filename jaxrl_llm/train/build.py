@@ -48,10 +48,11 @@ def check_required_paths(cfg: mc.ConfigDict) -> None:
     if not cfg.model.path and not cfg.model.preset:
         raise ConfigError("config.model.path is empty and this experiment has no model preset: give the local "
                           "weights with --set model.path=/path/to/Qwen2.5-1.5B-Instruct (a Hugging Face directory)")
-    for key, value in cfg.task.kwargs.items():
-        if key.endswith("path") and value == "":
-            raise ConfigError(f"config.task.kwargs.{key} is empty: give the file with "
-                              f"--set task.kwargs.{key}=/path/to/file.jsonl")
+    empty = [k for k, v in cfg.task.kwargs.items() if k.endswith("path") and v == ""]
+    if empty:
+        raise ConfigError(f"{', '.join(f'config.task.kwargs.{k}' for k in empty)} "
+                          f"{'is' if len(empty) == 1 else 'are'} empty: give the file(s) with "
+                          + " ".join(f"--set task.kwargs.{k}=/path/to/file.jsonl" for k in empty))
 
 
 def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 

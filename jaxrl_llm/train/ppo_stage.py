@@ -18,7 +18,8 @@ Models (`algo.shared_backbone`):
     params of the reward_model stage named by `reward_model_stage` (`ppo.init_value_from_reward`: the head
     that scored the last token now reads every position). The two models have their own optimisers
     (`optimizer`, `value_optimizer`: `ppo.separate_optimizers`).
-  True: one `PolicyValueModel` (the policy's tree plus a zero "score" head), one optimiser (`optimizer`).
+  True: one `PolicyValueModel` (the policy's tree plus a "score" head: zeros, or the reward model's head
+    with value_init="reward_model"), one optimiser (`optimizer`).
 
 Checkpoints hold "params" (the policy's CausalLM tree, so every tool that reads a stage's "params" gets a
 policy), "value_params" (the value model, or the shared model's "score" head), "opt_state", "step" and
@@ -88,7 +89,8 @@ class PPOStage(Stage):
             self.opt = ppo.separate_optimizers(
                 to_dataclass(OptimizerConfig, s.optimizer, f"{where}.optimizer"),
                 to_dataclass(OptimizerConfig, s.value_optimizer, f"{where}.value_optimizer"))
-        _, self.tree_shardings = param_shardings(init_fn_for(self.value_module or self.policy_module), comp.env)
+        # placement of the value model (separate) or of the whole PolicyValueModel (shared)
+        _, self.model_shardings = param_shardings(init_fn_for(self.value_module or self.policy_module), comp.env)
         self.need_ref = a.kl.init_coef > 0 or a.kl.kind == "adaptive" or a.loss.kl_coef > 0
         self.rollout_fn = jax.jit(ppo.make_rollout_fn(self.policy_module, self.value_module, comp.model_cfg, a))
         self.ref_fn = jax.jit(ppo.make_logprob_fn(comp.module, comp.model_cfg, temperature, a.logprob_chunk))
@@ -123,12 +125,14 @@ class PPOStage(Stage):
         rm = (load_reward_params(comp, self.run, s.reward_model_stage, self.stages_before, params)
               if self.run is not None and "reward_model" in (s.value_init, s.reward.source) else None)
         self.rm_params = rm if s.reward.source == "reward_model" else None
-        if self.algo.shared_backbone:
-            tree = jax.device_put(ppo.shared_params_from_policy(jnp_tree_copy(params), comp.model_cfg),
-                                  self.tree_shardings)
+        from_rm = s.value_init == "reward_model" and rm is not None
+        if self.algo.shared_backbone:  # the value head on the policy's backbone: zeros, or the reward model's head
+            score = rm["score"] if from_rm else None
+            tree = jax.device_put(ppo.shared_params_from_policy(jnp_tree_copy(params), comp.model_cfg, score),
+                                  self.model_shardings)
         else:
-            value = (ppo.init_value_from_reward(rm) if s.value_init == "reward_model" and rm is not None
-                     else scalar_head_params(params, comp, self.tree_shardings))
+            value = (ppo.init_value_from_reward(rm) if from_rm
+                     else scalar_head_params(params, comp, self.model_shardings))
             tree = {"policy": jnp_tree_copy(params), "value": value}
         self.state = TrainState.create(tree, self.opt)
 

@@ -31,7 +31,8 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from jaxrl_llm.train.config import ConfigError, load_experiment
 from jaxrl_llm.train.plots import plot_overlay, read_metrics
@@ -280,7 +281,7 @@ def sweep(spec: str, grid: Mapping[str, Sequence], seeds: int | str | Sequence[i
     compile_cache: share JAX's persistent compilation cache between the runs (<run_root>/.jax_cache, or
         JAX_COMPILATION_CACHE_DIR when set).
     """
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))  # noqa: E731
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     seed_list = parse_seeds(seeds)
     for key in grid:
         if key in RESERVED:
@@ -320,7 +321,7 @@ def sweep(spec: str, grid: Mapping[str, Sequence], seeds: int | str | Sequence[i
         child_env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     say(f"sweep {name}: {len(variant_list)} variant(s) x {len(seed_list)} seed(s) = {len(runs)} runs, "
         f"{jobs} at a time -> {path}")
-    running: dict[subprocess.Popen, tuple[RunResult, float, Any]] = {}
+    running: dict[subprocess.Popen, tuple[RunResult, float]] = {}
     done = 0
     try:
         while queue or running:
@@ -328,15 +329,14 @@ def sweep(spec: str, grid: Mapping[str, Sequence], seeds: int | str | Sequence[i
                 r = queue.popleft()
                 cmd = [sys.executable, "-m", "jaxrl_llm.cli", "train", spec,
                        *(x for o in r.overrides for x in ("--set", o))] + (["--fresh"] if fresh else [])
-                log = open(r.log, "w")
-                log.write("$ " + " ".join(cmd) + "\n")
-                log.flush()
-                running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)] = (
-                    r, time.time(), log)
+                with open(r.log, "w") as log:  # the child writes into its own copy of the descriptor
+                    log.write("$ " + " ".join(cmd) + "\n")
+                    log.flush()
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+                running[proc] = (r, time.time())
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
-                r, t0, log = running.pop(proc)
-                log.close()
+                r, t0 = running.pop(proc)
                 r.returncode, r.wall_s = proc.returncode, round(time.time() - t0, 1)
                 if r.returncode == 0 and not (r.run_dir / "summary.json").exists():
                     r.error = f"exit 0 but no summary.json in {r.run_dir}"
@@ -349,10 +349,9 @@ def sweep(spec: str, grid: Mapping[str, Sequence], seeds: int | str | Sequence[i
                     last.replace("\n", "\n    ")
                 say(f"[{done}/{len(runs)}] {r.variant} seed {r.seed}: {status} ({r.wall_s:.0f} s)")
     finally:
-        for proc, (r, _, log) in running.items():  # interrupted: stop the runs this sweep started
+        for proc in running:  # interrupted: stop the runs this sweep started
             proc.terminate()
             proc.wait()
-            log.close()
 
     cols, rows, table = aggregate(runs, variant_list, columns or default_columns(tuple(cfg.stages)))
     failed = [r for r in runs if not r.ok]
