@@ -1,14 +1,17 @@
-"""DAPO on 1-2 digit addition: clip-higher, token-level loss and dynamic sampling, after an SFT warm start.
+"""DAPO on 1-2 digit addition: clip-higher, token-level loss and dynamic sampling.
 
     jaxrl-llm train experiments/dapo.py          # default preset
     jaxrl-llm train experiments/dapo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT warm start: 200 steps
-of 128 gold answers. DAPO (arXiv 2503.14476): 32 prompts x 8 samples,
-clip 0.2 / 0.28, token-mean loss, no KL, groups whose rewards are all equal are masked out of the batch
-(dynamic sampling without refill: the batch keeps its shape), lr 1e-3.
-Expect (2-core CPU): RESULT_DAPO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+in-jit exact-match reward 0/1; greedy accuracy on 256 held-out problems every 25 iterations.
+SFT warm start: 200 steps of 128 gold answers, lr 1e-3.
+DAPO (arXiv 2503.14476): 32 prompts x 8 samples, clip 0.2 / 0.28, token-mean loss, no KL;
+groups whose rewards are all equal are masked out (dynamic sampling without refill: the batch
+keeps its shape), 100 iterations, lr 3e-4.
+Expect: Measured on the 2-core CPU with another run sharing the cores: SFT 56.2%; DAPO 56.2% -> 68.0% held-out
+accuracy; 530 s.
 """
 
 import ml_collections as mc

@@ -1,14 +1,17 @@
-"""DPO on 1-2 digit addition: an SFT warm start, then DPO on generated pairs (gold answer vs a near miss).
+"""DPO on 1-2 digit addition: an SFT warm start, then DPO on generated pairs (gold vs a near miss).
 
     jaxrl-llm train experiments/dpo.py          # default preset
     jaxrl-llm train experiments/dpo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed). SFT: 150 steps of 128 gold answers. DPO: pairs from the task's train split, chosen = the gold
-answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py); sigmoid loss,
-beta 0.1, reference = the SFT model, 200 steps of 64 pairs, lr 1e-3. Evaluation: greedy accuracy on 256
-held-out problems and preference accuracy on 256 held-out pairs.
-Expect (2-core CPU): RESULT_DPO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+greedy accuracy on 256 held-out problems, preference accuracy on 256 held-out pairs. SFT warm
+start: 200 steps of 128 gold answers, lr 1e-3. Pairs from the task's train split: chosen = the
+gold answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py).
+DPO: sigmoid loss, beta 0.1, reference = the SFT model, 200 steps of 64 pairs, lr 1e-4.
+Expect: Measured on the 2-core CPU with another run sharing the cores: SFT 56.2%; DPO then raises held-out
+preference accuracy 0% -> 96.1% while greedy task accuracy falls 56.2% -> 0.0% (the policy stops producing
+well-formed answers); 526 s.
 """
 
 import ml_collections as mc
@@ -27,7 +30,7 @@ def get_config(preset=None):
     c.stages = ("sft", "pref")
     c.sft = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
     c.sft.optimizer.warmup_steps = 30
-    c.pref = dpo_stage("sigmoid", steps=200, batch_size=64, learning_rate=3e-4, max_prompt_len=12,
+    c.pref = dpo_stage("sigmoid", steps=200, batch_size=64, learning_rate=1e-4, max_prompt_len=12,
                        max_response_len=6, beta=0.1)
     if preset == "smoke":  # a few steps of each stage
         c.sft.steps, c.pref.steps, c.pref.batch_size, c.pref.data.num_pairs = 2, 2, 8, 64

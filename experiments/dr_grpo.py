@@ -1,14 +1,16 @@
-"""Dr. GRPO on 1-2 digit addition: GRPO without the std and length normalisations, after an SFT warm start.
+"""Dr. GRPO on 1-2 digit addition: GRPO without the std and length normalisations.
 
     jaxrl-llm train experiments/dr_grpo.py          # default preset
     jaxrl-llm train experiments/dr_grpo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT warm start: 200 steps
-of 128 gold answers. Dr. GRPO (arXiv 2503.20783): 32 prompts x 8
-samples, advantages r - mean(r) without division by the std, token sums divided by the constant
-max_new_tokens = 6, no KL, lr 1e-3.
-Expect (2-core CPU): RESULT_DR_GRPO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+in-jit exact-match reward 0/1; greedy accuracy on 256 held-out problems every 25 iterations.
+SFT warm start: 200 steps of 128 gold answers, lr 1e-3.
+Dr. GRPO (arXiv 2503.20783): 32 prompts x 8 samples, advantages r - mean(r) (no std), token
+sums divided by the constant max_new_tokens = 6, no KL, 100 iterations, lr 3e-4.
+Expect: Measured on the 2-core CPU with another run sharing the cores: SFT 56.2%; Dr. GRPO 56.2% -> 55.5%
+held-out accuracy (no gain at these settings); 450 s.
 """
 
 import ml_collections as mc

@@ -1,12 +1,16 @@
-"""GRPO (DeepSeekMath) on 1-2 digit addition: an SFT warm start, then GRPO with the in-jit exact-match reward.
+"""GRPO (DeepSeekMath) on 1-2 digit addition: an SFT warm start, then GRPO with an in-jit reward.
 
     jaxrl-llm train experiments/grpo.py          # default preset
     jaxrl-llm train experiments/grpo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed), greedy accuracy on 256 held-out problems. SFT: 300 steps of 128 gold answers. GRPO: 32 prompts x 8
-samples, group mean/std advantages, k3 KL to the SFT model in the loss (beta 0.04), lr 1e-3.
-Expect (2-core CPU): RESULT_GRPO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+in-jit exact-match reward 0/1; greedy accuracy on 256 held-out problems every 25 iterations.
+SFT warm start: 200 steps of 128 gold answers, lr 1e-3.
+GRPO: 32 prompts x 8 samples, group mean/std advantages, k3 KL to the SFT model in the loss
+(beta 0.04), 100 iterations, lr 3e-4.
+Expect: Measured on the 2-core CPU with another run sharing the cores: SFT 56.2%; GRPO 56.2% -> 88.3% held-out
+accuracy; 497 s.
 """
 
 import ml_collections as mc

@@ -1,14 +1,16 @@
-"""GSPO on 1-2 digit addition: the sequence-level importance ratio, after an SFT warm start.
+"""GSPO on 1-2 digit addition: the sequence-level importance ratio.
 
     jaxrl-llm train experiments/gspo.py          # default preset
     jaxrl-llm train experiments/gspo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT warm start: 200 steps
-of 128 gold answers. GSPO (arXiv 2507.18071): 32 prompts x 8 samples,
-the ratio exp(mean_t log rho) per sequence clipped at 1 -/+ 3e-4 / 4e-4, no KL; 2 minibatches per rollout
-batch so the second update is off-policy and the clipping acts; lr 1e-3.
-Expect (2-core CPU): RESULT_GSPO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+in-jit exact-match reward 0/1; greedy accuracy on 256 held-out problems every 25 iterations.
+SFT warm start: 200 steps of 128 gold answers, lr 1e-3.
+GSPO (arXiv 2507.18071): 32 prompts x 8 samples, ratio exp(mean_t log rho) per sequence clipped
+to [1 - 3e-4, 1 + 4e-4], no KL; 2 minibatches per rollout batch, so the second update is
+off-policy and the clipping acts; 100 iterations, lr 3e-4.
+Expect: Not measured yet at this preset; its smoke preset runs in the test suite.
 """
 
 import ml_collections as mc

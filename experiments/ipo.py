@@ -1,14 +1,16 @@
-"""IPO on 1-2 digit addition: DPO's pairs with the squared loss that cannot over-fit, after an SFT warm start.
+"""IPO on 1-2 digit addition: DPO's pairs with IPO's squared loss, after an SFT warm start.
 
     jaxrl-llm train experiments/ipo.py          # default preset
     jaxrl-llm train experiments/ipo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed). SFT warm start: 150 steps of 128 gold answers. Pairs from the task's train split:
-chosen = the gold answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py).
-IPO (Azar et al. 2023): ((log-ratio margin) - 1/(2 tau))^2 on summed log-probs, tau = beta =
-0.1, reference = the SFT model, 200 steps of 64 pairs, lr 1e-3. Evaluation: greedy accuracy on 256 held-out problems, preference accuracy on 256 held-out pairs.
-Expect (2-core CPU): RESULT_IPO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+greedy accuracy on 256 held-out problems, preference accuracy on 256 held-out pairs. SFT warm
+start: 200 steps of 128 gold answers, lr 1e-3. Pairs from the task's train split: chosen = the
+gold answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py).
+IPO (Azar et al. 2023): (log-ratio margin - 1/(2 tau))^2 on summed log-probs, tau = beta = 0.1,
+reference = the SFT model, 200 steps of 64 pairs, lr 1e-4.
+Expect: Not measured yet at this preset; its smoke preset runs in the test suite.
 """
 
 import ml_collections as mc
@@ -27,7 +29,7 @@ def get_config(preset=None):
     c.stages = ("sft", "pref")
     c.sft = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
     c.sft.optimizer.warmup_steps = 30
-    c.pref = dpo_stage("ipo", steps=200, batch_size=64, learning_rate=3e-4, max_prompt_len=12,
+    c.pref = dpo_stage("ipo", steps=200, batch_size=64, learning_rate=1e-4, max_prompt_len=12,
                        max_response_len=6, beta=0.1)
     if preset == "smoke":  # a few steps of each stage
         c.sft.steps, c.pref.steps, c.pref.batch_size, c.pref.data.num_pairs = 2, 2, 8, 64

@@ -3,13 +3,14 @@
     jaxrl-llm train experiments/orpo.py          # default preset
     jaxrl-llm train experiments/orpo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed). Pairs from the task's train split: chosen = the gold answer, rejected = the result
-off by 1-3 or with two digits swapped (train/pref_data.py). ORPO (Hong et al. 2024): NLL of the chosen
-answer + lambda * -log sig(log odds ratio), lambda 0.1, no reference and no SFT stage (ORPO is its own warm
-start), 300 steps of 128 pairs, lr 3e-3. Evaluation: greedy accuracy on 256 held-out problems, preference
-accuracy on 256 held-out pairs.
-Expect (2-core CPU): RESULT_ORPO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+greedy accuracy on 256 held-out problems, preference accuracy on 256 held-out pairs. Pairs from
+the task's train split: chosen = the gold answer, rejected = the result off by 1-3 or with two
+digits swapped (train/pref_data.py). ORPO (Hong et al. 2024): NLL of the chosen answer + lambda *
+-log sig(log odds ratio), lambda 0.1, no reference and no SFT stage; 300 steps of 128 pairs,
+lr 1e-3, 30 warm-up steps, cosine decay.
+Expect: Not measured yet at this preset; its smoke preset runs in the test suite.
 """
 
 import ml_collections as mc

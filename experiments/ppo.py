@@ -1,14 +1,16 @@
-"""PPO on 1-2 digit addition: an SFT warm start, then PPO with a value model and the KL to the SFT model in the reward.
+"""PPO on 1-2 digit addition: an SFT warm start, then PPO with a value model and a KL-shaped reward.
 
     jaxrl-llm train experiments/ppo.py          # default preset
     jaxrl-llm train experiments/ppo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT: 300 steps of 128
-gold answers. PPO: 64 prompts x 4 samples per iteration, a separate value model (the SFT backbone with a
-zero head, lr 3e-4), k1 KL in the reward with a fixed coefficient 0.02, GAE (gamma 1, lambda 0.95),
-2 epochs x 2 minibatches, policy lr 3e-4.
-Expect (2-core CPU): RESULT_PPO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+in-jit exact-match reward 0/1; greedy accuracy on 256 held-out problems every 25 iterations.
+SFT warm start: 200 steps of 128 gold answers, lr 1e-3.
+PPO: 64 prompts x 4 samples per iteration; a separate value model (the SFT backbone, zero head,
+lr 3e-4); k1 KL to the SFT model in the reward, fixed coefficient 0.02; GAE gamma 1, lambda 0.95;
+2 epochs x 2 minibatches; 100 iterations, policy lr 1e-4.
+Expect: Not measured yet at this preset; its smoke preset runs in the test suite.
 """
 
 import ml_collections as mc

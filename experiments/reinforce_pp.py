@@ -1,14 +1,16 @@
-"""REINFORCE++ on 1-2 digit addition: a k1 KL in the token rewards and globally whitened returns, after an SFT warm start.
+"""REINFORCE++ on 1-2 digit addition: a k1 KL in the token rewards, globally whitened returns.
 
     jaxrl-llm train experiments/reinforce_pp.py          # default preset
     jaxrl-llm train experiments/reinforce_pp.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT warm start: 200 steps
-of 128 gold answers. REINFORCE++ (arXiv 2501.03262): 32 prompts x 8
-samples, token rewards -0.01 * k1 KL to the SFT model plus the score on the last token, returns whitened
-over the whole batch, token-mean loss, lr 1e-3.
-Expect (2-core CPU): RESULT_REINFORCE_PP
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+in-jit exact-match reward 0/1; greedy accuracy on 256 held-out problems every 25 iterations.
+SFT warm start: 200 steps of 128 gold answers, lr 1e-3.
+REINFORCE++ (arXiv 2501.03262): 32 prompts x 8 samples, token rewards -0.01 * k1 KL to the
+SFT model plus the score on the last token, returns whitened over the batch, token-mean loss,
+100 iterations, lr 3e-4.
+Expect: Not measured yet at this preset; its smoke preset runs in the test suite.
 """
 
 import ml_collections as mc

@@ -3,13 +3,16 @@
     jaxrl-llm train experiments/reward_model.py          # default preset
     jaxrl-llm train experiments/reward_model.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. SFT: 150 steps
-of 128 gold answers ("4 7 + 0 8 =" -> "5 5 0"). Reward model: ScalarHeadModel(per_token=False) = the SFT backbone and a
-zero head, read at the last token; pairs from the task's train split (chosen = the gold answer, rejected =
-the result off by 1-3 or with two digits swapped), 300 steps of 64 pairs, lr 1e-3. Its eval metric is the
-fraction of 256 held-out pairs ranked right (eval/accuracy of the "rm" stage). Its params stay in
-checkpoints/rm/: a PPO stage placed after it reads them with reward_model_stage="rm" (see experiments.md).
-Expect (2-core CPU): RESULT_RM
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+held-out metric: the fraction of 256 held-out pairs the reward model ranks right. SFT warm
+start: 200 steps of 128 gold answers, lr 1e-3. Pairs from the task's train split: chosen = the
+gold answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py).
+Reward model: ScalarHeadModel(per_token=False), the SFT backbone plus a zero head read at the last
+token; Bradley-Terry loss, 300 steps of 64 pairs, lr 3e-4. Its params stay in checkpoints/rm/:
+a PPO stage after it uses them with reward_model_stage="rm" (docs/experiments.md).
+Expect: Measured on the 2-core CPU with another run sharing the cores: held-out pair accuracy 0.0% -> 93.8%;
+499 s.
 """
 
 import ml_collections as mc

@@ -1,13 +1,16 @@
-"""RLOO on 1-2 digit addition: the leave-one-out baseline, after an SFT warm start.
+"""RLOO on 1-2 digit addition: the leave-one-out baseline.
 
     jaxrl-llm train experiments/rloo.py          # default preset
     jaxrl-llm train experiments/rloo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed) (in-jit exact-match reward 0/1), greedy accuracy on 256 held-out problems. SFT warm start: 200 steps
-of 128 gold answers. RLOO (Ahmadian et al. 2024): 32 prompts x 8 samples,
-advantage r_i - mean of the other 7 rewards of the group, no std, no KL, lr 1e-3.
-Expect (2-core CPU): RESULT_RLOO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+in-jit exact-match reward 0/1; greedy accuracy on 256 held-out problems every 25 iterations.
+SFT warm start: 200 steps of 128 gold answers, lr 1e-3.
+RLOO (Ahmadian et al. 2024): 32 prompts x 8 samples, advantage r_i - mean of the group's other
+7 rewards, no std, no KL, 100 iterations, lr 3e-4.
+Expect: Measured on the 2-core CPU with another run sharing the cores: SFT 56.2%; RLOO 56.2% -> 78.1% held-out
+accuracy; 443 s.
 """
 
 import ml_collections as mc

@@ -1,13 +1,15 @@
-"""Supervised fine-tuning on 1-2 digit addition: masked NLL of the gold answers, from a random init.
+"""Supervised fine-tuning on 1-2 digit addition from a random init: masked NLL of the gold answers.
 
     jaxrl-llm train experiments/sft.py          # default preset
     jaxrl-llm train experiments/sft.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed); 300 steps of 128 (prompt, answer + EOS) pairs from the task's train split, AdamW lr 3e-3 with 20
-warm-up steps; greedy accuracy on 256 held-out problems every 50 steps. This is the warm start the RL and
-preference experiments begin with.
-Expect (2-core CPU): RESULT_SFT
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+greedy accuracy on 256 held-out problems every 50 steps. 300 steps of 128 (prompt, answer + EOS)
+pairs, AdamW lr 1e-3, 30 warm-up steps, cosine decay. (The RL and preference experiments start
+from the first 200 steps of this at a constant lr.)
+Expect: Measured on the 2-core CPU with another run sharing the cores: held-out accuracy 0.0% -> 98.8% in 422
+s.
 """
 
 import ml_collections as mc

@@ -1,14 +1,17 @@
-"""SimPO on 1-2 digit addition: no reference model, length-normalised log-probs and a margin, after an SFT warm start.
+"""SimPO on 1-2 digit addition: no reference, length-normalised log-probs and a margin.
 
     jaxrl-llm train experiments/simpo.py          # default preset
     jaxrl-llm train experiments/simpo.py:smoke    # a few steps (the test suite runs this)
 
-Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task: "4 7 + 0 8 ="
--> "5 5 0" (55 reversed). SFT warm start: 150 steps of 128 gold answers. Pairs from the task's train split:
-chosen = the gold answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py).
-SimPO (Meng et al. 2024): -log sig(beta (avg logp_c - avg logp_r) - gamma), beta 2.0, gamma 1.0
-(gamma/beta 0.5), no reference forward, 200 steps of 64 pairs, lr 1e-3. Evaluation: greedy accuracy on 256 held-out problems, preference accuracy on 256 held-out pairs.
-Expect (2-core CPU): RESULT_SIMPO
+Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
+1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55);
+greedy accuracy on 256 held-out problems, preference accuracy on 256 held-out pairs. SFT warm
+start: 200 steps of 128 gold answers, lr 1e-3. Pairs from the task's train split: chosen = the
+gold answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py).
+SimPO (Meng et al. 2024): -log sig(beta (avg logp_c - avg logp_r) - gamma), beta 2.0, gamma
+1.0 (gamma/beta 0.5), no reference forward, 200 steps of 64 pairs, lr 3e-4.
+Expect: Measured on the 2-core CPU with another run sharing the cores: SFT 56.2%; SimPO preference accuracy
+93.0% -> 99.2%, task accuracy 56.2% -> 55.9%; 469 s.
 """
 
 import ml_collections as mc
