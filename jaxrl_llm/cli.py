@@ -106,7 +106,31 @@ def cmd_demo(args) -> int:
     return cmd_sample(ns)
 
 
+def start_distributed(args) -> None:
+    """JAX's multi-process runtime from --distributed/--coordinator/--num-processes/--process-id (before any
+    device is touched); see docs/scaling.md."""
+    from jaxrl_llm.sharding import multihost
+    try:
+        multihost.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def add_distributed_flags(p) -> None:
+    g = p.add_argument_group("multi-process (TPU pods, GPU clusters; see docs/scaling.md)")
+    g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                   help="auto (default): start JAX's distributed runtime on a TPU pod slice, under SLURM/mpirun "
+                        "with several tasks, or when a coordinator is given; on: always; off: never")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0 (default: $JAX_COORDINATOR_ADDRESS, or detected)")
+    g.add_argument("--num-processes", type=int, default=None, help="default: $JAX_NUM_PROCESSES, or detected")
+    g.add_argument("--process-id", type=int, default=None, help="0..N-1 (default: $JAX_PROCESS_ID, or detected)")
+
+
 def cmd_train(args) -> int:
+    start_distributed(args)
+    import jax
+
     from jaxrl_llm.train.config import ConfigError, load_experiment
     from jaxrl_llm.train.trainer import train
 
@@ -115,7 +139,8 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     summary = train(cfg, fresh=args.fresh)
-    print_summary(summary)
+    if jax.process_index() == 0:
+        print_summary(summary)
     return 0
 
 
@@ -315,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set rl.algo.loss.kl_coef=0.0 (repeatable)")
     tr.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
+    add_distributed_flags(tr)
     tr.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="build the tiny default model and sample from it")

@@ -312,38 +312,44 @@ def test_iterator_deterministic_and_epochs_reshuffle():
 
 
 @pytest.mark.parametrize("n", [20, 21])
-def test_iterator_process_shards_disjoint_and_cover(n):
+def test_iterator_shards_split_the_global_batches(n):
     data = numbered(n)
-    its = [PromptIterator(data, 5, 3, process_index=p, process_count=2) for p in range(2)]
+    whole = PromptIterator(data, 10, 3, process_index=0, process_count=1)
+    its = [PromptIterator(data, 10, 3, process_index=p, process_count=2) for p in range(2)]
     for _ in range(3):  # epochs
-        shards = [flat(ids_of(next(it) for _ in range(2))) for it in its]
-        assert len(shards[0]) == len(shards[1]) == 10 and not set(shards[0]) & set(shards[1])
-        assert len(set(shards[0]) | set(shards[1])) == 20  # n=21: one row (a different one each epoch) left out
+        for _ in range(2):  # the global batch is the same however many shards read it; shard p has block p
+            shards = [ids_of([next(it)])[0] for it in its]
+            assert len(shards[0]) == len(shards[1]) == 5
+            assert shards[0] + shards[1] == ids_of([next(whole)])[0]
+    with pytest.raises(ValueError, match="divisible by the 3 shards"):
+        PromptIterator(data, 10, 3, process_index=0, process_count=3)
 
 
 def test_iterator_state_restore_resumes_exactly(tok):
     data = numbered(23)
 
-    def make():
-        return PromptIterator(data, 4, 11, process_index=1, process_count=2)  # 11 rows per epoch: 2 batches + 3
+    def make(p=1, count=2):
+        return PromptIterator(data, 4, 11, process_index=p, process_count=count)  # 5 global batches + 3 rows
 
     it = make()
     for _ in range(3):
         next(it)
-    it.take(2)  # a refill, mid-epoch
+    it.take(2)  # a refill, mid-epoch: 2 rows of this shard = 4 global rows
     saved = json.loads(json.dumps(it.state()))
-    assert saved["epoch"] == 1 and saved["position"] == 6
+    assert saved["epoch"] == 0 and saved["position"] == 16
     later = [next(it) for _ in range(5)] + [it.take(3)]
     resumed = make()
     resumed.restore(saved)
     assert ids_of([next(resumed) for _ in range(5)] + [resumed.take(3)]) == ids_of(later)
-    with pytest.raises(ValueError, match=r"source_len: saved 23, now 22.*process_count: saved 2, now 3"):
-        PromptIterator(data[:22], 4, 11, process_index=0, process_count=3).restore(saved)
-    # every process saves the same state; each resumes its own shard at the same position
-    assert "process_index" not in saved
-    other = PromptIterator(data, 4, 11, process_index=0, process_count=2)
-    other.restore(saved)
-    assert (other.epoch, other.position) == (1, 6)
+    with pytest.raises(ValueError, match=r"source_len: saved 23, now 22"):
+        PromptIterator(data[:22], 4, 11, process_index=0, process_count=4).restore(saved)
+    # every process saves the same state, which counts global rows: it restores on another process layout too
+    assert "process_index" not in saved and "process_count" not in saved
+    shards = [make(p) for p in range(2)]
+    one = make(0, 1)
+    for x in shards + [one]:
+        x.restore(saved)
+    assert ids_of([next(shards[0])])[0] + ids_of([next(shards[1])])[0] == ids_of([next(one)])[0]
     with pytest.raises(ValueError, match=r"position=99"):
         make().restore({**saved, "position": 99})
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxrl_llm.sharding.multihost import place
 from jaxrl_llm.sharding.rules import ShardingEnv
 
 Metrics = dict[str, jax.Array]
@@ -246,7 +247,7 @@ def jit_update(step: Callable, state: TrainState, batch_example: Any, env: Shard
 
     def update(state, batch, rng):
         # Host arrays, or arrays placed elsewhere, are put on the batch shardings (a no-op when already there).
-        return jitted(jax.device_put(state, st_sh), jax.device_put(batch, b_sh), jax.device_put(rng, replicated))
+        return jitted(place(state, st_sh), place(batch, b_sh), place(rng, replicated))
 
     update.jitted = jitted
     return update

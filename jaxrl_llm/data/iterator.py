@@ -6,10 +6,11 @@
         ...
         save({"data": it.state(), ...})        # JSON-able; later: it.restore(saved["data"])
 
-Epoch e visits the rows of `np.random.default_rng([seed, e]).permutation(len(source))`; process p of P
-reads positions p, p + P, p + 2P, ... of it. The permutation is cut to a multiple of P first, so every
-process has the same number of rows (and of steps) per epoch; the cut rows differ from epoch to epoch.
-With drop_remainder, rows left over at the end of an epoch that cannot fill a batch are skipped.
+Epoch e visits the rows of `np.random.default_rng([seed, e]).permutation(len(source))` in global
+batches of `batch_size` consecutive positions; shard p of P (one per process feeding its own rows) reads
+the p-th contiguous block of batch_size / P rows of each global batch. The global batches, and so a run's
+results, do not depend on how many processes read them. With drop_remainder, rows left over at the end
+of an epoch that cannot fill a global batch are skipped.
 """
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ from jaxrl_llm.data.records import DataError
 from jaxrl_llm.tasks.base import Example
 from jaxrl_llm.tokenizer import encode_prompts
 
-# process_index is left out on purpose: every process saves the same state (multi-host checkpoints require
-# identical metadata) and each restores its own shard of the same position.
-_STATE_CHECKED = ("seed", "shuffle", "source_len", "process_count", "batch_size", "drop_remainder")
+# The position counts global rows, so it is the same on every process (multi-host checkpoints require identical
+# metadata) and does not depend on the process layout: a state restores on any number of processes.
+_STATE_CHECKED = ("seed", "shuffle", "source_len", "batch_size", "drop_remainder")
 
 
 class PromptIterator:
-    """Yields lists of `Example` (batch_size of them, this process's share) forever, epoch after epoch.
+    """Yields lists of `Example` forever, epoch after epoch: this shard's rows of each global batch.
 
     source: any sequence of Example (a list, a `TaskSource`); read with `source.__getitems__` when it has it.
-    process_index / process_count: default to jax.process_index() / jax.process_count().
-    state() / restore(state): resume exactly, e.g. from a checkpoint.
+    batch_size: rows of a global batch; each of the process_count shards gets batch_size / process_count.
+    process_index / process_count: which contiguous block of each global batch this iterator yields
+        (default jax.process_index() / jax.process_count(); stages pass `multihost.data_shard(...)`).
+    state() / restore(state): resume exactly, e.g. from a checkpoint (on any process layout).
     """
 
     def __init__(self, source: Sequence[Example], batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -46,57 +49,80 @@ class PromptIterator:
             raise ValueError(f"process_index must be in [0, process_count={process_count}), got {process_index}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} (the global batch) must be divisible by the "
+                             f"{process_count} shards reading it; choose a multiple of {process_count}")
+        if not drop_remainder and process_count > 1:
+            raise ValueError("drop_remainder=False needs process_count=1: with several shards every global "
+                             "batch must split evenly")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.source, self.batch_size, self.seed, self.shuffle = source, batch_size, seed, shuffle
         self.process_index, self.process_count, self.drop_remainder = process_index, process_count, drop_remainder
+        self.local_batch = batch_size // process_count
         self.source_len = len(source)
-        self.shard_len = self.source_len // process_count
-        if self.shard_len == 0 or (drop_remainder and self.shard_len < batch_size):
-            raise ValueError(f"{self.source_len} examples over {process_count} processes give {self.shard_len} per "
-                             f"process, fewer than batch_size={batch_size}; use more data or a smaller batch")
-        self.epoch, self.position = 0, 0  # position: rows of this epoch's shard already read
+        if self.source_len == 0 or (drop_remainder and self.source_len < batch_size):
+            raise ValueError(f"{self.source_len} examples are fewer than one global batch of {batch_size}; use more "
+                             "data or a smaller batch")
+        # rows of an epoch this shard reads (the limit on refills in next_prompt_batch)
+        self.shard_len = (self.source_len // batch_size * self.local_batch if drop_remainder else self.source_len)
+        self.epoch, self.position = 0, 0  # position: global rows of this epoch already read
         self._cached: tuple[int, np.ndarray] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.shard_len // self.batch_size if self.drop_remainder else -(-self.shard_len // self.batch_size)
+        n = self.source_len
+        return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
 
-    def shard_indices(self, epoch: int) -> np.ndarray:
-        """Source indices this process reads in `epoch`, in order."""
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Source indices of `epoch`, in the order the global batches take them."""
         if self._cached is None or self._cached[0] != epoch:
             n = self.source_len
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            order = order[: self.shard_len * self.process_count]
-            self._cached = (epoch, order[self.process_index::self.process_count])
+            self._cached = (epoch, order)
         return self._cached[1]
+
+    def shard_indices(self, epoch: int) -> np.ndarray:
+        """Source indices this shard reads in `epoch`, in order."""
+        order = self.epoch_order(epoch)[: self.batches_per_epoch * self.batch_size]
+        blocks = order[: len(order) // self.batch_size * self.batch_size].reshape(-1, self.process_count,
+                                                                                  self.local_batch)
+        mine = blocks[:, self.process_index].reshape(-1)
+        tail = order[len(blocks) * self.batch_size:]  # a partial last batch (drop_remainder=False, one shard)
+        return np.concatenate([mine, tail])
 
     def _read(self, indices: np.ndarray) -> list[Example]:
         if hasattr(self.source, "__getitems__"):
             return list(self.source.__getitems__([int(i) for i in indices]))
         return [self.source[int(i)] for i in indices]
 
-    def _take_from_epoch(self, k: int) -> list[Example]:
-        rows = self._read(self.shard_indices(self.epoch)[self.position:self.position + k])
+    def _global_take(self, k: int) -> list[Example]:
+        """This shard's block of the next k global rows (k a multiple of process_count; within an epoch)."""
+        rows = self.epoch_order(self.epoch)[self.position:self.position + k]
         self.position += len(rows)
-        return rows
+        per = len(rows) // self.process_count
+        return self._read(rows[self.process_index * per:(self.process_index + 1) * per] if per else rows)
 
     def __iter__(self) -> PromptIterator:
         return self
 
     def __next__(self) -> list[Example]:
-        left = self.shard_len - self.position
+        left = self.source_len - self.position
         if left == 0 or (self.drop_remainder and left < self.batch_size):
             self.epoch, self.position = self.epoch + 1, 0
-        return self._take_from_epoch(self.batch_size)
+        return self._global_take(self.batch_size)
 
     def take(self, k: int) -> list[Example]:
-        """The next k examples of the stream, crossing into the next epoch if needed (for refilling a batch)."""
+        """The next k rows of this shard's stream, crossing into the next epoch if needed (for refilling a
+        batch). With several shards, every process must call it with the same k."""
         out: list[Example] = []
         while len(out) < k:
-            if self.position == self.shard_len:
+            left = self.source_len - self.position
+            if left < self.process_count:
                 self.epoch, self.position = self.epoch + 1, 0
-            out += self._take_from_epoch(k - len(out))
+                left = self.source_len
+            need = min(k - len(out), left // self.process_count)
+            out += self._global_take(need * self.process_count)
         return out
 
     def state(self) -> dict[str, Any]:
@@ -112,12 +138,12 @@ class PromptIterator:
         if diff:
             text = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"iterator state does not match this iterator ({text}); resuming exactly needs the "
-                             "same data, seed, shuffle, batch size and process layout. Build the iterator with "
+                             "same data, seed, shuffle and batch size. Build the iterator with "
                              "the saved values, or start a fresh one")
         if not (isinstance(state["epoch"], int) and state["epoch"] >= 0
-                and isinstance(state["position"], int) and 0 <= state["position"] <= self.shard_len):
+                and isinstance(state["position"], int) and 0 <= state["position"] <= self.source_len):
             raise ValueError(f"iterator state has epoch={state['epoch']!r}, position={state['position']!r}; expected "
-                             f"an epoch >= 0 and a position in [0, {self.shard_len}]")
+                             f"an epoch >= 0 and a position in [0, {self.source_len}]")
         self.epoch, self.position = state["epoch"], state["position"]
 
 

@@ -15,6 +15,7 @@ from jaxrl_llm.models import CausalLM, create_model, get_preset, load_hf
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.sharding import ShardingEnv, check_replication, make_mesh, replication_report
+from jaxrl_llm.sharding import multihost
 from jaxrl_llm.sharding.params import param_shardings
 from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.tasks import Example, RewardInputs, Task, get_task
@@ -34,6 +35,7 @@ class Components:
     pad_id: int
     eos_ids: tuple[int, ...]
     task: Task
+    memory: Any = None  # sharding.memory.MemoryEstimate made before the parameters were created
 
     def abstract_params(self):
         shapes, _ = param_shardings(init_fn_for(self.module), self.env)
@@ -57,13 +59,28 @@ def check_required_paths(cfg: mc.ConfigDict) -> None:
 
 def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     """(components, initial params): params from `model.path` (HF directory) or a preset (random init)."""
+    from jaxrl_llm.models.hf_config import config_from_hf, read_hf_config
+    from jaxrl_llm.sharding import resolve_axis_sizes
+    from jaxrl_llm.sharding.memory import check_memory
+    from jaxrl_llm.sharding.presets import mesh_axes_for
     check_required_paths(cfg)
-    env = ShardingEnv(make_mesh(cfg.mesh.axes.to_dict()))
+    axes = resolve_axis_sizes(mesh_axes_for(cfg.mesh, jax.device_count()), jax.device_count())
+    env = ShardingEnv(make_mesh(axes))
     m = cfg.model
+    # The model's shape first (a preset, or the checkpoint's config.json), so memory is checked before any
+    # parameter is created or read.
+    if not m.path:
+        model_cfg = get_preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    elif (pathlib.Path(m.path) / "config.json").is_file():
+        model_cfg = config_from_hf(read_hf_config(m.path), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    else:
+        model_cfg = None  # load_hf says what is missing
+    memory = None
+    if model_cfg is not None and cfg.mesh.get("check_memory", True):
+        memory = check_memory(cfg, model_cfg, axes)
     if m.path:
         model_cfg, params = load_hf(m.path, env, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
     else:
-        model_cfg = get_preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
         _, params, _ = create_model(model_cfg, jax.random.key(cfg.seed), env)
     module = CausalLM(model_cfg)
     shapes, shardings = param_shardings(init_fn_for(module), env)
@@ -72,7 +89,8 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     tokenizer = load_tokenizer(tok_path, vocab_size=model_cfg.vocab_size)
     info = tokenizer_info(tokenizer)
     task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
-    comp = Components(cfg, env, model_cfg, module, shardings, tokenizer, info.pad_id, tuple(info.eos_ids), task)
+    comp = Components(cfg, env, model_cfg, module, shardings, tokenizer, info.pad_id, tuple(info.eos_ids), task,
+                      memory)
     return comp, params
 
 
@@ -107,23 +125,84 @@ class Evaluator:
         sc = SamplingConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, n_samples=self.n,
                             eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
         self.sampler = make_sampler(comp.module, comp.model_cfg, sc, env=comp.env, param_shardings=comp.shardings)
-        self.key = jax.random.key(comp.config.seed + 7919)
+        self.key = multihost.replicated(comp.env, jax.random.key(comp.config.seed + 7919))
 
     def __call__(self, params) -> dict[str, float]:
-        ro = self.sampler(params, self.tokens, self.mask, self.key)
-        tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
+        env = self.comp.env  # every process holds the whole held-out set and scores all of it
+        ro = self.sampler(params, multihost.replicated_rows(env, self.tokens),
+                          multihost.replicated_rows(env, self.mask), self.key)
+        tokens, mask = multihost.to_host(ro.tokens), multihost.to_host(ro.mask)
         texts = decode_completions(self.comp.tokenizer, tokens, mask)
         exs = [e for e in self.examples for _ in range(self.n)]
         correct = np.array([self.comp.task.is_correct(t, e) for t, e in zip(texts, exs)], bool)
         return {"eval/accuracy": float(correct.mean()),
-                "eval/response_length": float(np.asarray(ro.lengths).mean())}
+                "eval/response_length": float(multihost.to_host(ro.lengths).mean())}
+
+
+def prompt_iterator(comp: Components, examples: Sequence[Example], global_batch: int, seed: int):
+    """A PromptIterator over `examples` that yields this process's rows of each global batch."""
+    from jaxrl_llm.data.iterator import PromptIterator
+    index, count = multihost.data_shard(comp.env, global_batch)
+    return PromptIterator(examples, global_batch, seed=seed, process_index=index, process_count=count)
+
+
+def global_prompt_batch(comp: Components, examples: Sequence[Example], max_len: int, global_batch: int):
+    """(tokens, mask, prompts truncated over all processes): this process's prompts encoded and assembled
+    into the global [global_batch, max_len] batch."""
+    pt, pm, n_trunc = encode_prompt_batch(comp, examples, max_len)
+    g = lambda x: multihost.to_global(comp.env, x, global_batch)  # noqa: E731
+    return g(pt), g(pm), multihost.process_sum(n_trunc)
+
+
+def rollout_examples(comp: Components, rollout, examples: Sequence[Example], n: int) -> list[Example]:
+    """The example of each rollout row this process holds (rows are prompt-major: prompt i has rows
+    i*n .. i*n+n-1); `examples` are this process's prompts, as fed to the sampler."""
+    rows = rollout.tokens.shape[0]
+    start, stop = multihost._row_range(rollout.tokens.sharding, rollout.tokens.shape)
+    first = multihost.batch_rows(comp.env, rows // n, (rollout.prompt_tokens.shape[1],)).start
+    return [examples[r // n - first] for r in range(start, stop)]
+
+
+def rollout_rewards(comp: Components, rollout, examples: Sequence[Example], n: int, jax_reward, runner,
+                    max_new_tokens: int):
+    """(rewards [B*n], correct [B*n], host metrics) of a rollout of n completions per prompt: inside jit when
+    `jax_reward` is given (the task's JAX verifier), else the task's host reward through `runner` on this
+    process's rows, assembled into global arrays."""
+    rows = rollout.tokens.shape[0]
+    mine = rollout_examples(comp, rollout, examples, n)
+    g = lambda x: multihost.to_global(comp.env, x, rows)  # noqa: E731
+    if jax_reward is not None:
+        tb, tl = comp.task.encode_targets(mine)
+        rewards = jax_reward(rollout.tokens, rollout.mask, g(tb), g(tl))
+        return rewards, rewards >= comp.task.correct_score, {}
+    out = runner(reward_inputs(comp, rollout, mine, max_new_tokens))
+    correct = out.correct if out.correct is not None else np.zeros(len(out.scores), bool)
+    on_device = ("reward/mean", "reward/std", "reward/accuracy")  # the stages compute these over all rows
+    extra = multihost.process_mean({k: v for k, v in out.metrics("reward").items() if k not in on_device})
+    extra = {k: v * jax.process_count() if ("/errors/" in k or "/timeouts/" in k) else v  # counts: summed
+             for k, v in extra.items()}
+    return g(np.asarray(out.scores, np.float32)), g(np.asarray(correct, bool)), extra
+
+
+def log_rollout_samples(comp: Components, run, stage: str, step: int, rollout, examples: Sequence[Example],
+                        n: int, rewards) -> None:
+    """The first `log.num_samples` rollout rows of this process to samples.jsonl (process 0 writes)."""
+    mine = rollout_examples(comp, rollout, examples, n)
+    k = min(comp.config.log.num_samples, len(mine))
+    toks, mask = multihost.local_rows(rollout.tokens)[:k], multihost.local_rows(rollout.mask)[:k]
+    texts = decode_completions(comp.tokenizer, toks, mask)
+    r = multihost.local_rows(rewards)[:k]
+    run.log_samples(stage, step, [
+        {"prompt": mine[j].prompt, "completion": t, "reward": float(r[j]),
+         "correct": bool(comp.task.is_correct(t, mine[j]))} for j, t in enumerate(texts)])
 
 
 def reward_inputs(comp: Components, rollout, examples: Sequence[Example], max_new_tokens: int) -> RewardInputs:
-    tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+    """What host rewards score: this process's rollout rows, decoded; `examples` one per row."""
+    tokens, mask = multihost.local_rows(rollout.tokens), multihost.local_rows(rollout.mask)
     texts = decode_completions(comp.tokenizer, tokens, mask)
-    return RewardInputs(texts, list(examples), np.asarray(rollout.lengths), np.asarray(rollout.finished),
-                        max_new_tokens)
+    return RewardInputs(texts, list(examples), multihost.local_rows(rollout.lengths),
+                        multihost.local_rows(rollout.finished), max_new_tokens)
 
 
 def keys_for(seed: int, stage_index: int) -> jax.Array:

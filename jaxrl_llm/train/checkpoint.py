@@ -175,6 +175,14 @@ class Checkpointer:
                                                                      META: ocp.args.JsonRestore()}))
         return out[STATE], out[META]
 
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON meta of checkpoint `step` alone (no array is read)."""
+        steps = self.all_steps()
+        if step not in steps:
+            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory}; complete steps: "
+                                  f"{steps or 'none'}")
+        return self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
     def restore_latest(self, abstract_state: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
         """(step, state, meta) of the latest complete checkpoint, or None when there is none."""
         step = self.latest_step()

@@ -95,7 +95,11 @@ def base_config() -> mc.ConfigDict:
                                  remat="none"))
     c.tokenizer = mc.ConfigDict(dict(path=""))  # "" = the model directory, or the tiny tokenizer
     c.mesh = mc.ConfigDict(dict(axes=mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}),
-                                max_replicated_fraction=1.0))
+                                max_replicated_fraction=1.0,
+                                preset="",              # a topology from sharding/presets.py (then leave axes)
+                                device_memory_gb=0.0,   # GiB per device for the memory check; 0 = ask the device
+                                memory_headroom=0.9,    # fraction of it the estimated peak may use
+                                check_memory=True))     # estimate per-device memory before building
     c.task = mc.ConfigDict(dict(name="arithmetic", kwargs=mc.ConfigDict(), chat=False))
     c.eval = mc.ConfigDict(dict(num_examples=256, every=50, max_new_tokens=16, n_samples=1, ks=(1,),
                                 temperature=0.0))

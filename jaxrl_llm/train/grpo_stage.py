@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxrl_llm.algos import grpo
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
-from jaxrl_llm.data.iterator import PromptIterator
 from jaxrl_llm.rewards.runner import HostRewardRunner
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
-from jaxrl_llm.train.build import Evaluator, encode_prompt_batch, jnp_tree_copy, reward_inputs
+from jaxrl_llm.train.build import (Evaluator, global_prompt_batch, jnp_tree_copy, log_rollout_samples,
+                                   prompt_iterator, rollout_rewards)
 from jaxrl_llm.train.config import to_dataclass
 from jaxrl_llm.train.stage import Stage
 
@@ -43,7 +42,8 @@ class GRPOStage(Stage):
         self.group = self.algo.group_size
         n_train = max(int(s.get("num_train_examples", 0)) or 0, int(s.prompts_per_iter) * 64)
         self.examples = comp.task.examples("train", n_train, self.cfg.seed)
-        self.iterator = PromptIterator(self.examples, int(s.prompts_per_iter), seed=self.cfg.seed + self.index)
+        self.prompts = int(s.prompts_per_iter)  # the global batch of prompts, split over processes
+        self.iterator = prompt_iterator(comp, self.examples, self.prompts, self.cfg.seed + self.index)
         self.sampling = SamplingConfig(max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature),
                                        top_k=int(sc.top_k), top_p=float(sc.top_p), n_samples=self.group,
                                        eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
@@ -73,26 +73,15 @@ class GRPOStage(Stage):
         self.state = TrainState.create(jnp_tree_copy(params), self.opt_cfg)
         self.ref = jnp_tree_copy(params) if self.need_ref else None
 
-    def _rewards(self, ro, examples):
-        """(rewards [B], correct [B]) on the device; host rewards are computed from decoded text."""
-        if self.in_jit:
-            tb, tl = self.comp.task.encode_targets(examples)
-            rep = lambda x: jnp.repeat(jnp.asarray(x), self.group, axis=0)  # noqa: E731
-            rewards = self.jax_reward(ro.tokens, ro.mask, rep(tb), rep(tl))
-            return rewards, rewards >= self.comp.task.correct_score, {}
-        rep_examples = [e for e in examples for _ in range(self.group)]
-        out = self.runner(reward_inputs(self.comp, ro, rep_examples, self.sampling.max_new_tokens))
-        correct = out.correct if out.correct is not None else np.zeros(len(out.scores), bool)
-        extra = {k: v for k, v in out.metrics("reward").items() if k != "accuracy"}
-        return jnp.asarray(out.scores), jnp.asarray(correct), extra
-
     def step(self, i: int) -> dict:
         s = self.section
         examples = next(self.iterator)
-        pt, pm, n_trunc = encode_prompt_batch(self.comp, examples, s.max_prompt_len)
+        pt, pm, n_trunc = global_prompt_batch(self.comp, examples, s.max_prompt_len, self.prompts)
         key = jax.random.fold_in(self.key, i)
         ro = self.sampler(self.state.params, pt, pm, jax.random.fold_in(key, 0))
-        rewards, correct, extra = self._rewards(ro, examples)
+        rewards, correct, extra = rollout_rewards(self.comp, ro, examples, self.group,
+                                                  self.jax_reward if self.in_jit else None, self.runner,
+                                                  self.sampling.max_new_tokens)
         mask = ro.mask
         if self.algo.filter_zero_std_groups:  # DAPO dynamic sampling: groups without signal leave the batch
             keep = grpo.nonzero_std_groups(rewards, self.group)
@@ -123,18 +112,8 @@ class GRPOStage(Stage):
             metrics["groups_kept_fraction"] = jnp.mean(keep.astype(jnp.float32))
         metrics.update(extra)
         if self.cfg.log.samples_every > 0 and (i + 1) % self.cfg.log.samples_every == 0:
-            self._log_samples(i + 1, examples, ro, rewards)
+            log_rollout_samples(self.comp, self.run, self.name, i + 1, ro, examples, self.group, rewards)
         return metrics
-
-    def _log_samples(self, n, examples, ro, rewards):
-        from jaxrl_llm.tokenizer import decode_completions
-        k = min(self.cfg.log.num_samples, len(examples) * self.group)
-        toks, mask = np.asarray(ro.tokens)[:k], np.asarray(ro.mask)[:k]
-        texts = decode_completions(self.comp.tokenizer, toks, mask)
-        r = np.asarray(rewards)[:k]
-        self.run.log_samples(self.name, n, [
-            {"prompt": examples[j // self.group].prompt, "completion": t, "reward": float(r[j]),
-             "correct": bool(self.comp.task.is_correct(t, examples[j // self.group]))} for j, t in enumerate(texts)])
 
     def params(self):
         return self.state.params

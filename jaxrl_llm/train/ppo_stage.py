@@ -33,17 +33,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxrl_llm.algos import ppo
 from jaxrl_llm.algos.reward_model import sequence_rewards
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
-from jaxrl_llm.data.iterator import PromptIterator
 from jaxrl_llm.models import PolicyValueModel, init_fn_for, reward_model, value_model
 from jaxrl_llm.rewards.runner import HostRewardRunner
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.sharding.params import param_shardings
-from jaxrl_llm.train.build import Evaluator, encode_prompt_batch, jnp_tree_copy, reward_inputs
+from jaxrl_llm.train.build import (Evaluator, global_prompt_batch, jnp_tree_copy, log_rollout_samples,
+                                   prompt_iterator, rollout_rewards)
 from jaxrl_llm.train.config import to_dataclass
 from jaxrl_llm.train.pref_stage import load_reward_params, scalar_head_params
 from jaxrl_llm.train.stage import Stage
@@ -62,7 +61,8 @@ class PPOStage(Stage):
         self.algo = to_dataclass(ppo.PPOConfig, s.algo, f"{where}.algo").replace(temperature=temperature)
         self.n = int(s.samples_per_prompt)
         self.examples = comp.task.examples("train", int(s.prompts_per_iter) * 64, self.cfg.seed)
-        self.iterator = PromptIterator(self.examples, int(s.prompts_per_iter), seed=self.cfg.seed + self.index)
+        self.prompts = int(s.prompts_per_iter)  # the global batch of prompts, split over processes
+        self.iterator = prompt_iterator(comp, self.examples, self.prompts, self.cfg.seed + self.index)
         self.sampling = SamplingConfig(max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature),
                                        top_k=int(sc.top_k), top_p=float(sc.top_p), n_samples=self.n,
                                        eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
@@ -169,17 +169,9 @@ class PPOStage(Stage):
 
     def _rewards(self, ro, examples, batch):
         """(scores [B], correct [B], extra host metrics): the task's reward (or the reward model's score)."""
-        if self.in_jit:
-            tb, tl = self.comp.task.encode_targets(examples)
-            rep = lambda x: jnp.repeat(jnp.asarray(x), self.n, axis=0)  # noqa: E731
-            scores = self.jax_reward(ro.tokens, ro.mask, rep(tb), rep(tl))
-            correct, extra = scores >= self.comp.task.correct_score, {}
-        else:
-            rep_examples = [e for e in examples for _ in range(self.n)]
-            out = self.runner(reward_inputs(self.comp, ro, rep_examples, self.sampling.max_new_tokens))
-            correct = jnp.asarray(out.correct if out.correct is not None else np.zeros(len(out.scores), bool))
-            scores = jnp.asarray(out.scores)
-            extra = {k: v for k, v in out.metrics("reward").items() if k != "accuracy"}
+        scores, correct, extra = rollout_rewards(self.comp, ro, examples, self.n,
+                                                 self.jax_reward if self.in_jit else None, self.runner,
+                                                 self.sampling.max_new_tokens)
         if self.rm_params is not None:
             extra["reward/task_mean"] = jnp.mean(scores)
             scores = self.rm_fn(self.rm_params, batch)
@@ -188,7 +180,7 @@ class PPOStage(Stage):
     def step(self, i: int) -> dict:
         s = self.section
         examples = next(self.iterator)
-        pt, pm, n_trunc = encode_prompt_batch(self.comp, examples, s.max_prompt_len)
+        pt, pm, n_trunc = global_prompt_batch(self.comp, examples, s.max_prompt_len, self.prompts)
         key = jax.random.fold_in(self.key, i)
         ro = self.sampler(self.policy(), pt, pm, jax.random.fold_in(key, 0))
         batch = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
@@ -216,17 +208,8 @@ class PPOStage(Stage):
         })
         metrics.update(extra)
         if self.cfg.log.samples_every > 0 and (i + 1) % self.cfg.log.samples_every == 0:
-            self._log_samples(i + 1, examples, ro, scores)
+            log_rollout_samples(self.comp, self.run, self.name, i + 1, ro, examples, self.n, scores)
         return metrics
-
-    def _log_samples(self, n, examples, ro, scores):
-        from jaxrl_llm.tokenizer import decode_completions
-        k = min(self.cfg.log.num_samples, len(examples) * self.n)
-        texts = decode_completions(self.comp.tokenizer, np.asarray(ro.tokens)[:k], np.asarray(ro.mask)[:k])
-        r = np.asarray(scores)[:k]
-        self.run.log_samples(self.name, n, [
-            {"prompt": examples[j // self.n].prompt, "completion": t, "reward": float(r[j]),
-             "correct": bool(self.comp.task.is_correct(t, examples[j // self.n]))} for j, t in enumerate(texts)])
 
     def evaluate(self) -> dict:
         return self.evaluator(self.policy()) if self.evaluator else {}

@@ -33,11 +33,11 @@ import numpy as np
 from jaxrl_llm.algos import dpo
 from jaxrl_llm.algos.reward_model import RewardModelConfig, make_reward_model_step, pair_rewards
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update
-from jaxrl_llm.data.iterator import PromptIterator
 from jaxrl_llm.data.loaders import encode_preferences
 from jaxrl_llm.models import init_fn_for, reward_model
 from jaxrl_llm.sharding.params import param_shardings
-from jaxrl_llm.train.build import Components, Evaluator, jnp_tree_copy
+from jaxrl_llm.sharding import multihost
+from jaxrl_llm.train.build import Components, Evaluator, jnp_tree_copy, prompt_iterator
 from jaxrl_llm.train.checkpoint import Checkpointer, abstract_like
 from jaxrl_llm.train.config import to_dataclass
 from jaxrl_llm.train.pref_data import stage_pairs
@@ -62,14 +62,15 @@ def _in_env(comp: Components, fn):
     return jax.jit(traced)
 
 
-def _chunks(arrays: dict[str, np.ndarray], size: int):
-    """(chunk, valid rows) over the rows of `arrays`; the last chunk is padded with its first row."""
+def _chunks(comp: Components, arrays: dict[str, np.ndarray], size: int):
+    """(chunk, valid rows) over the rows of `arrays` (held whole by every process), placed on the mesh; the
+    last chunk is padded with its first row."""
     n = len(arrays["prompt_tokens"])
     for start in range(0, n, size):
         idx = np.arange(start, start + size)
         valid = min(size, n - start)
         idx[valid:] = start
-        yield {k: v[idx] for k, v in arrays.items()}, valid
+        yield {k: multihost.replicated_rows(comp.env, v[idx]) for k, v in arrays.items()}, valid
 
 
 class _PairStage(Stage):
@@ -94,12 +95,14 @@ class _PairStage(Stage):
                              "pairs/responses_truncated": stats.responses_truncated})
         if held_out:
             self.eval_arrays, _ = encode(held_out)
-        self.iterator = PromptIterator(np.arange(len(self.arrays["prompt_tokens"])), int(s.batch_size),
-                                       seed=self.cfg.seed + self.index)
+        self.iterator = prompt_iterator(self.comp, np.arange(len(self.arrays["prompt_tokens"])), int(s.batch_size),
+                                        self.cfg.seed + self.index)
 
-    def _batch(self) -> dict[str, np.ndarray]:
+    def _batch(self) -> dict:
+        """The next global batch of pairs (this process reads its rows)."""
         idx = np.asarray(next(self.iterator))
-        return {k: v[idx] for k, v in self.arrays.items()}
+        return multihost.to_global_tree(self.comp.env, {k: v[idx] for k, v in self.arrays.items()},
+                                        int(self.section.batch_size))
 
     def _train(self, i: int, batch: dict) -> dict:
         if self.update is None:
@@ -163,10 +166,10 @@ class DPOStage(_PairStage):
 
     def _held_out_sums(self, params) -> tuple[np.ndarray, np.ndarray]:
         c, r = [], []
-        for chunk, valid in _chunks(self.eval_arrays, EVAL_CHUNK):
+        for chunk, valid in _chunks(self.comp, self.eval_arrays, EVAL_CHUNK):
             sc, sr = self.sums_fn(params, chunk)
-            c.append(np.asarray(sc)[:valid])
-            r.append(np.asarray(sr)[:valid])
+            c.append(multihost.to_host(sc)[:valid])
+            r.append(multihost.to_host(sr)[:valid])
         return np.concatenate(c), np.concatenate(r)
 
     def _implicit_rewards(self, c: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,10 +236,10 @@ class RewardModelStage(_PairStage):
         if self.eval_arrays is None:
             return {}
         rc, rr = [], []
-        for chunk, valid in _chunks(self.eval_arrays, EVAL_CHUNK):
+        for chunk, valid in _chunks(self.comp, self.eval_arrays, EVAL_CHUNK):
             c, r = self.eval_fn(self.state.params, chunk)
-            rc.append(np.asarray(c)[:valid])
-            rr.append(np.asarray(r)[:valid])
+            rc.append(multihost.to_host(c)[:valid])
+            rr.append(multihost.to_host(r)[:valid])
         rc, rr = np.concatenate(rc), np.concatenate(rr)
         return {"eval/accuracy": float(np.mean(rc > rr)), "eval/margin": float(np.mean(rc - rr))}
 

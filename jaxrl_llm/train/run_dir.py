@@ -24,6 +24,8 @@ from typing import Any, Mapping
 import jax
 import ml_collections as mc
 
+from jaxrl_llm.sharding import multihost
+
 
 def _jsonable(v: Any) -> Any:
     if hasattr(v, "item") and getattr(v, "size", 2) == 1:
@@ -53,12 +55,14 @@ class RunDir:
                     f"{self.path} holds a run with a different config (differs at: {', '.join(diff[:8])}); "
                     "resume it with the same config, pick another name (--set name=...), or pass --fresh to "
                     "start over in that directory")
+        multihost.barrier("run_dir:checked")  # every process has read the saved config before it is rewritten
         if self.writer:
             if fresh and self.path.exists():
                 import shutil
                 shutil.rmtree(self.path)
             (self.path / "plots").mkdir(parents=True, exist_ok=True)
             cfg_file.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+        multihost.barrier("run_dir:ready")  # ... and nobody writes into it before process 0 has set it up
 
     # ------------------------------------------------------------------ paths
 

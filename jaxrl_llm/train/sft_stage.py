@@ -7,9 +7,9 @@ import jax.numpy as jnp
 
 from jaxrl_llm.algos import sft
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update
-from jaxrl_llm.data.iterator import PromptIterator
 from jaxrl_llm.data.loaders import load_prompt_answer
-from jaxrl_llm.train.build import Evaluator, encode_answers, encode_prompt_batch, jnp_tree_copy
+from jaxrl_llm.sharding import multihost
+from jaxrl_llm.train.build import Evaluator, encode_answers, encode_prompt_batch, jnp_tree_copy, prompt_iterator
 from jaxrl_llm.train.config import to_dataclass
 from jaxrl_llm.train.stage import Stage
 
@@ -27,7 +27,7 @@ class SFTStage(Stage):
             self.examples = load_prompt_answer(s.data.path)
         else:
             raise ValueError(f"config.{self.name}.data.source={s.data.source!r}; expected 'task' or 'jsonl'")
-        self.iterator = PromptIterator(self.examples, int(s.batch_size), seed=self.cfg.seed + self.index)
+        self.iterator = prompt_iterator(self.comp, self.examples, int(s.batch_size), self.cfg.seed + self.index)
         self.opt_cfg = to_dataclass(OptimizerConfig, s.optimizer, f"config.{self.name}.optimizer")
         self.step_fn = sft.make_sft_step(self.comp.module, self.comp.model_cfg,
                                          sft.SFTConfig(loss_agg=s.loss_agg), num_micro_batches=s.num_micro_batches)
@@ -42,7 +42,8 @@ class SFTStage(Stage):
         s = self.section
         pt, pm, _ = encode_prompt_batch(self.comp, exs, s.max_prompt_len)
         ct, cm = encode_answers(self.comp, exs, s.max_response_len)
-        return {"prompt_tokens": pt, "prompt_mask": pm, "completion_tokens": ct, "completion_mask": cm}
+        local = {"prompt_tokens": pt, "prompt_mask": pm, "completion_tokens": ct, "completion_mask": cm}
+        return multihost.to_global_tree(self.comp.env, local, int(s.batch_size))
 
     def step(self, i: int) -> dict:
         batch = self._batch()

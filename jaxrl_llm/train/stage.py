@@ -26,12 +26,20 @@ from typing import Any
 import jax
 import ml_collections as mc
 
+from jaxrl_llm.sharding import multihost
 from jaxrl_llm.train.build import Components, keys_for
+from jaxrl_llm.train.checkpoint import CheckpointError
 from jaxrl_llm.train.run_dir import RunDir
 
 
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _describe(topo: dict) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in topo.get("mesh", {}).items())
+    return (f"{topo.get('process_count')} process(es) x {topo.get('local_device_count')} {topo.get('platform')} "
+            f"device(s) (mesh {mesh or '?'})")
 
 
 class NonFiniteError(RuntimeError):
@@ -49,7 +57,7 @@ class Stage:
         self.name = name
         self.index = index
         self.stages_before = stages_before
-        self.key = keys_for(self.cfg.seed, index)
+        self.key = multihost.replicated(comp.env, keys_for(self.cfg.seed, index))  # the same on every process
         self.summary: dict[str, Any] = {}
 
     # --- to implement -------------------------------------------------------------------------
@@ -89,8 +97,7 @@ class Stage:
         self.init(prev_params)  # a fresh state also gives the shapes/shardings a checkpoint restores into
         latest = checkpointer.latest_step()
         if latest is not None:
-            tree, meta = checkpointer.restore(latest, _abstract(self.tree()))
-            self.restore(tree, meta)
+            tree, meta = self._restore_checkpoint(checkpointer, latest)
             self.summary = dict(meta.get("summary", {}))
             if meta.get("done"):
                 return self.params()
@@ -134,15 +141,41 @@ class Stage:
             if n == self.total_steps:
                 if "eval/accuracy" in self._last_eval:
                     self.summary["accuracy_after"] = self._last_eval["eval/accuracy"]
-                checkpointer.save(n, self.tree(), {**self.meta(), "done": True, "summary": self.summary})
+                checkpointer.save(n, self.tree(), {**self.meta(), "done": True, "summary": self.summary,
+                                                   "topology": self._topology()})
             elif ck_every > 0 and n % ck_every == 0:
-                checkpointer.save(n, self.tree(), {**self.meta(), "done": False, "summary": self.summary})
+                checkpointer.save(n, self.tree(), {**self.meta(), "done": False, "summary": self.summary,
+                                                   "topology": self._topology()})
         checkpointer.wait()
         if bar is not None:
             bar.close()
         return self.params()
 
     _last_eval: dict = {}
+
+    def _topology(self) -> dict:
+        return {**multihost.topology(), "mesh": {k: int(v) for k, v in self.comp.env.mesh.shape.items()}}
+
+    def _restore_checkpoint(self, checkpointer, step: int) -> tuple[dict, dict]:
+        """Restores checkpoint `step` into this stage. A checkpoint written on another topology (processes,
+        devices, mesh) is resharded by orbax when it can be; when it cannot, the error says what changed."""
+        saved = checkpointer.read_meta(step).get("topology")
+        now = self._topology()
+        where = f"{checkpointer.directory}/{step}"
+        try:
+            tree, meta = checkpointer.restore(step, _abstract(self.tree()))
+            self.restore(tree, meta)
+        except Exception as e:
+            if saved is None or saved == now or isinstance(e, KeyboardInterrupt):
+                raise
+            raise CheckpointError(
+                f"stage {self.name!r}: checkpoint {where} was written on {_describe(saved)} and cannot be restored "
+                f"on {_describe(now)} ({type(e).__name__}: {e}). Resume on the topology it was written on, or "
+                "start the run anew (--fresh, or another --set name=...)") from e
+        if saved is not None and saved != now and jax.process_index() == 0:
+            print(f"note: stage {self.name!r} resumed checkpoint {where}, written on {_describe(saved)}, on "
+                  f"{_describe(now)}", flush=True)
+        return tree, meta
 
     def _log_eval(self, n: int) -> dict:
         ev = self.evaluate()

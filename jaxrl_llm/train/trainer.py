@@ -44,6 +44,11 @@ def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
     t0 = time.time()
     run = RunDir(cfg.run_root, cfg.name, cfg, fresh=fresh)
     comp, params = build(cfg)
+    if comp.memory is not None and run.writer:  # the estimate checked before the parameters were created
+        table = comp.memory.table()
+        (run.path / "memory.txt").write_text(table + "\n")
+        if cfg.log.progress:
+            print(table, flush=True)
     summary: dict[str, Any] = {"name": cfg.name, "run_dir": str(run.path)}
     stages = tuple(cfg.stages)
     try:
@@ -63,9 +68,10 @@ def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
         run.close()
     summary["wall_time_s"] = round(time.time() - t0, 1)
     run.write_summary(summary)
-    try:
-        from jaxrl_llm.train.plots import plot_run
-        summary["plots"] = [str(p) for p in plot_run(run.path)]
-    except ImportError:
-        pass
+    if run.writer:
+        try:
+            from jaxrl_llm.train.plots import plot_run
+            summary["plots"] = [str(p) for p in plot_run(run.path)]
+        except ImportError:
+            pass
     return summary
