@@ -78,17 +78,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with an optional KV cache slice for this layer.
+    """Grouped-query attention with an optional KV cache.
 
-    `kv` is None (keys are the current tokens) or (k, v) of shape
-    [B, S, kv_heads, head_dim] into which the new keys are written at `index`.
+    `kv` is None (keys are the current tokens) or (k, v) of every layer, [L, B, S, kv_heads, head_dim]:
+    the new keys/values are written in place at layer `layer`, slots [index, index + T), and this layer's
+    slice is read back. Carrying the whole cache through the layer scan (rather than scanning over
+    per-layer slices and stacking the outputs) writes T new rows per layer instead of copying the cache
+    every decode step.
     `bias` is an additive float32 mask [B, 1, 1, T, S].
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias, kv, index):
+    def __call__(self, x, cos, sin, bias, kv, index, layer=0):
         cfg = self.cfg
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -115,9 +118,11 @@ class Attention(nn.Module):
 
         if kv is not None:
             kc, vc = kv
-            kx = jax.lax.dynamic_update_slice(kc, kx.astype(kc.dtype), (0, index, 0, 0))
-            vx = jax.lax.dynamic_update_slice(vc, vx.astype(vc.dtype), (0, index, 0, 0))
-            kv = (kx, vx)
+            kc = jax.lax.dynamic_update_slice(kc, kx[None].astype(kc.dtype), (layer, 0, index, 0, 0))
+            vc = jax.lax.dynamic_update_slice(vc, vx[None].astype(vc.dtype), (layer, 0, index, 0, 0))
+            kx = jax.lax.dynamic_index_in_dim(kc, layer, 0, keepdims=False)
+            vx = jax.lax.dynamic_index_in_dim(vc, layer, 0, keepdims=False)
+            kv = (kc, vc)
 
         qg = q.reshape(b, t, k, h // k, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, kx.astype(dt),
@@ -153,17 +158,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block; the signature fits `nn.scan` (carry x, scanned kv)."""
+    """Pre-norm block; the signature fits `nn.scan`: carry (x, kv of every layer or None), the layer
+    number scanned."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias, index, kv):
+    def __call__(self, carry, cos, sin, bias, index, layer):
+        x, kv = carry
         cfg = self.cfg
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
         hdn = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
-        attn, kv = Attention(cfg, name="self_attn")(hdn, cos, sin, bias, kv, index)
+        attn, kv = Attention(cfg, name="self_attn")(hdn, cos, sin, bias, kv, index, layer)
         x = constrain(x + attn, ("batch", "length", "embed"))
         hdn = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
         x = constrain(x + MLP(cfg, name="mlp")(hdn), ("batch", "length", "embed"))
-        return x, kv
+        return (x, kv), None

@@ -115,7 +115,7 @@ class Decoder(nn.Module):
         allowed = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]  # [B, T, S]
         bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
 
-        x, kvs = self.layers(x, cos, sin, bias, index, kvs)
+        (x, kvs), _ = self.layers((x, kvs), cos, sin, bias, index, jnp.arange(self.cfg.num_layers))
         x = self.norm(x)
         if cache is not None:
             cache = KVCache(k=constrain(kvs[0], CACHE_AXES), v=constrain(kvs[1], CACHE_AXES),
