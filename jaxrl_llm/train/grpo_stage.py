@@ -59,7 +59,10 @@ class GRPOStage(Stage):
         lc = self.algo.loss
         self.need_ref = lc.kl_coef > 0 or (self.algo.advantage_estimator == "reinforce_pp"
                                             and self.algo.reward_kl_coef > 0)
-        self.need_old = self.algo.epochs * self.algo.num_minibatches > 1 or self.need_ref
+        # One update per rollout is on-policy: the step uses stop_gradient(new log-probs) as the old ones (ratio
+        # exactly 1), so no separate forward. Several updates, or the KL folded into REINFORCE++ rewards, need them.
+        self.need_old = (self.algo.epochs * self.algo.num_minibatches > 1
+                         or (self.algo.advantage_estimator == "reinforce_pp" and self.algo.reward_kl_coef > 0))
         self.logp_fn = jax.jit(grpo.make_logprob_fn(comp.module, comp.model_cfg, temperature,
                                                     self.algo.logprob_chunk))
         self.opt_cfg = to_dataclass(OptimizerConfig, s.optimizer, f"config.{self.name}.optimizer")
