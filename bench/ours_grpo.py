@@ -1,0 +1,395 @@
+"""Our side of the reference workload "tiny-qwen2 GRPO": one GRPO iteration as our trainer runs it, timed.
+
+    .venv/bin/python bench/ours_grpo.py                        # >= 10 timed iterations, one JSON line
+    .venv/bin/python bench/ours_grpo.py --iters 20 --detail    # plus where the time goes (prefill, steps, ...)
+
+Reads the artifacts of bench/workload.py (built when missing): the HF
+directory is loaded with `load_hf`, the 8 prompts are left-padded to the
+longest, and each iteration does what `GRPOStage.step` does:
+
+    generation  jitted KV-cache sampler, 64 rows x 64 new tokens, T=1, top-p 1
+    reward      decode the completions on the host, Python reward -abs(len(text)-20)/20, group advantages
+    old         the old-policy log-prob forward, when `GRPOStage` runs one (several updates per rollout;
+                here one epoch of one minibatch, so none: the step uses stop_gradient(new log-probs))
+    reference   reference log-prob forward (beta 0.04)
+    update      the GRPO step: one AdamW step (lr 1e-5, no clipping, no weight decay) over 64 rows
+
+Every piece ends with `block_until_ready`; medians over --iters iterations
+after --warmup. `decode_s` times the sampler alone (64 x 64, like
+`transformers.generate`). `--old-forward` forces the separate old-policy
+forward; `--scan-unroll N` overrides the layer scan unroll of `load_hf`'s
+config. Prints one JSON line (and writes it to --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import workload as workload_lib
+
+from jaxrl_llm.algos import grpo
+from jaxrl_llm.algos.policy_loss import PolicyLossConfig
+from jaxrl_llm.algos.train_state import (
+    OptimizerConfig,
+    TrainState,
+    jit_update,
+    make_epoch_runner,
+)
+from jaxrl_llm.models import CausalLM, KVCache, load_hf, positions_from_mask
+from jaxrl_llm.rollout import SamplingConfig, make_sampler
+from jaxrl_llm.sharding import ShardingEnv, make_mesh
+from jaxrl_llm.tokenizer import (
+    decode_completions,
+    encode_prompts,
+    load_tokenizer,
+    tokenizer_info,
+)
+
+PIECES = ("generation", "reward", "old", "reference", "update")
+
+
+class CompileCounter(logging.Handler):
+    """Counts XLA compilations (jax_log_compiles) while attached: recompiles in the timed loop show up here."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.count = 0
+        self.names: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith("Compiling "):
+            self.count += 1
+            self.names.append(msg.split(" ")[1])
+
+
+def _sync(x):
+    return jax.block_until_ready(x)
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+class Ours:
+    """The pieces of one GRPO iteration, built once."""
+
+    def __init__(self, wl: dict, *, old_forward: bool = False, scan_unroll: int | None = None, seed: int = 0):
+        self.wl = wl
+        self.env = ShardingEnv(make_mesh({"data": 1}, devices=jax.devices()[:1]))
+        overrides = {"scan_unroll": scan_unroll} if scan_unroll else {}
+        self.cfg, params = load_hf(wl["model_dir"], self.env, **overrides)
+        self.module = CausalLM(self.cfg)
+        self.tok = load_tokenizer(wl["tokenizer_dir"], vocab_size=self.cfg.vocab_size)
+        info = tokenizer_info(self.tok)
+        assert info.pad_id == wl["pad_id"] and info.eos_ids == (wl["eos_id"],), info
+        p_len = max(wl["prompt_tokens"])  # left-padded to the longest prompt, as TRL does
+        enc = encode_prompts(self.tok, wl["prompts"], p_len, truncation="error")
+        self.prompt_tokens, self.prompt_mask = jnp.asarray(enc.tokens), jnp.asarray(enc.mask)
+        g = wl["num_generations"]
+        self.sampling = SamplingConfig(max_new_tokens=wl["max_new_tokens"], temperature=wl["temperature"],
+                                       top_k=wl["top_k"], top_p=wl["top_p"], n_samples=g,
+                                       eos_token_ids=info.eos_ids, pad_token_id=info.pad_id)
+        self.sampler = make_sampler(self.module, self.cfg, self.sampling, env=self.env)
+        self.algo = grpo.grpo(group_size=g, beta=wl["beta"]).replace(
+            loss=PolicyLossConfig(clip_eps_low=wl["epsilon"], clip_eps_high=wl["epsilon"], kl_coef=wl["beta"],
+                                  kl_estimator="k3"),
+            temperature=wl["temperature"], epochs=wl["epochs"], num_minibatches=1, num_micro_batches=1)
+        self.opt = OptimizerConfig(name="adamw", learning_rate=wl["learning_rate"], b1=wl["adam_b1"],
+                                   b2=wl["adam_b2"], eps=wl["adam_eps"], weight_decay=wl["weight_decay"],
+                                   max_grad_norm=wl["max_grad_norm"])
+        # As GRPOStage: a separate old-policy forward only with several updates per rollout.
+        self.need_old = old_forward or self.algo.epochs * self.algo.num_minibatches > 1
+        self.logp_fn = jax.jit(grpo.make_logprob_fn(self.module, self.cfg, self.algo.temperature,
+                                                    self.algo.logprob_chunk))
+        self.step_fn = make_epoch_runner(grpo.make_grpo_step(self.module, self.cfg, self.algo),
+                                         self.algo.num_minibatches, self.algo.epochs)
+        self.state = TrainState.create(jax.tree.map(jnp.copy, params), self.opt)
+        self.ref = params
+        self.update = None
+        self.key = jax.random.key(seed)
+
+    # ------------------------------------------------------------------ one iteration
+
+    def iteration(self, i: int) -> dict:
+        t = {}
+        key = jax.random.fold_in(self.key, i)
+        t0 = time.perf_counter()
+        ro = _sync(self.sampler(self.state.params, self.prompt_tokens, self.prompt_mask, jax.random.fold_in(key, 0)))
+        t1 = time.perf_counter()
+        texts = decode_completions(self.tok, ro.tokens, ro.mask)
+        rewards = jnp.asarray([workload_lib.reward(s) for s in texts], jnp.float32)
+        advantages = _sync(grpo.compute_advantages(self.algo, rewards, ro.mask))
+        t2 = time.perf_counter()
+        batch = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
+                 "completion_tokens": ro.tokens, "completion_mask": ro.mask, "sampler_logprobs": ro.raw_logprobs}
+        if self.need_old:
+            batch["old_logprobs"] = _sync(self.logp_fn(self.state.params, batch))
+        t3 = time.perf_counter()
+        batch["ref_logprobs"] = _sync(self.logp_fn(self.ref, batch))
+        t4 = time.perf_counter()
+        batch["advantages"] = advantages
+        if self.update is None:
+            self.update = jit_update(self.step_fn, self.state, batch, self.env)
+        self.state, metrics = self.update(self.state, batch, jax.random.fold_in(key, 1))
+        loss = float(jax.device_get(metrics["loss"])[0])  # the trainer logs metrics every step
+        _sync(self.state.params)
+        t5 = time.perf_counter()
+        t.update(generation=t1 - t0, reward=t2 - t1, old=t3 - t2, reference=t4 - t3, update=t5 - t4,
+                 total=t5 - t0)
+        self.last = {"loss": loss, "num_steps": int(ro.num_steps), "mean_len": float(jnp.mean(ro.lengths)),
+                     "reward_mean": float(jnp.mean(rewards)), "sample": texts[0]}
+        return t
+
+    def decode_only(self, i: int) -> float:
+        t0 = time.perf_counter()
+        _sync(self.sampler(self.state.params, self.prompt_tokens, self.prompt_mask,
+                           jax.random.fold_in(self.key, 10_000 + i)).tokens)
+        return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------- detail: where the time goes
+
+
+def _time(fn, repeats: int) -> float:
+    _sync(fn())
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _sync(fn())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _kv_copies(hlo: str, cache_shape: tuple[int, ...]) -> dict:
+    """Copies of KV-cache-sized buffers in a compiled sampler, by HLO computation.
+
+    Copies in ENTRY run once; every other computation of the sampler sits inside the
+    decode `while` loop. A copy of one layer's slice [1, B, S, kv, d] sits in the layer
+    scan's body and runs once per layer per step. Returns the counts and the MB copied
+    per decode step that they imply.
+    """
+    full = "[" + ",".join(map(str, cache_shape)) + "]"
+    one = "[1," + ",".join(map(str, cache_shape[1:])) + "]"
+    nbytes = 4 * int(np.prod(cache_shape))
+    comp, entry, per_step, per_layer = None, 0, 0, 0
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            comp = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+            continue
+        if " copy(" not in line:
+            continue
+        if full in line:
+            entry += comp == "ENTRY"
+            per_step += comp != "ENTRY"
+        elif one in line and comp != "ENTRY":
+            per_layer += 1
+    mb = (per_step + per_layer) * nbytes / 2**20  # a slice is nbytes / layers, copied once per layer
+    return {"cache_shape": list(cache_shape), "cache_mb_k_or_v": nbytes / 2**20,
+            "full_cache_copies_once": entry, "full_cache_copies_per_step": per_step,
+            "layer_slice_copies_per_layer_step": per_layer, "copied_mb_per_decode_step": mb,
+            "while_loops": hlo.count(" while(")}
+
+
+def detail(o: Ours, repeats: int) -> dict:
+    """Where the time goes: prefill vs decode steps (vs their matmul floor), KV-cache copies in the compiled
+    sampler, the log-prob and plain forwards, the trunk's forward vs backward (as loaded and unrolled), and
+    the update's parts (loss+grad, optimizer). Each figure is a median of `repeats` calls after a warm-up."""
+    cfg, env, module = o.cfg, o.env, o.module
+    params = o.state.params
+    g, n_new = o.sampling.n_samples, o.sampling.max_new_tokens
+    rows, p = o.prompt_tokens.shape[0] * g, o.prompt_tokens.shape[1]
+    tokens_bp = jnp.repeat(o.prompt_tokens, g, axis=0)
+    mask_bp = jnp.repeat(o.prompt_mask, g, axis=0)
+    out = {"rows": rows, "prompt_len": p, "cache_len": p + n_new}
+
+    def traced(f):
+        def g_(*a):
+            with env.activate():
+                return f(*a)
+        return g_
+
+    @jax.jit
+    @traced
+    def prefill(params, tokens, mask):
+        cache = KVCache.zeros(cfg, rows, p + n_new)
+        hidden, cache = module.apply({"params": params}, tokens, positions_from_mask(mask), mask, cache,
+                                     return_hidden=True)
+        return module.apply({"params": params}, hidden[:, -1:], method="logits"), cache
+
+    out["prefill_s"] = _time(lambda: prefill(params, tokens_bp, mask_bp), repeats)
+    key = jax.random.key(123)
+    out["sampler_s"] = _time(lambda: o.sampler(params, o.prompt_tokens, o.prompt_mask, key).tokens, repeats)
+    out["decode_loop_s"] = out["sampler_s"] - out["prefill_s"]
+    out["per_decode_step_in_loop_ms"] = 1e3 * out["decode_loop_s"] / n_new
+
+    _, cache0 = prefill(params, tokens_bp, mask_bp)
+    tok = jnp.zeros((rows, 1), jnp.int32) + 5
+    pos = jnp.full((rows, 1), p, jnp.int32)
+    live = jnp.ones((rows, 1), jnp.bool_)
+
+    def one_step(params, tok, pos, live, cache):
+        hidden, cache = module.apply({"params": params}, tok, pos, live, cache, return_hidden=True)
+        return module.apply({"params": params}, hidden, method="logits")[:, 0].astype(jnp.float32), cache
+
+    step_nodonate = jax.jit(traced(one_step))
+    out["isolated_decode_step_ms"] = 1e3 * _time(lambda: step_nodonate(params, tok, pos, live, cache0), repeats)
+
+    # The compute floor of one decode step: its matmuls alone (projections, MLP, head), no attention, no cache.
+    def mlp_only(params, x):
+        lp = params["model"]["layers"]
+        h = x
+        for layer in range(cfg.num_layers):
+            a = jax.tree.map(lambda w, i=layer: w[i], lp)
+            q = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["q_proj"]["kernel"])
+            k = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["k_proj"]["kernel"])
+            v = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["v_proj"]["kernel"])
+            h = h + jnp.einsum("bhd,hde->be", q, a["self_attn"]["o_proj"]["kernel"]) + 0 * (k.sum() + v.sum())  # keep k, v
+            gt = h @ a["mlp"]["gate_proj"]["kernel"]
+            up = h @ a["mlp"]["up_proj"]["kernel"]
+            h = h + (jax.nn.silu(gt) * up) @ a["mlp"]["down_proj"]["kernel"]
+        return h @ params["model"]["embed_tokens"]["embedding"].T
+
+    x = jnp.ones((rows, cfg.hidden_size), jnp.float32)
+    mlp_jit = jax.jit(mlp_only)
+    out["matmuls_only_step_ms"] = 1e3 * _time(lambda: mlp_jit(params, x), repeats)
+
+    lowered = o.sampler.jitted_for(tuple(o.prompt_tokens.shape)).lower(params, o.prompt_tokens, o.prompt_mask, key)
+    out["sampler_hlo"] = _kv_copies(lowered.compile().as_text(), (cfg.num_layers, rows, p + n_new,
+                                                                   cfg.num_kv_heads, cfg.head_dim))
+
+    # Forwards: the log-prob forward (chunked head) and a plain full-logits forward on 64 x (P + 64).
+    ro = o.sampler(params, o.prompt_tokens, o.prompt_mask, key)
+    batch = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
+             "completion_tokens": ro.tokens, "completion_mask": ro.mask}
+    out["logprob_forward_s"] = _time(lambda: o.logp_fn(o.ref, batch), repeats)
+    seq, seq_mask = ro.sequences()
+    plain = jax.jit(traced(lambda prm, t, m: module.apply({"params": prm}, t, None, m.astype(bool))[0]))
+    out["plain_forward_s"] = _time(lambda: plain(o.ref, seq, seq_mask), repeats)
+
+    # The trunk alone (no head, no loss): forward vs forward+backward, as loaded and with the layers unrolled.
+    def trunk_of(mod):
+        def trunk(prm, t, m):
+            h, _ = mod.apply({"params": prm}, t, None, m.astype(bool), return_hidden=True)
+            return jnp.mean(h ** 2)
+        return jax.jit(traced(trunk)), jax.jit(traced(jax.grad(trunk)))
+
+    variants = {"": module}
+    if cfg.scan_unroll < cfg.num_layers:
+        variants["_unrolled"] = CausalLM(cfg.replace(scan_unroll=cfg.num_layers))
+    for suffix, mod in variants.items():
+        fwd, fwd_bwd = trunk_of(mod)
+        out[f"trunk_forward{suffix}_s"] = _time(lambda f=fwd: f(params, seq, seq_mask), repeats)
+        out[f"trunk_fwd_bwd{suffix}_s"] = _time(lambda f=fwd_bwd: f(params, seq, seq_mask), repeats)
+
+    # The update's parts: loss+grad alone vs the whole jitted update (optimizer, metrics, finite checks).
+    full = dict(batch, sampler_logprobs=ro.raw_logprobs, ref_logprobs=o.logp_fn(o.ref, batch),
+                advantages=grpo.compute_advantages(o.algo, jnp.linspace(-1, 0, rows), ro.mask))
+    if o.need_old:
+        full["old_logprobs"] = o.logp_fn(params, batch)
+    from jaxrl_llm.algos.aggregation import token_mean_weights, token_weights
+    from jaxrl_llm.algos.policy_loss import policy_loss
+    lc = o.algo.loss
+
+    def loss_fn(prm, mb):
+        logp, ent = grpo.policy_logprobs(module, prm, cfg, mb, temperature=o.algo.temperature,
+                                         chunk=o.algo.logprob_chunk, with_entropy=True)
+        old = mb.get("old_logprobs", jax.lax.stop_gradient(logp))
+        m = mb["completion_mask"]
+        loss, _ = policy_loss(lc, logp, old, mb["advantages"], token_weights(m, lc.loss_agg, lc.norm_length),
+                              token_mean_weights(m), ref_logp_bt=mb["ref_logprobs"], entropy_bt=ent,
+                              sampler_logp_bt=mb["sampler_logprobs"], mask_bt=m)
+        return loss
+    grad_jit = jax.jit(traced(jax.value_and_grad(loss_fn)))
+    out["loss_and_grad_s"] = _time(lambda: grad_jit(params, full), repeats)
+    fwd_jit = jax.jit(traced(loss_fn))
+    out["loss_forward_only_s"] = _time(lambda: fwd_jit(params, full), repeats)
+
+    state_copy = TrainState.create(jax.tree.map(jnp.copy, params), o.opt)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    opt_jit = jax.jit(lambda s, gr: s.tx.update(gr, s.opt_state, s.params))
+    out["optimizer_only_s"] = _time(lambda: opt_jit(state_copy, grads), repeats)
+
+    # Arithmetic (matmul FLOPs, 2*m*n*k) for the record.
+    e, m_, v_, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    per_tok = 2 * (layers * (e * e * 2 + 2 * e * cfg.num_kv_heads * cfg.head_dim + 3 * e * m_) + e * v_)
+    out["gflop_per_decode_step_matmuls"] = rows * per_tok / 1e9
+    out["gflop_plain_forward_matmuls"] = rows * (p + n_new) * per_tok / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------- main
+
+
+def run(args) -> dict:
+    wl = workload_lib.load(workload_lib.build(args.workload))
+    t_setup = time.perf_counter()
+    o = Ours(wl, old_forward=args.old_forward, scan_unroll=args.scan_unroll, seed=args.seed)
+    setup_s = time.perf_counter() - t_setup
+    t0 = time.perf_counter()
+    o.iteration(0)
+    first_s = time.perf_counter() - t0
+    for i in range(1, args.warmup):
+        o.iteration(i)
+
+    counter = CompileCounter()
+    jax.config.update("jax_log_compiles", True)
+    logging.getLogger("jax").addHandler(counter)  # child loggers propagate here
+    times = [o.iteration(args.warmup + i) for i in range(args.iters)]
+    decode = [o.decode_only(i) for i in range(args.iters)]
+    jax.config.update("jax_log_compiles", False)
+
+    res = {
+        "framework": "jaxrl_llm",
+        "ok": True,
+        "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
+        "device": jax.devices()[0].device_kind,
+        "iters": args.iters, "warmup": args.warmup,
+        "setup_s": setup_s, "first_iteration_s": first_s,
+        "median": {k: _median([t[k] for t in times]) for k in PIECES + ("total",)},
+        "decode_s": _median(decode),
+        "all_total_s": [t["total"] for t in times],
+        "compiles_in_timed_loop": counter.count,
+        "compiled_in_timed_loop": sorted(set(counter.names))[:20],
+        "options": {"old_logprob_forward": o.need_old, "scan_unroll": o.cfg.scan_unroll,
+                    "prompt_len": int(o.prompt_tokens.shape[1])},
+        "last": o.last,
+    }
+    res["median"]["other"] = res["median"]["total"] - sum(res["median"][k] for k in ("generation", "reference",
+                                                                                        "update"))
+    if args.detail:
+        res["detail"] = detail(o, repeats=max(5, args.iters // 2))
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default=str(workload_lib.DEFAULT_OUT))
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--old-forward", action="store_true", help="force a separate old-policy log-prob forward")
+    ap.add_argument("--scan-unroll", type=int, default=None, help="override the layer scan unroll")
+    ap.add_argument("--detail", action="store_true", help="also time prefill, decode steps, forwards, update parts")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    res = run(args)
+    line = json.dumps(res)
+    if args.json:
+        pathlib.Path(args.json).write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""Side-by-side: our GRPO iteration vs TRL and Tunix, and our decode vs `transformers.generate`.
+
+    .venv/bin/python bench/peers.py                         # 3 interleaved rounds, 10 timed iterations each
+    .venv/bin/python bench/peers.py --quick                 # 1 round
+    .venv/bin/python bench/peers.py --setup-only            # build the workload and the peers' venvs, run nothing
+    .venv/bin/python bench/peers.py --peers trl,generate --rounds 5 --iters 20 --variants --detail
+
+The work is shared/BENCHMARK_WORKLOAD.md's "tiny-qwen2 GRPO", built by
+bench/workload.py into bench/.cache/workload. Every peer runs in its own
+virtualenv under bench/.venvs/<peer> (their pins conflict with ours and with
+each other), created on first use with `python3 -m venv` and `pip install`
+of the exact pins below; a pin that cannot be installed is recorded with the
+reason and that peer is skipped. Each round runs ours, then every peer, each
+in a fresh process (setup and compilation excluded from the timed
+iterations, which are medians after --warmup); the table reports the median
+over rounds of each run's medians. `--variants` adds rows for our pipeline
+with a separate old-policy forward and with the layer scan unrolled, `--detail`
+appends one run of `ours_grpo.py --detail` (prefill vs decode steps, forwards,
+update parts, compiled-HLO counts).
+
+Prints a markdown table and writes bench/results/peers-<date>.json with the
+machine (CPU model, cores, load average), versions and every run's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+VENVS = HERE / ".venvs"
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+import workload as workload_lib
+
+PEERS = {
+    "trl": {"script": "peers/trl_grpo.py", "pins": ["torch==2.13.0", "trl==1.16.0"], "label": "TRL 1.16.0 GRPOTrainer"},
+    "tunix": {"script": "peers/tunix_grpo.py", "pins": ["jax[cpu]==0.10.2", "google-tunix==0.1.7"],
+              "label": "Tunix 0.1.7 GRPOLearner"},
+    "generate": {"script": "peers/hf_generate.py", "pins": ["torch==2.13.0", "transformers==5.23.0"],
+                 "label": "transformers generate"},
+}
+VARIANTS = {"ours-old-forward": ["--old-forward"], "ours-unroll4": ["--scan-unroll", "4"]}
+TARGETS = {"trl": 3.0, "tunix": 1.5, "generate": 3.0}  # issue 7: ours must be this many times faster
+COLUMNS = ("total", "generation", "reference", "update", "other")
+
+
+def log(msg: str) -> None:
+    print(f"[peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ venvs
+
+
+def venv_python(name: str) -> pathlib.Path:
+    return VENVS / name / "bin" / "python"
+
+
+def ensure_venv(name: str) -> dict:
+    """Creates bench/.venvs/<name> with the exact pins unless it already has them; returns {ok, reason?}."""
+    pins = PEERS[name]["pins"]
+    marker = VENVS / name / ".pins.json"
+    if marker.is_file() and json.loads(marker.read_text()) == pins and venv_python(name).exists():
+        return {"ok": True, "pins": pins, "created": False}
+    VENVS.mkdir(parents=True, exist_ok=True)
+    logf = VENVS / f"{name}.install.log"
+    log(f"creating venv {name}: pip install {' '.join(pins)} (log: {logf})")
+    t0 = time.time()
+    with open(logf, "w") as f:
+        r = subprocess.run(["python3", "-m", "venv", str(VENVS / name)],
+                           stdout=f, stderr=subprocess.STDOUT, check=False)
+        if r.returncode == 0:
+            r = subprocess.run([str(venv_python(name)), "-m", "pip", "install", "--disable-pip-version-check",
+                                *pins], stdout=f, stderr=subprocess.STDOUT, check=False)
+    if r.returncode != 0:
+        lines = [ln for ln in logf.read_text().splitlines() if ln.strip() and "is ignored" not in ln]
+        return {"ok": False, "pins": pins, "reason": " | ".join(lines[-6:]) or f"exit {r.returncode}"}
+    marker.write_text(json.dumps(pins))
+    return {"ok": True, "pins": pins, "created": True, "install_s": time.time() - t0}
+
+
+# ------------------------------------------------------------------ runs
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_json(cmd: list[str], timeout: int) -> dict:
+    """Runs one benchmark process; its last stdout line that parses as JSON is the result."""
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_clean_env(),
+                           check=False)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"timed out after {timeout} s", "cmd": cmd}
+    for line in reversed(p.stdout.strip().splitlines()):
+        try:
+            res = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(res, dict):
+            res["process_wall_s"] = time.time() - t0
+            return res
+    tail = (p.stderr or p.stdout).strip().splitlines()[-8:]
+    return {"ok": False, "reason": f"exit {p.returncode}: " + " | ".join(tail), "cmd": cmd}
+
+
+def library_state() -> dict:
+    """The jaxrl_llm code a run measured: HEAD and a hash of uncommitted changes (others edit the tree)."""
+    import hashlib
+
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False)
+        return r.stdout if r.returncode == 0 else ""
+    diff = git("diff", "HEAD", "--", "jaxrl_llm")
+    return {"head": git("rev-parse", "--short", "HEAD").strip(),
+            "uncommitted_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None}
+
+
+def ours_cmd(args, extra: list[str] = ()) -> list[str]:
+    return [sys.executable, str(HERE / "ours_grpo.py"), "--workload", args.workload, "--iters", str(args.iters),
+            "--warmup", str(args.warmup), *extra]
+
+
+def peer_cmd(name: str, args) -> list[str]:
+    return [str(venv_python(name)), str(HERE / PEERS[name]["script"]), "--workload", args.workload,
+            "--iters", str(args.iters), "--warmup", str(args.warmup)]
+
+
+# ------------------------------------------------------------------ summary
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Per framework: median over rounds of each run's medians (and of decode_s)."""
+    out = {}
+    for name, rs in runs.items():
+        good = [r for r in rs if r.get("ok")]
+        if not good:
+            out[name] = {"ok": False, "reason": rs[-1].get("reason") if rs else "not run"}
+            continue
+        med = {c: _med([r.get("median", {}).get(c) for r in good]) for c in COLUMNS}
+        out[name] = {"ok": True, "rounds": len(good), "median": med,
+                     "decode_s": _med([r.get("decode_s") for r in good]),
+                     "round_totals": [r.get("median", {}).get("total") for r in good]}
+    ours = out.get("ours", {})
+    if ours.get("ok"):
+        for name in PEERS:
+            s = out.get(name)
+            if not (s and s.get("ok")):
+                continue
+            key = (lambda r: r.get("decode_s")) if name == "generate" else (lambda r: r.get("median", {}).get("total"))
+            s["ratio_vs_ours"] = _med([key(r) for r in runs[name] if r.get("ok")]) / _med(
+                [key(r) for r in runs["ours"] if r.get("ok")])
+            ours_by_round = {r.get("round"): key(r) for r in runs["ours"] if r.get("ok")}
+            per_round = [key(r) / ours_by_round[r.get("round")] for r in runs[name]
+                         if r.get("ok") and ours_by_round.get(r.get("round"))]
+            s["ratio_per_round"] = per_round
+            s["target"] = TARGETS[name]
+            s["target_met"] = s["ratio_vs_ours"] >= TARGETS[name]
+    return out
+
+
+def _f(x, digits=2):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _range(s: dict) -> str:
+    r = s.get("ratio_per_round") or []
+    return f", rounds {min(r):.2f}-{max(r):.2f}" if len(r) > 1 else ""
+
+
+def table(summary: dict) -> str:
+    lines = ["| framework | s / iteration | generation | reference | update | other | peer / ours |",
+             "|---|---|---|---|---|---|---|"]
+    labels = {"ours": "jaxrl_llm (ours)", "ours-old-forward": "ours + a separate old-policy forward",
+              "ours-unroll4": "ours, layer scan unrolled x4", **{k: v["label"] for k, v in PEERS.items()}}
+    for name, s in summary.items():
+        if name == "generate" or name.startswith("_"):
+            continue
+        if not s.get("ok"):
+            lines.append(f"| {labels[name]} | failed: {s.get('reason', '')[:120]} | | | | | |")
+            continue
+        m = s["median"]
+        ratio = s.get("ratio_vs_ours")
+        if name.startswith("ours"):
+            ratio_s = "1.00" if name == "ours" else f"{_f(summary['ours']['median']['total'] / m['total'])}x as fast as ours"
+        else:
+            ratio_s = f"{_f(ratio)}{_range(s)} (target {TARGETS[name]:g}: {'met' if s['target_met'] else 'not met'})"
+        lines.append(f"| {labels[name]} | {_f(m['total'])} | {_f(m['generation'])} | {_f(m['reference'])} "
+                     f"| {_f(m['update'])} | {_f(m['other'])} | {ratio_s} |")
+    lines += ["", "| decode 64 rows x 64 new tokens | s | generate / ours |", "|---|---|---|"]
+    if summary.get("ours", {}).get("ok"):
+        lines.append(f"| jaxrl_llm sampler (ours) | {_f(summary['ours']['decode_s'], 3)} | 1.00 |")
+    g = summary.get("generate")
+    if g and g.get("ok"):
+        lines.append(f"| transformers generate | {_f(g['decode_s'], 3)} | {_f(g.get('ratio_vs_ours'))}{_range(g)} "
+                     f"(target 3: {'met' if g.get('target_met') else 'not met'}) |")
+    elif g:
+        lines.append(f"| transformers generate | failed: {g.get('reason', '')[:120]} | |")
+    return "\n".join(lines)
+
+
+def detail_md(d: dict | None) -> str:
+    """Where our time goes, from one `ours_grpo.py --detail` run."""
+    if not d or not d.get("ok") or "detail" not in d:
+        return ""
+    x, m = d["detail"], d["median"]
+    h = x["sampler_hlo"]
+    rows = [
+        ("iteration (this run)", (f"{m['total']:.3f} s = generation {m['generation']:.3f} + old-policy forward "
+                                  f"{m['old']:.3f} + reference {m['reference']:.3f} + update {m['update']:.3f} "
+                                  f"+ reward {m['reward']:.3f}")),
+        ("prefill (64 x {} tokens)".format(x["prompt_len"]), f"{x['prefill_s']:.3f} s"),
+        ("decode loop", (f"{x['decode_loop_s']:.3f} s = 64 x {x['per_decode_step_in_loop_ms']:.2f} ms/step; "
+                         f"the step's matmuls alone: {x['matmuls_only_step_ms']:.2f} ms")),
+        ("KV cache copies per decode step (compiled HLO)",
+         (f"{h['full_cache_copies_per_step']} full-cache + {h['layer_slice_copies_per_layer_step']} "
+          f"per-layer-slice copies = {h['copied_mb_per_decode_step']:.1f} MiB/step "
+          f"(cache k or v: {h['cache_mb_k_or_v']:.2f} MiB)")),
+        ("log-prob forward / plain forward (64 x {})".format(x["cache_len"]),
+         f"{x['logprob_forward_s']:.3f} s / {x['plain_forward_s']:.3f} s"),
+        ("trunk forward / forward+backward", f"{x['trunk_forward_s']:.3f} s / {x['trunk_fwd_bwd_s']:.3f} s"),
+        ("same, layer scan unrolled", (f"{x.get('trunk_forward_unrolled_s', float('nan')):.3f} s / "
+                                       f"{x.get('trunk_fwd_bwd_unrolled_s', float('nan')):.3f} s")),
+        ("GRPO loss forward / loss+grad", f"{x['loss_forward_only_s']:.3f} s / {x['loss_and_grad_s']:.3f} s"),
+        ("AdamW update alone", f"{x['optimizer_only_s']:.3f} s"),
+        ("compilations in the timed loop", str(d.get("compiles_in_timed_loop"))),
+    ]
+    return "\n".join(["| where our time goes | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def machine_info() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            mem = next(ln for ln in f if ln.startswith("MemTotal")).split()[1]
+        mem_gib = int(mem) / 2**20
+    except (OSError, StopIteration):
+        mem_gib = None
+    info = {"cpu_model": model, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "mem_gib": mem_gib, "platform": platform.platform(), "python": sys.version.split()[0],
+            "loadavg_start": os.getloadavg()}
+    try:
+        import jax
+
+        import jaxrl_llm  # noqa: F401
+        info["ours_versions"] = {"jax": jax.__version__}
+    except ImportError:
+        pass
+    return info
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10, help="timed iterations per run (>= 10 for the record)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--peers", default="trl,tunix,generate")
+    ap.add_argument("--quick", action="store_true", help="one round")
+    ap.add_argument("--setup-only", action="store_true", help="build the workload and venvs, then stop")
+    ap.add_argument("--variants", action="store_true", help="also run our pipeline without the old forward / "
+                                                             "with the layer scan unrolled")
+    ap.add_argument("--detail", action="store_true", help="append one `ours_grpo.py --detail` run")
+    ap.add_argument("--workload", default=str(workload_lib.DEFAULT_OUT))
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per process")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/peers-<date>.json)")
+    ap.add_argument("--resummarize", default=None, metavar="JSON",
+                    help="recompute the summary and table of an earlier results file (rewritten in place)")
+    args = ap.parse_args(argv)
+    if args.resummarize:
+        doc = json.loads(pathlib.Path(args.resummarize).read_text())
+        doc["summary"] = summarize(doc["runs"])
+        doc["summary"]["_library_states"] = sorted(
+            {json.dumps(r.get("library")) for n, rs in doc["runs"].items() if n.startswith("ours") for r in rs})
+        doc["table_markdown"] = table(doc["summary"]) + (
+            "\n\n" + detail_md(doc["detail"]) if doc.get("detail") else "")
+        pathlib.Path(args.resummarize).write_text(json.dumps(doc, indent=2) + "\n")
+        print(doc["table_markdown"])
+        return
+    if args.quick:
+        args.rounds = 1
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        ap.error(f"unknown peers {sorted(unknown)}; choose from {sorted(PEERS)}")
+
+    log(f"workload -> {args.workload}")
+    workload_lib.build(args.workload)
+    wl = workload_lib.load(args.workload)
+    setup = {name: ensure_venv(name) for name in peers}
+    for name, s in setup.items():
+        log(f"venv {name}: {'ok' if s['ok'] else 'FAILED: ' + s['reason']}")
+    if args.setup_only:
+        print(json.dumps({"setup": setup}, indent=2))
+        return
+
+    info = machine_info()
+    order = ["ours"] + (list(VARIANTS) if args.variants else []) + [p for p in peers if setup[p]["ok"]]
+    runs: dict[str, list[dict]] = {name: [] for name in order}
+    for name in peers:
+        if not setup[name]["ok"]:
+            runs[name] = [{"ok": False, "reason": "install failed: " + setup[name]["reason"]}]
+    t_start = time.time()
+    for r in range(args.rounds):
+        for name in order:
+            cmd = (ours_cmd(args) if name == "ours" else ours_cmd(args, VARIANTS[name]) if name in VARIANTS
+                   else peer_cmd(name, args))
+            log(f"round {r + 1}/{args.rounds}: {name}")
+            state = library_state() if name.startswith("ours") else None
+            res = run_json(cmd, args.timeout)
+            res["round"] = r + 1
+            if state is not None:
+                res["library"] = state
+                if state != library_state():
+                    res["library_changed_during_run"] = True
+            res["loadavg_after"] = os.getloadavg()
+            runs[name].append(res)
+            m = res.get("median", {})
+            log(f"  -> {'ok' if res.get('ok') else 'FAILED'} total={_f(m.get('total'))} "
+                f"decode={_f(res.get('decode_s'), 3)} {'' if res.get('ok') else res.get('reason', '')[:300]}")
+    detail = None
+    if args.detail:
+        log("ours --detail")
+        detail = run_json(ours_cmd(args, ["--detail"]), args.timeout)
+
+    summary = summarize(runs)
+    states = {json.dumps(r.get("library")) for n, rs in runs.items() if n.startswith("ours") for r in rs}
+    summary["_library_states"] = sorted(states)
+    md = table(summary)
+    if len(states) > 1:
+        md = "**jaxrl_llm changed between rounds (see _library_states); rounds are not comparable.**\n\n" + md
+    if detail is not None:
+        md += "\n\n" + detail_md(detail)
+    print(md)
+    info["loadavg_end"] = os.getloadavg()
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"peers-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"workload": {k: v for k, v in wl.items() if k not in ("tokenizer_dir", "model_dir")},
+           "machine": info, "args": vars(args), "setup": setup, "wall_s": time.time() - t_start,
+           "summary": summary, "table_markdown": md, "runs": runs, "detail": detail}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""transformers `generate` alone on the reference workload: 64 rows x 64 new tokens, sampling, torch CPU.
+
+    bench/.venvs/generate/bin/python bench/peers/hf_generate.py --workload bench/.cache/workload --iters 10
+
+(bench/peers.py creates the venv: torch==2.13.0 (CPU), transformers==5.23.0.)
+The 8 workload prompts, each repeated 8 times (64 rows, left-padded to the
+longest), `do_sample=True`, temperature 1, top-p 1, top-k off, EOS 1, pad 0,
+float32, 2 torch threads, OMP_WAIT_POLICY=PASSIVE (the 2 cores are shared;
+spin-waiting OpenMP threads made generate 20x slower under contention).
+Times each `generate` call (prefill included) and prints one JSON line with
+the median after --warmup calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", required=True)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    with open(os.path.join(args.workload, "workload.json")) as f:
+        wl = json.load(f)
+    tok = transformers.AutoTokenizer.from_pretrained(wl["tokenizer_dir"])
+    tok.padding_side = "left"
+    model = transformers.AutoModelForCausalLM.from_pretrained(wl["model_dir"], dtype=torch.float32).eval()
+    rows = [p for p in wl["prompts"] for _ in range(wl["num_generations"])]
+    enc = tok(rows, return_tensors="pt", padding=True)
+    gen = transformers.GenerationConfig(
+        do_sample=True, max_new_tokens=wl["max_new_tokens"], temperature=wl["temperature"], top_p=wl["top_p"],
+        top_k=None, eos_token_id=wl["eos_id"], pad_token_id=wl["pad_id"])
+    times, new_tokens = [], []
+    with torch.inference_mode():
+        for i in range(args.warmup + args.iters):
+            torch.manual_seed(i)
+            t0 = time.perf_counter()
+            out = model.generate(**enc, generation_config=gen)
+            dt = time.perf_counter() - t0
+            new_tokens.append(out.shape[1] - enc["input_ids"].shape[1])
+            if i >= args.warmup:
+                times.append(dt)
+    print(json.dumps({
+        "framework": "transformers.generate", "ok": True, "iters": len(times), "warmup": args.warmup,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": sys.version.split()[0]},
+        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "loadavg": os.getloadavg(), "rows": len(rows), "prompt_len": int(enc["input_ids"].shape[1]),
+        "decode_s": statistics.median(times), "median": {"generation": statistics.median(times)},
+        "all_s": times, "new_tokens_per_call": sorted(set(new_tokens)),
+        "attn_implementation": model.config._attn_implementation,
+    }))
+
+
+if __name__ == "__main__":
+    main()
