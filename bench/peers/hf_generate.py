@@ -13,32 +13,25 @@ the median after --warmup calls.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import load_workload, parse_args, torch_env  # bench/peers/common.py, next to this file
+
+torch_env()
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv)
 
     import torch
     import transformers
 
     torch.set_num_threads(args.threads)
-    with open(os.path.join(args.workload, "workload.json")) as f:
-        wl = json.load(f)
+    wl = load_workload(args.workload)
     tok = transformers.AutoTokenizer.from_pretrained(wl["tokenizer_dir"])
     tok.padding_side = "left"
     model = transformers.AutoModelForCausalLM.from_pretrained(wl["model_dir"], dtype=torch.float32).eval()

@@ -20,7 +20,6 @@ optimizer step). Prints one JSON line of medians.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -29,20 +28,13 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-# The 2 cores are shared with other jobs: with OpenMP's default spin-waiting, torch's 2 threads stall each
-# other under contention (generate measured 20x slower); passive waiting keeps torch at its real speed.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import load_workload, parse_args, torch_env  # bench/peers/common.py, next to this file
+
+torch_env()
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv)
 
     import datasets
     import torch
@@ -51,8 +43,7 @@ def main(argv=None):
     from transformers import AutoTokenizer, TrainerCallback
 
     torch.set_num_threads(args.threads)
-    with open(os.path.join(args.workload, "workload.json")) as f:
-        wl = json.load(f)
+    wl = load_workload(args.workload)
     tok = AutoTokenizer.from_pretrained(wl["tokenizer_dir"])
     assert tok.pad_token_id == wl["pad_id"] and tok.eos_token_id == wl["eos_id"]
     tok.padding_side = "left"

@@ -21,7 +21,6 @@ Prints one JSON line of medians.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -29,13 +28,11 @@ import statistics
 import sys
 import time
 
+from common import load_workload, parse_args  # bench/peers/common.py, next to this file
+
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv, threads=False)
 
     import flax
     import jax
@@ -49,8 +46,7 @@ def main(argv=None):
     from tunix.rl.grpo import grpo_learner
     from tunix.rl.rollout import base_rollout
 
-    with open(os.path.join(args.workload, "workload.json")) as f:
-        wl = json.load(f)
+    wl = load_workload(args.workload)
     mc = wl["model_config"]
     cfg = qwen2_model.ModelConfig(
         num_layers=mc["num_hidden_layers"], vocab_size=mc["vocab_size"], embed_dim=mc["hidden_size"],

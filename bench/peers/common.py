@@ -1,0 +1,32 @@
+"""What every peer runner shares: its command line and the workload description (stdlib only: each runner
+runs in its own virtualenv, and this file sits next to it on sys.path)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def torch_env() -> None:
+    """Two torch threads that wait passively: the 2 cores are shared with other jobs, and with OpenMP's
+    default spin-waiting torch's threads stall each other under contention (generate measured 20x slower);
+    on a quiet machine it makes no difference. Call before importing torch."""
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(doc: str, argv=None, threads: bool = True) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", required=True, help="directory written by bench/workload.py")
+    ap.add_argument("--iters", type=int, default=10, help="timed iterations")
+    ap.add_argument("--warmup", type=int, default=2, help="iterations run before timing")
+    if threads:
+        ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    return ap.parse_args(argv)
+
+
+def load_workload(directory: str) -> dict:
+    with open(os.path.join(directory, "workload.json")) as f:
+        return json.load(f)
