@@ -145,7 +145,7 @@ def _row_sharding(env, shape: Sequence[int]):
     return env.sharding(names[:len(shape)], tuple(shape))
 
 
-def _row_range(sharding, shape: Sequence[int]) -> tuple[int, int]:
+def row_range(sharding, shape: Sequence[int]) -> tuple[int, int]:
     """[start, stop) of dim 0 held by this process's devices; they must form one contiguous block."""
     blocks = set()
     for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
@@ -163,7 +163,7 @@ def _row_range(sharding, shape: Sequence[int]) -> tuple[int, int]:
 def batch_rows(env, global_rows: int, row_shape: Sequence[int] = ()) -> slice:
     """The rows [start, stop) of a [global_rows, *row_shape] batch that this process feeds (all of them with
     one process, or when the batch axes do not split across processes)."""
-    start, stop = _row_range(_row_sharding(env, (global_rows, *row_shape)), (global_rows, *row_shape))
+    start, stop = row_range(_row_sharding(env, (global_rows, *row_shape)), (global_rows, *row_shape))
     return slice(start, stop)
 
 
@@ -186,7 +186,7 @@ def to_global(env, local: Any, global_rows: int | None = None) -> jax.Array:
         global_rows = local.shape[0] * jax.process_count()
     shape = (global_rows, *local.shape[1:])
     sharding = _row_sharding(env, shape)
-    start, stop = _row_range(sharding, shape)
+    start, stop = row_range(sharding, shape)
     if stop - start != local.shape[0]:
         raise ValueError(f"this process holds rows [{start}, {stop}) of a batch of {global_rows} but was given "
                          f"{local.shape[0]} rows")

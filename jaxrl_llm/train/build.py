@@ -158,7 +158,7 @@ def rollout_examples(comp: Components, rollout, examples: Sequence[Example], n: 
     """The example of each rollout row this process holds (rows are prompt-major: prompt i has rows
     i*n .. i*n+n-1); `examples` are this process's prompts, as fed to the sampler."""
     rows = rollout.tokens.shape[0]
-    start, stop = multihost._row_range(rollout.tokens.sharding, rollout.tokens.shape)
+    start, stop = multihost.row_range(rollout.tokens.sharding, rollout.tokens.shape)
     first = multihost.batch_rows(comp.env, rows // n, (rollout.prompt_tokens.shape[1],)).start
     return [examples[r // n - first] for r in range(start, stop)]
 

@@ -141,17 +141,18 @@ class Stage:
             if n == self.total_steps:
                 if "eval/accuracy" in self._last_eval:
                     self.summary["accuracy_after"] = self._last_eval["eval/accuracy"]
-                checkpointer.save(n, self.tree(), {**self.meta(), "done": True, "summary": self.summary,
-                                                   "topology": self._topology()})
+                checkpointer.save(n, self.tree(), self._checkpoint_meta(done=True))
             elif ck_every > 0 and n % ck_every == 0:
-                checkpointer.save(n, self.tree(), {**self.meta(), "done": False, "summary": self.summary,
-                                                   "topology": self._topology()})
+                checkpointer.save(n, self.tree(), self._checkpoint_meta(done=False))
         checkpointer.wait()
         if bar is not None:
             bar.close()
         return self.params()
 
     _last_eval: dict = {}
+
+    def _checkpoint_meta(self, done: bool) -> dict:
+        return {**self.meta(), "done": done, "summary": self.summary, "topology": self._topology()}
 
     def _topology(self) -> dict:
         return {**multihost.topology(), "mesh": {k: int(v) for k, v in self.comp.env.mesh.shape.items()}}
@@ -166,7 +167,7 @@ class Stage:
             tree, meta = checkpointer.restore(step, _abstract(self.tree()))
             self.restore(tree, meta)
         except Exception as e:
-            if saved is None or saved == now or isinstance(e, KeyboardInterrupt):
+            if saved is None or saved == now:
                 raise
             raise CheckpointError(
                 f"stage {self.name!r}: checkpoint {where} was written on {_describe(saved)} and cannot be restored "
