@@ -13,22 +13,15 @@ lr 3e-4); k1 KL to the SFT model in the reward, fixed coefficient 0.02; GAE gamm
 Expect: Not measured yet at this preset; its smoke preset runs in the test suite.
 """
 
-import ml_collections as mc
-
-from jaxrl_llm.train.config import base_config, ppo_stage, sft_stage
+from jaxrl_llm.train.config import addition_warm_start, digit_addition_config, ppo_stage
 
 PRESETS = ("smoke",)
 
 
 def get_config(preset=None):
-    c = base_config()
-    # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
-    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
-                                       pad_operands=True, reverse_answer=True))
-    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 25
+    c = digit_addition_config(eval_every=25)
     c.stages = ("sft", "rl")
-    c.sft = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
-    c.sft.optimizer.warmup_steps = 30
+    c.sft = addition_warm_start()
     c.rl = ppo_stage(iterations=100, prompts_per_iter=64, samples_per_prompt=4, learning_rate=1e-4,
                      value_learning_rate=3e-4, max_new_tokens=6, kl_coef=0.02, epochs=2, num_minibatches=2)
     c.rl.max_prompt_len = 12

@@ -15,22 +15,15 @@ Expect: Measured on the 2-core CPU with another run sharing the cores: held-out 
 499 s.
 """
 
-import ml_collections as mc
-
-from jaxrl_llm.train.config import base_config, reward_model_stage, sft_stage
+from jaxrl_llm.train.config import addition_warm_start, digit_addition_config, reward_model_stage
 
 PRESETS = ("smoke",)
 
 
 def get_config(preset=None):
-    c = base_config()
-    # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
-    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
-                                       pad_operands=True, reverse_answer=True))
-    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
+    c = digit_addition_config(eval_every=50)
     c.stages = ("sft", "rm")
-    c.sft = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
-    c.sft.optimizer.warmup_steps = 30
+    c.sft = addition_warm_start()
     c.rm = reward_model_stage(steps=300, batch_size=64, learning_rate=3e-4, max_prompt_len=12, max_response_len=6)
     if preset == "smoke":  # a few steps of each stage
         c.sft.steps, c.rm.steps, c.rm.batch_size, c.rm.data.num_pairs = 2, 2, 8, 64

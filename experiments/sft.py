@@ -12,19 +12,13 @@ Expect: Measured on the 2-core CPU with another run sharing the cores: held-out 
 s.
 """
 
-import ml_collections as mc
-
-from jaxrl_llm.train.config import base_config, sft_stage
+from jaxrl_llm.train.config import digit_addition_config, sft_stage
 
 PRESETS = ("smoke",)
 
 
 def get_config(preset=None):
-    c = base_config()
-    # one token per digit, operands zero-padded, answer reversed: the format small models learn addition in
-    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
-                                       pad_operands=True, reverse_answer=True))
-    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 50
+    c = digit_addition_config(eval_every=50)
     c.stages = ("sft",)
     c.sft = sft_stage(steps=300, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
     c.sft.optimizer.update(dict(warmup_steps=30, schedule="cosine", total_steps=300))

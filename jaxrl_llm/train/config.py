@@ -109,6 +109,25 @@ def base_config() -> mc.ConfigDict:
     return c
 
 
+def digit_addition_config(eval_every: int = 50) -> mc.ConfigDict:
+    """`base_config()` on 1-2 digit addition in the format small models learn it in (one token per digit,
+    operands zero-padded, answer reversed; arXiv 2307.03381), greedy accuracy on 256 held-out problems
+    every `eval_every` steps: the setting of the tiny-model experiment files."""
+    c = base_config()
+    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
+                                       pad_operands=True, reverse_answer=True))
+    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, eval_every
+    return c
+
+
+def addition_warm_start() -> mc.ConfigDict:
+    """The SFT warm start the tiny-model experiments share: 200 steps of 128 gold answers, lr 1e-3 with 30
+    warm-up steps, prompts up to 12 tokens, answers up to 6."""
+    s = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
+    s.optimizer.warmup_steps = 30
+    return s
+
+
 def sft_stage(steps: int = 200, batch_size: int = 64, learning_rate: float = 1e-3, **kw) -> mc.ConfigDict:
     s = mc.ConfigDict(dict(kind="sft", steps=steps, batch_size=batch_size, max_prompt_len=16,
                            max_response_len=16, num_micro_batches=1, loss_agg="token-mean",
