@@ -17,8 +17,8 @@ longest, and each iteration does what `GRPOStage.step` does:
 Every piece ends with `block_until_ready`; medians over --iters iterations
 after --warmup. `decode_s` times the sampler alone (64 x 64, like
 `transformers.generate`). `--old-forward` forces the separate old-policy
-forward; `--scan-unroll N` overrides the layer scan unroll of `load_hf`'s
-config. Prints one JSON line (and writes it to --json).
+forward; `--scan-unroll N`, `--remat POLICY` and `--dtype DTYPE` (compute; params stay
+float32) override `load_hf`'s config. Prints one JSON line (and writes it to --json).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -85,10 +86,15 @@ def _median(xs):
 class Ours:
     """The pieces of one GRPO iteration, built once."""
 
-    def __init__(self, wl: dict, *, old_forward: bool = False, scan_unroll: int | None = None, seed: int = 0):
+    def __init__(self, wl: dict, *, old_forward: bool = False, scan_unroll: int | None = None, remat: str | None = None,
+                 dtype: str | None = None, seed: int = 0):
         self.wl = wl
         self.env = ShardingEnv(make_mesh({"data": 1}, devices=jax.devices()[:1]))
         overrides = {"scan_unroll": scan_unroll} if scan_unroll else {}
+        if remat:
+            overrides["remat"] = remat
+        if dtype:
+            overrides["dtype"] = dtype
         self.cfg, params = load_hf(wl["model_dir"], self.env, **overrides)
         self.module = CausalLM(self.cfg)
         self.tok = load_tokenizer(wl["tokenizer_dir"], vocab_size=self.cfg.vocab_size)
@@ -172,33 +178,29 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def _kv_copies(hlo: str, cache_shape: tuple[int, ...]) -> dict:
-    """Copies of KV-cache-sized buffers in a compiled sampler, by HLO computation.
+def _kv_copies(hlo: str, layer_shape: tuple[int, ...]) -> dict:
+    """Cache-sized copies per decode step in a compiled sampler.
 
-    Copies in ENTRY run once; every other computation of the sampler sits inside the
-    decode `while` loop. A copy of one layer's slice [1, B, S, kv, d] sits in the layer
-    scan's body and runs once per layer per step. Returns the counts and the MB copied
-    per decode step that they imply.
+    Counts the instructions of the decode `while` loop's body whose output holds at least one layer's
+    K or V (`layer_shape`, float32) and that are not the in-place dynamic-update-slice writes of the new
+    slots: transposes, slices or copies of the cache, each run once per step.
     """
-    full = "[" + ",".join(map(str, cache_shape)) + "]"
-    one = "[1," + ",".join(map(str, cache_shape[1:])) + "]"
-    nbytes = 4 * int(np.prod(cache_shape))
-    comp, entry, per_step, per_layer = None, 0, 0, 0
+    n = int(np.prod(layer_shape))
+    bodies = set(re.findall(r"body=(%[\w.\-]+)", hlo))
+    comp, copies, elems = None, 0, 0
     for line in hlo.splitlines():
         if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            comp = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+            comp = line.split()[0]
             continue
-        if " copy(" not in line:
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = f32\[([\d,]*)\]\S* (\w[\w\-]*)\(", line)
+        if comp not in bodies or not m or "dynamic-update-slice" in m.group(1):
             continue
-        if full in line:
-            entry += comp == "ENTRY"
-            per_step += comp != "ENTRY"
-        elif one in line and comp != "ENTRY":
-            per_layer += 1
-    mb = (per_step + per_layer) * nbytes / 2**20  # a slice is nbytes / layers, copied once per layer
-    return {"cache_shape": list(cache_shape), "cache_mb_k_or_v": nbytes / 2**20,
-            "full_cache_copies_once": entry, "full_cache_copies_per_step": per_step,
-            "layer_slice_copies_per_layer_step": per_layer, "copied_mb_per_decode_step": mb,
+        size = int(np.prod([int(x) for x in m.group(2).split(",") if x]))
+        if size >= n and m.group(3) in ("copy", "fusion", "transpose", "slice", "dynamic-slice", "concatenate"):
+            copies += 1
+            elems += size
+    return {"layer_cache_shape": list(layer_shape), "cache_mb_k_or_v": 4 * n / 2**20,
+            "cache_sized_copies_per_step": copies, "copied_mb_per_decode_step": 4 * elems / 2**20,
             "while_loops": hlo.count(" while(")}
 
 
@@ -266,8 +268,7 @@ def detail(o: Ours, repeats: int) -> dict:
     out["matmuls_only_step_ms"] = 1e3 * _time(lambda: mlp_jit(params, x), repeats)
 
     lowered = o.sampler.jitted_for(tuple(o.prompt_tokens.shape)).lower(params, o.prompt_tokens, o.prompt_mask, key)
-    out["sampler_hlo"] = _kv_copies(lowered.compile().as_text(), (cfg.num_layers, rows, p + n_new,
-                                                                   cfg.num_kv_heads, cfg.head_dim))
+    out["sampler_hlo"] = _kv_copies(lowered.compile().as_text(), (rows, cfg.num_kv_heads, p + n_new, cfg.head_dim))
 
     # Forwards: the log-prob forward (chunked head) and a plain full-logits forward on 64 x (P + 64).
     ro = o.sampler(params, o.prompt_tokens, o.prompt_mask, key)
@@ -335,7 +336,8 @@ def detail(o: Ours, repeats: int) -> dict:
 def run(args) -> dict:
     wl = workload_lib.load(workload_lib.build(args.workload))
     t_setup = time.perf_counter()
-    o = Ours(wl, old_forward=args.old_forward, scan_unroll=args.scan_unroll, seed=args.seed)
+    o = Ours(wl, old_forward=args.old_forward, scan_unroll=args.scan_unroll, remat=args.remat, dtype=args.dtype,
+             seed=args.seed)
     setup_s = time.perf_counter() - t_setup
     t0 = time.perf_counter()
     o.iteration(0)
@@ -362,8 +364,8 @@ def run(args) -> dict:
         "all_total_s": [t["total"] for t in times],
         "compiles_in_timed_loop": counter.count,
         "compiled_in_timed_loop": sorted(set(counter.names))[:20],
-        "options": {"old_logprob_forward": o.need_old, "scan_unroll": o.cfg.scan_unroll,
-                    "prompt_len": int(o.prompt_tokens.shape[1])},
+        "options": {"old_logprob_forward": o.need_old, "scan_unroll": o.cfg.scan_unroll, "remat": o.cfg.remat,
+                    "dtype": o.cfg.dtype, "prompt_len": int(o.prompt_tokens.shape[1])},
         "last": o.last,
     }
     res["median"]["other"] = res["median"]["total"] - sum(res["median"][k] for k in ("generation", "reference",
@@ -381,6 +383,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--old-forward", action="store_true", help="force a separate old-policy log-prob forward")
     ap.add_argument("--scan-unroll", type=int, default=None, help="override the layer scan unroll")
+    ap.add_argument("--remat", default=None, help="override the remat policy (none, full, dots)")
+    ap.add_argument("--dtype", default=None, help="compute dtype (params stay float32), e.g. bfloat16")
     ap.add_argument("--detail", action="store_true", help="also time prefill, decode steps, forwards, update parts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -80,18 +80,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nn.Module):
     """Grouped-query attention with an optional KV cache.
 
-    `kv` is None (keys are the current tokens) or (k, v) of every layer, [L, B, S, kv_heads, head_dim]:
-    the new keys/values are written in place at layer `layer`, slots [index, index + T), and this layer's
-    slice is read back. Carrying the whole cache through the layer scan (rather than scanning over
-    per-layer slices and stacking the outputs) writes T new rows per layer instead of copying the cache
-    every decode step.
+    `kv` is None (keys are the current tokens) or this layer's (k, v), each [B, kv_heads, S, head_dim]:
+    the new keys/values are written in place at slots [index, index + T) and attention reads the
+    updated buffers directly (one buffer per layer: a slice of a stacked cache would be copied before
+    every decode step's dot).
     `bias` is an additive float32 mask [B, 1, 1, T, S].
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias, kv, index, layer=0):
+    def __call__(self, x, cos, sin, bias, kv, index):
         cfg = self.cfg
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -116,19 +115,21 @@ class Attention(nn.Module):
         kx = constrain(apply_rope(kx, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         vx = constrain(vx, ("batch", "length", "kv_heads", "head_dim"))
 
-        if kv is not None:
+        # Heads-major [B, kv_heads, T or S, head_dim]: the cache's own layout, so each (row, kv head) reads a
+        # contiguous [S, head_dim] block; the batched dots below need no transposed copy of the cache.
+        kx, vx = kx.transpose(0, 2, 1, 3), vx.transpose(0, 2, 1, 3)
+        if kv is not None:  # this layer's cache: write the T new slots in place, attend over all S
             kc, vc = kv
-            kc = jax.lax.dynamic_update_slice(kc, kx[None].astype(kc.dtype), (layer, 0, index, 0, 0))
-            vc = jax.lax.dynamic_update_slice(vc, vx[None].astype(vc.dtype), (layer, 0, index, 0, 0))
-            kx = jax.lax.dynamic_index_in_dim(kc, layer, 0, keepdims=False)
-            vx = jax.lax.dynamic_index_in_dim(vc, layer, 0, keepdims=False)
-            kv = (kc, vc)
+            kx = jax.lax.dynamic_update_slice(kc, kx.astype(kc.dtype), (0, 0, index, 0))
+            vx = jax.lax.dynamic_update_slice(vc, vx.astype(vc.dtype), (0, 0, index, 0))
+            kv = (kx, vx)
 
-        qg = q.reshape(b, t, k, h // k, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kx.astype(dt),
+        qg = q.reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4)  # [B, kv_heads, group, T, head_dim]
+        scores = jnp.einsum("bkgtd,bksd->bkgts", qg, kx.astype(dt),
                             preferred_element_type=jnp.float32) / math.sqrt(d)
         probs = jax.nn.softmax(scores + bias, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, vx.astype(dt)).reshape(b, t, h, d)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, vx.astype(dt))
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
         out = constrain(out, ("batch", "length", "heads", "head_dim")).reshape(b * t, h, d)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
                               kernel_init=_init(cfg, ("heads", "head_dim", "embed")), name="o_proj")(out)
@@ -158,18 +159,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block; the signature fits `nn.scan`: carry (x, kv of every layer or None), the layer
-    number scanned."""
+    """Pre-norm block; the signature fits `nn.scan`: carry (x, this layer's (k, v) cache or None)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, cos, sin, bias, index, layer):
+    def __call__(self, carry, cos, sin, bias, index):
         x, kv = carry
         cfg = self.cfg
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
         hdn = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
-        attn, kv = Attention(cfg, name="self_attn")(hdn, cos, sin, bias, kv, index, layer)
+        attn, kv = Attention(cfg, name="self_attn")(hdn, cos, sin, bias, kv, index)
         x = constrain(x + attn, ("batch", "length", "embed"))
         hdn = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
         x = constrain(x + MLP(cfg, name="mlp")(hdn), ("batch", "length", "embed"))

@@ -5,6 +5,9 @@ pass is `model.apply({"params": params}, tokens, positions, mask, cache)`.
 
 Layers are stacked with `nn.scan` (one compiled layer body whatever the depth;
 every layer parameter has a leading "layers" axis), optionally rematerialised.
+With a KV cache (prefill and decode) the layers run one after another from the
+same stacked parameters, each with its own cache buffers, so that a decode
+step updates and reads every layer's keys/values in place.
 
 Masks and positions:
 * `mask` [B, T] marks real tokens (1) vs padding (0) of the tokens fed now.
@@ -18,6 +21,7 @@ Masks and positions:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -29,7 +33,9 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.layers import _NEG_INF, DecoderLayer, RMSNorm, _init, rope_tables
 from jaxrl_llm.sharding.rules import constrain
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# One layer's keys or values. kv_heads before length: attention reads each head's [S, head_dim] block
+# contiguously (no transposed copy of the cache per decode step).
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -39,18 +45,18 @@ _REMAT = {
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys/values of every layer: k, v [L, B, S, kv_heads, head_dim]; mask [B, S]; index []."""
+    """Keys/values: k, v one [B, kv_heads, S, head_dim] array per layer (tuples); mask [B, S]; index []."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        k = constrain(jnp.zeros(shape, cfg.jnp_dtype), CACHE_AXES)
-        v = constrain(jnp.zeros(shape, cfg.jnp_dtype), CACHE_AXES)
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        k = tuple(constrain(jnp.zeros(shape, cfg.jnp_dtype), CACHE_AXES) for _ in range(cfg.num_layers))
+        v = tuple(constrain(jnp.zeros(shape, cfg.jnp_dtype), CACHE_AXES) for _ in range(cfg.num_layers))
         mask = constrain(jnp.zeros((batch, length), jnp.bool_), ("batch", "length"))
         return cls(k=k, v=v, mask=mask, index=jnp.zeros((), jnp.int32))
 
@@ -72,7 +78,7 @@ def _layer_stack(cfg: ModelConfig):
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         unroll=min(cfg.scan_unroll, cfg.num_layers),
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -105,25 +111,56 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(self.cfg, positions)
 
         if cache is None:
-            index, kv_mask, kvs = 0, mask, None
+            index, kv_mask = 0, mask
         else:
             index = cache.index
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
-            kvs = (cache.k, cache.v)
         q_slot = index + jnp.arange(t)
         k_slot = jnp.arange(kv_mask.shape[1])
         allowed = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]  # [B, T, S]
         bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
 
-        (x, kvs), _ = self.layers((x, kvs), cos, sin, bias, index, jnp.arange(self.cfg.num_layers))
-        x = self.norm(x)
-        if cache is not None:
-            cache = KVCache(k=constrain(kvs[0], CACHE_AXES), v=constrain(kvs[1], CACHE_AXES),
-                            mask=kv_mask, index=cache.index + t)
-        return x, cache
+        if cache is None:
+            (x, _), _ = self.layers((x, None), cos, sin, bias, index)
+        else:
+            x, ks, vs = self._cached_layers(x, cos, sin, bias, cache)
+            cache = KVCache(k=ks, v=vs, mask=kv_mask, index=cache.index + t)
+        return self.norm(x), cache
+
+    def _cached_layers(self, x, cos, sin, bias, cache: KVCache):
+        """The layers in turn, layer i from slice i of the stacked parameters, each with its own cache
+        buffers (read and written in place; a slice of one stacked cache would be copied every step)."""
+        if self.is_initializing():
+            raise ValueError("initialise the model without a KV cache (the cache path needs the parameters)")
+        layers = self.layers.variables["params"]
+        layer = DecoderLayer(self.cfg, parent=None)
+        ks, vs = [], []
+        for i in range(self.cfg.num_layers):
+            params_i = layers[str(i)] if str(i) in layers else jax.tree.map(lambda p, i=i: p[i], layers)
+            (x, (k, v)), _ = layer.apply({"params": params_i}, (x, (cache.k[i], cache.v[i])), cos, sin, bias,
+                                         cache.index)
+            ks.append(constrain(k, CACHE_AXES))
+            vs.append(constrain(v, CACHE_AXES))
+        return x, tuple(ks), tuple(vs)
 
     def attend(self, hidden):
         return self.embed_tokens.attend(hidden)
+
+
+def unstack_layers(params: Any) -> Any:
+    """`params` with every stacked "layers" subtree split into {"0": layer 0, "1": ...}, for the KV-cache path
+    only. A decode loop calls this once, before the loop: slicing the stacked weights inside the loop body
+    would copy every layer's weights at every step (XLA does not hoist those slices)."""
+    if not isinstance(params, Mapping):
+        return params
+    out = {}
+    for name, sub in params.items():
+        if name == "layers" and isinstance(sub, Mapping) and "0" not in sub:
+            n = jax.tree.leaves(sub)[0].shape[0]
+            out[name] = {str(i): jax.tree.map(lambda p, i=i: p[i], sub) for i in range(n)}
+        else:
+            out[name] = unstack_layers(sub)
+    return out
 
 
 class CausalLM(nn.Module):

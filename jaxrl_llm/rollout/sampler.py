@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.transformer import KVCache, positions_from_mask
+from jaxrl_llm.models.transformer import KVCache, positions_from_mask, unstack_layers
 from jaxrl_llm.rollout.sampling import SamplingConfig, process_logits, sample_tokens
 from jaxrl_llm.sharding.params import param_shardings as _param_shardings
 from jaxrl_llm.sharding.rules import ShardingEnv, constrain
@@ -108,6 +108,7 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
         mask_bp = constrain(jnp.repeat(prompt_mask.astype(jnp.int32), n_rep, axis=0), ("batch", "length"))
         rows = b * n_rep
 
+        params = unstack_layers(params)  # once, outside the decode loop
         cache = KVCache.zeros(model_cfg, rows, p + n_new)
         hidden, cache = module.apply({"params": params}, tokens_bp, positions_from_mask(mask_bp),
                                      mask_bp.astype(jnp.bool_), cache, return_hidden=True)

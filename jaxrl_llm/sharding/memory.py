@@ -311,8 +311,8 @@ class _Sizes:
 
     def kv_cache(self, rows: int, length: int) -> int:
         m = self.m
-        shape = (m.num_layers, rows, length, m.num_kv_heads, m.head_dim)
-        return 2 * self.elems(shape, CACHE_AXES) * self.b
+        shape = (rows, m.num_kv_heads, length, m.head_dim)  # per layer
+        return 2 * m.num_layers * self.elems(shape, CACHE_AXES) * self.b
 
     def layer_work(self, t: int) -> int:
         """Per token: the larger of one layer's attention and MLP blocks, attending over t positions."""
