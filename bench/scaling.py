@@ -1,6 +1,6 @@
 """Time and memory of the pieces of RL post-training, and how they grow with completion length, group
-size and batch: rollout (prefill + decode), reference log-prob forward, GRPO update, DPO update, and a
-whole GRPO iteration.
+size, batch and prompt length: rollout (prefill + decode), reference log-prob forward, GRPO update,
+DPO update, and a whole GRPO iteration.
 
     .venv/bin/python bench/scaling.py                          # tiny model: base point + growth sweep, plot
     .venv/bin/python bench/scaling.py --model qwen2.5-0.5b --prompts 2 --group 4 --prompt-len 32 \
@@ -150,12 +150,14 @@ class Bench:
         self.env = ShardingEnv(make_mesh({"data": -1}))
         self.module, params, self.shardings = create_model(self.cfg, jax.random.key(seed), self.env,
                                                            module=CausalLM(self.cfg))
-        self.ref = params
+        # The policy samples and the updates train copies of it; the reference is the same arrays here
+        # (in a run it is a second copy, counted in `resident`). Optimizer state exists only inside updates.
+        self.params = self.ref = params
         self.opt = OptimizerConfig(name="adamw", learning_rate=1e-5, max_grad_norm=None)
-        self.state = TrainState.create(jax.tree.map(jnp.copy, params), self.opt)
         self.repeats = repeats
         self.rng = np.random.default_rng(seed)
-        self.resident = param_bytes(self.ref) + param_bytes(self.state.params) + param_bytes(self.state.opt_state)
+        opt_shapes = jax.eval_shape(lambda p: TrainState.create(p, self.opt).opt_state, params)
+        self.resident = 2 * param_bytes(params) + param_bytes(opt_shapes)  # policy + reference + AdamW
 
     def _tokens(self, rows: int, length: int) -> jax.Array:
         return jnp.asarray(self.rng.integers(2, self.cfg.vocab_size, size=(rows, length)), jnp.int32)
@@ -171,13 +173,13 @@ class Bench:
                                   pad_token_id=0)
         sampler = make_sampler(self.module, cfg, sampling, env=env, param_shardings=self.shardings)
         key = jax.random.key(1)
-        compiled = sampler.jitted_for((pt.prompts, p)).lower(self.state.params, prompts, pmask, key).compile()
-        ro = jax.block_until_ready(compiled(self.state.params, prompts, pmask, key))
+        compiled = sampler.jitted_for((pt.prompts, p)).lower(self.params, prompts, pmask, key).compile()
+        ro = jax.block_until_ready(compiled(self.params, prompts, pmask, key))
         assert int(ro.num_steps) == n, "decode stopped early; the figures would be wrong"
-        t = _median(lambda: compiled(self.state.params, prompts, pmask, key).tokens, r)
-        kv_read = statistics.mean(decode_bytes_per_step(cfg, self.state.params, rows, p + i + 1) for i in range(n))
+        t = _median(lambda: compiled(self.params, prompts, pmask, key).tokens, r)
+        kv_read = statistics.mean(decode_bytes_per_step(cfg, self.params, rows, p + i + 1) for i in range(n))
         out["rollout"] = {"s": t, "tokens_per_s": rows * n / t, "flops": decode_flops(cfg, rows, p, n),
-                          "peak_bytes": _peak(compiled), "resident_args": param_bytes(self.state.params),
+                          "peak_bytes": _peak(compiled), "resident_args": param_bytes(self.params),
                           "bytes_per_step": kv_read, "achieved_gbps": kv_read * n / t / 1e9}
 
         if "prefill" in pieces:
@@ -190,12 +192,12 @@ class Bench:
                                                       cache, return_hidden=True)
                     return self.module.apply({"params": params}, hidden[:, -1:], method="logits"), cache
 
-            c = jax.jit(prefill).lower(self.state.params, rep_prompts, rep_mask).compile()
-            jax.block_until_ready(c(self.state.params, rep_prompts, rep_mask))
-            t = _median(lambda: c(self.state.params, rep_prompts, rep_mask), r)
+            c = jax.jit(prefill).lower(self.params, rep_prompts, rep_mask).compile()
+            jax.block_until_ready(c(self.params, rep_prompts, rep_mask))
+            t = _median(lambda: c(self.params, rep_prompts, rep_mask), r)
             out["prefill"] = {"s": t, "tokens_per_s": rows * p / t,
                               "flops": rows * p * matmul_flops_per_token(cfg, p, head=False), "peak_bytes": _peak(c),
-                              "resident_args": param_bytes(self.state.params)}
+                              "resident_args": param_bytes(self.params)}
 
         batch = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
                  "completion_tokens": ro.tokens, "completion_mask": ro.mask, "sampler_logprobs": ro.raw_logprobs}
@@ -214,11 +216,11 @@ class Bench:
         out["reference"] = {"s": t, "tokens_per_s": rows * (p + n) / t, "flops": forward_flops(cfg, rows, p, n),
                             "peak_bytes": _peak(c), "resident_args": param_bytes(self.ref)}
 
-        # GRPO update.
-        batch["advantages"] = grpo.compute_advantages(algo, jnp.asarray(self.rng.normal(size=rows), jnp.float32),
-                                                      ro.mask)
-        step = make_epoch_runner(grpo.make_grpo_step(self.module, cfg, algo), 1, 1)
-        out["grpo"] = self._update(step, batch, rows * (p + n), 3 * forward_flops(cfg, rows, p, n))
+        if "grpo" in pieces:
+            batch["advantages"] = grpo.compute_advantages(
+                algo, jnp.asarray(self.rng.normal(size=rows), jnp.float32), ro.mask)
+            step = make_epoch_runner(grpo.make_grpo_step(self.module, cfg, algo), 1, 1)
+            out["grpo"] = self._update(step, batch, rows * (p + n), 3 * forward_flops(cfg, rows, p, n))
 
         if "dpo" in pieces:
             pairs = max(rows // 2, 1)
@@ -230,22 +232,23 @@ class Bench:
             dstep = dpo.make_dpo_step(self.module, cfg, dpo.DPOConfig())
             out["dpo"] = self._update(dstep, dbatch, 2 * pairs * (p + n), 3 * forward_flops(cfg, 2 * pairs, p, n))
 
-        it_s = out["rollout"]["s"] + out["reference"]["s"] + out["grpo"]["s"]
-        extra = max(out[k]["peak_bytes"] - out[k]["resident_args"] for k in ("rollout", "reference", "grpo"))
-        out["iteration"] = {"s": it_s, "peak_bytes": self.resident + extra,
-                            "flops": out["rollout"]["flops"] + out["reference"]["flops"] + out["grpo"]["flops"]}
+        if "grpo" in out:
+            parts = ("rollout", "reference", "grpo")
+            extra = max(out[k]["peak_bytes"] - out[k]["resident_args"] for k in parts)
+            out["iteration"] = {"s": sum(out[k]["s"] for k in parts), "peak_bytes": self.resident + extra,
+                                "flops": sum(out[k]["flops"] for k in parts)}
         out["device_peak_bytes"] = _device_peak()
         return out
 
     def _update(self, step, batch, tokens: int, flops: float) -> dict:
-        state = TrainState.create(jax.tree.map(jnp.copy, self.state.params), self.opt)
+        state = TrainState.create(jax.tree.map(jnp.copy, self.params), self.opt)  # freed when this returns
         update = jit_update(step, state, batch, self.env)
         key = jax.random.key(2)
         compiled = update.jitted.lower(state, batch, key).compile()
         holder = [state]
 
         def run():
-            holder[0], metrics = compiled(holder[0], batch, key)
+            holder[0], _ = compiled(holder[0], batch, key)
             return holder[0].params
 
         jax.block_until_ready(run())
@@ -268,6 +271,8 @@ def sweep_points(base: Point, which: str) -> list[tuple[str, Point]]:
         pts.append(("group size", dataclasses.replace(base, group=g)))
     for b in (4, 16):
         pts.append(("batch", dataclasses.replace(base, prompts=b)))
+    for p in (32, 128):
+        pts.append(("prompt length", dataclasses.replace(base, prompt_len=p)))
     return pts
 
 
@@ -284,19 +289,21 @@ def _rate(res: dict, piece: str, peak_tflops: float | None) -> str:
 
 def tables(results: list[dict], meta: dict) -> str:
     peak_tflops, hbm = meta.get("peak_tflops"), meta.get("hbm_gbps")
-    lines = [f"model {meta['model']} ({meta['params']:,} params), compute {meta['dtype']}, "
-             f"params {meta.get('param_dtype', 'float32')}, remat {meta['remat']}, "
-             f"{meta['device']} x{meta['num_devices']}, jax {meta['jax']}", "",
-             "| point | rollout s (decode tok/s) | reference s | GRPO update s (tok/s) | DPO update s (tok/s) "
-             "| iteration s |",
+    head = (f"model {meta['model']} ({meta['params']:,} params), compute {meta['dtype']}, "
+            f"params {meta.get('param_dtype', 'float32')}, remat {meta['remat']}, "
+            f"{meta['device']} x{meta['num_devices']}, jax {meta['jax']}")
+    lines = [head, "",
+             "| point | rollout s (decode tok/s) | reference s | GRPO update s (tok/s) | DPO update s (tok/s) | iteration s |",
              "|---|---|---|---|---|---|"]
+    def secs(res, k, rate=False):
+        if k not in res:
+            return "-"
+        return f"{res[k]['s']:.3f}" + (f" ({res[k]['tokens_per_s']:,.0f})" if rate else "")
+
     for res in results:
-        dp = res.get("dpo")
-        dpo_txt = f"{dp['s']:.3f} ({dp['tokens_per_s']:,.0f})" if dp else "-"
-        lines.append(f"| {res['axis']}: {Point(**res['point']).label()} "
-                     f"| {res['rollout']['s']:.3f} ({res['rollout']['tokens_per_s']:,.0f}) "
-                     f"| {res['reference']['s']:.3f} | {res['grpo']['s']:.3f} ({res['grpo']['tokens_per_s']:,.0f}) "
-                     f"| {dpo_txt} | {res['iteration']['s']:.3f} |")
+        lines.append(f"| {res['axis']}: {Point(**res['point']).label()} | {secs(res, 'rollout', True)} "
+                     f"| {secs(res, 'reference')} | {secs(res, 'grpo', True)} | {secs(res, 'dpo', True)} "
+                     f"| {secs(res, 'iteration')} |")
     lines += ["", "Peak memory (GiB; XLA buffer assignment of each program; iteration = resident + largest program)",
               "", "| point | rollout | prefill | reference | GRPO update | DPO update | iteration |",
               "|---|---|---|---|---|---|---|"]
@@ -323,8 +330,8 @@ def plot(results: list[dict], path: str, meta: dict) -> None:
 
     base = Point(**results[0]["point"])
     axes_spec = (("completion length", "new_tokens", "completion length N"), ("group size", "group", "group size G"),
-                 ("batch", "prompts", "prompts per batch B"))
-    fig, axs = plt.subplots(2, 3, figsize=(13, 7))
+                 ("batch", "prompts", "prompts per batch B"), ("prompt length", "prompt_len", "prompt length P"))
+    fig, axs = plt.subplots(2, len(axes_spec), figsize=(17, 7))
     for col, (axis, field, xlabel) in enumerate(axes_spec):
         pts = [r for r in results if r["axis"] in (axis, "base")]
         pts.sort(key=lambda r: r["point"][field])
@@ -360,8 +367,11 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=6)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sweep", choices=("axes", "none"), default="axes",
-                    help="axes: also vary completion length, group size and batch one at a time")
+                    help="axes: also vary completion length, group size, batch and prompt length one at a time")
     ap.add_argument("--no-dpo", action="store_true")
+    ap.add_argument("--pieces", default=None,
+                    help=f"comma-separated subset of {','.join(PIECES)} (rollout and reference always run); "
+                         "the iteration needs grpo")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of one device (MFU)")
     ap.add_argument("--hbm-gbps", type=float, default=None, help="memory bandwidth of one device (GB/s)")
@@ -378,7 +388,10 @@ def main(argv=None):
             "host": platform.processor() or platform.machine(), "jax": jax.__version__,
             "peak_tflops": args.peak_tflops or peaks[0], "hbm_gbps": args.hbm_gbps or peaks[1],
             "repeats": args.repeats, "command": " ".join(sys.argv)}
-    pieces = tuple(x for x in PIECES if not (args.no_dpo and x == "dpo"))
+    pieces = tuple(x for x in args.pieces.split(",") if x) if args.pieces else PIECES
+    if set(pieces) - set(PIECES) or not {"rollout", "reference"} <= set(pieces):
+        ap.error(f"--pieces {args.pieces!r}: choose from {','.join(PIECES)}; rollout and reference are always run")
+    pieces = tuple(x for x in pieces if not (args.no_dpo and x == "dpo"))
     base = Point(args.prompts, args.group, args.prompt_len, args.new_tokens)
     results = []
     for axis, pt in sweep_points(base, args.sweep):
@@ -387,9 +400,9 @@ def main(argv=None):
         res["axis"] = axis
         res["wall_s"] = time.perf_counter() - t0
         results.append(res)
-        print(f"# {axis}: {pt.label()}: iteration {res['iteration']['s']:.3f} s, "
-              f"peak {_gib(res['iteration']['peak_bytes'])} GiB ({res['wall_s']:.0f} s with compiles)",
-              flush=True)
+        it = res.get("iteration", {})
+        print(f"# {axis}: {pt.label()}: iteration {it.get('s', float('nan')):.3f} s, "
+              f"peak {_gib(it.get('peak_bytes'))} GiB ({res['wall_s']:.0f} s with compiles)", flush=True)
     text = tables(results, meta)
     print(text)
     if args.json:

@@ -69,6 +69,17 @@ def test_qwen2_5_0_5b_by_hand():
     assert 7.9 < n * 4 / fsdp < 8.0
 
 
+def test_decode_weights_term_follows_split_layer_weights():
+    cfg = _qwen_grpo()
+    m = _model_cfg(cfg)
+    split = estimate_memory(cfg, m, FSDP8).stage("rl").terms
+    assert split["decode_weights"] == split["params"] > 0
+    unsplit = estimate_memory(_qwen_grpo("rl.sampling.split_layer_weights=False"), m, FSDP8).stage("rl").terms
+    assert unsplit["decode_weights"] == 0
+    assert {k: v for k, v in unsplit.items() if k != "decode_weights"} == {
+        k: v for k, v in split.items() if k != "decode_weights"}
+
+
 def test_kv_cache_term_is_the_formula():
     cfg = _qwen_grpo()  # 64 prompts x 8 samples, prompts 384 + 512 new tokens, bfloat16 compute
     m = _model_cfg(cfg)

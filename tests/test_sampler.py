@@ -226,6 +226,21 @@ def test_n_samples_layout_and_determinism(model):
     np.testing.assert_array_equal(np.asarray(conv.tokens), tok)
 
 
+def test_split_layer_weights_is_the_same_computation(model):
+    """Weights split once before the decode loop (default) or sliced inside every step: same rollout; the
+    split sampler's loop body holds no slice of the stacked weights."""
+    module, params = model
+    out = {}
+    for split in (True, False):
+        sc = SamplingConfig(max_new_tokens=6, temperature=1.0, n_samples=2, split_layer_weights=split)
+        out[split] = make_sampler(module, CFG, sc)(params, PROMPTS, PMASK, jax.random.key(3))
+    for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out[True].tokens), np.asarray(out[False].tokens))
+    with pytest.raises(ValueError, match="split_layer_weights"):
+        SamplingConfig(split_layer_weights="yes")
+
+
 @pytest.mark.parametrize("axes", [{"data": 8}, {"fsdp": 4, "tensor": 2}])
 def test_sharded_equals_single_device(model, devices, axes):
     module, params = model

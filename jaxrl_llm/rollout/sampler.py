@@ -108,7 +108,8 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
         mask_bp = constrain(jnp.repeat(prompt_mask.astype(jnp.int32), n_rep, axis=0), ("batch", "length"))
         rows = b * n_rep
 
-        params = unstack_layers(params)  # once, outside the decode loop
+        if sampling.split_layer_weights:
+            params = unstack_layers(params)  # once, outside the decode loop
         cache = KVCache.zeros(model_cfg, rows, p + n_new)
         hidden, cache = module.apply({"params": params}, tokens_bp, positions_from_mask(mask_bp),
                                      mask_bp.astype(jnp.bool_), cache, return_hidden=True)

@@ -28,6 +28,10 @@ class SamplingConfig:
     n_samples: completions per prompt (>= 1); rows i*n .. i*n+n-1 of the rollout belong to prompt i.
     eos_token_ids: token ids that end a completion (may be empty: then every row runs N steps).
     pad_token_id: written into the completion buffer after a row's first EOS.
+    split_layer_weights: split the stacked layer weights into one array per layer once, before the
+        decode loop (True, the default: the loop then reads each layer's weights in place; costs one
+        extra copy of the layer weights while the sampler runs). False slices them inside every decode
+        step instead (no extra copy; XLA copies each layer's slice every step, which is slower).
     """
 
     max_new_tokens: int = 64
@@ -37,6 +41,7 @@ class SamplingConfig:
     n_samples: int = 1
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    split_layer_weights: bool = True
 
     def __post_init__(self):
         def _is_int(x):
@@ -71,6 +76,9 @@ class SamplingConfig:
         object.__setattr__(self, "eos_token_ids", eos)
         if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
             raise ValueError(f"SamplingConfig.pad_token_id={self.pad_token_id!r}: must be an integer >= 0")
+        if not isinstance(self.split_layer_weights, bool):
+            raise ValueError(f"SamplingConfig.split_layer_weights={self.split_layer_weights!r}: must be True or "
+                             "False")
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
 

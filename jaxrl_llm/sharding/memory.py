@@ -51,6 +51,10 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
 * rollout_work (rollout, approximate): one layer's prefill working set for
   rows_dev x P tokens (see layer_work) plus the decode step's float32 logits
   3 x rows_dev x V x 4.
+* decode_weights (rollout, exact): the policy's parameters once more, when
+  sampling.split_layer_weights (the default) splits the stacked layer weights
+  into one array per layer before the decode loop (a slight overcount: the
+  embedding is not copied).
 * eval_kv_cache / eval_work (eval): the same for the evaluator's sampler,
   rows = eval.num_examples x eval.n_samples, length max_prompt_len +
   eval.max_new_tokens, when eval.every > 0 (not in reward_model stages).
@@ -127,6 +131,7 @@ TERMS: tuple[tuple[str, str | None, str], ...] = (
     ("optimizer", None, "optimizer moments"),
     ("kv_cache", "rollout", "rollout KV cache"),
     ("rollout_work", "rollout", "prefill layer + decode logits"),
+    ("decode_weights", "rollout", "layer weights split once for the decode loop"),
     ("eval_kv_cache", "eval", "evaluator KV cache"),
     ("eval_work", "eval", "evaluator prefill layer + logits"),
     ("score_work", "score", "no-grad forward over the rollout batch"),
@@ -368,9 +373,10 @@ def _eval_terms(cfg, s, z: _Sizes) -> dict[str, int]:
             "eval_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3)}
 
 
-def _rollout_terms(rows: int, p: int, n: int, z: _Sizes) -> dict[str, int]:
+def _rollout_terms(rows: int, p: int, n: int, z: _Sizes, split: bool = True) -> dict[str, int]:
     rd = z.rows(rows)
-    return {"kv_cache": z.kv_cache(rows, p + n), "rollout_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3)}
+    return {"kv_cache": z.kv_cache(rows, p + n), "rollout_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
+            "decode_weights": z.params("policy") if split else 0}
 
 
 def _score_terms(rows: int, t: int, n: int, chunk: int, z: _Sizes) -> dict[str, int]:
@@ -391,7 +397,7 @@ def _grpo(cfg, s, z: _Sizes) -> dict[str, int]:
     t = {"params": policy, "input_params": policy, "reference": policy if need_ref else 0,
          "optimizer": _opt_bytes(s.optimizer, policy), "gradients": _grad_bytes(policy, a.num_micro_batches),
          "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
-    t.update(_rollout_terms(rows, p, n, z))
+    t.update(_rollout_terms(rows, p, n, z, bool(s.sampling.get("split_layer_weights", True))))
     if need_old:
         t.update(_score_terms(rows, p + n, n, a.logprob_chunk, z))
     return t | _eval_terms(cfg, s, z)
@@ -418,7 +424,7 @@ def _ppo(cfg, s, z: _Sizes) -> dict[str, int]:
          "gradients": _grad_bytes(trained, a.num_micro_batches),
          "activations": backbones * z.activations(micro, p + n),
          "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
-    t.update(_rollout_terms(rows, p, n, z))
+    t.update(_rollout_terms(rows, p, n, z, bool(s.sampling.get("split_layer_weights", True))))
     t.update(_score_terms(rows, p + n, n, a.logprob_chunk, z))
     return t | _eval_terms(cfg, s, z)
 

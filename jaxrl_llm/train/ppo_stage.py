@@ -65,7 +65,8 @@ class PPOStage(Stage):
         self.iterator = prompt_iterator(comp, self.examples, self.prompts, self.cfg.seed + self.index)
         self.sampling = SamplingConfig(max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature),
                                        top_k=int(sc.top_k), top_p=float(sc.top_p), n_samples=self.n,
-                                       eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
+                                       eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id,
+                                       split_layer_weights=bool(sc.get("split_layer_weights", True)))
         self.sampler = make_sampler(comp.module, comp.model_cfg, self.sampling, env=comp.env,
                                     param_shardings=comp.shardings)
         self._check_reward_model_options(where)
