@@ -55,7 +55,8 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
   sampling.split_layer_weights (the default) splits the stacked layer weights
   into one array per layer before the decode loop (a slight overcount: the
   embedding is not copied).
-* eval_kv_cache / eval_work (eval): the same for the evaluator's sampler,
+* eval_kv_cache / eval_work / eval_weights (eval): the same for the
+  evaluator's sampler (which always splits the layer weights),
   rows = eval.num_examples x eval.n_samples, length max_prompt_len +
   eval.max_new_tokens, when eval.every > 0 (not in reward_model stages).
 * score_work / score_logits (score, approximate): forwards without gradients
@@ -134,6 +135,7 @@ TERMS: tuple[tuple[str, str | None, str], ...] = (
     ("decode_weights", "rollout", "layer weights split once for the decode loop"),
     ("eval_kv_cache", "eval", "evaluator KV cache"),
     ("eval_work", "eval", "evaluator prefill layer + logits"),
+    ("eval_weights", "eval", "layer weights split once for the evaluator's decode loop"),
     ("score_work", "score", "no-grad forward over the rollout batch"),
     ("score_logits", "score", "one float32 logits chunk of that forward"),
     ("gradients", "update", "gradients (+ accumulator)"),
@@ -370,7 +372,8 @@ def _eval_terms(cfg, s, z: _Sizes) -> dict[str, int]:
     p, n = int(s.max_prompt_len), int(ev.max_new_tokens)
     rd = z.rows(rows)
     return {"eval_kv_cache": z.kv_cache(rows, p + n),
-            "eval_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3)}
+            "eval_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
+            "eval_weights": z.params("policy")}
 
 
 def _rollout_terms(rows: int, p: int, n: int, z: _Sizes, split: bool = True) -> dict[str, int]:
