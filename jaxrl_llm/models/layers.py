@@ -115,21 +115,24 @@ class Attention(nn.Module):
         kx = constrain(apply_rope(kx, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         vx = constrain(vx, ("batch", "length", "kv_heads", "head_dim"))
 
-        # Heads-major [B, kv_heads, T or S, head_dim]: the cache's own layout, so each (row, kv head) reads a
-        # contiguous [S, head_dim] block; the batched dots below need no transposed copy of the cache.
-        kx, vx = kx.transpose(0, 2, 1, 3), vx.transpose(0, 2, 1, 3)
-        if kv is not None:  # this layer's cache: write the T new slots in place, attend over all S
-            kc, vc = kv
-            kx = jax.lax.dynamic_update_slice(kc, kx.astype(kc.dtype), (0, 0, index, 0))
-            vx = jax.lax.dynamic_update_slice(vc, vx.astype(vc.dtype), (0, 0, index, 0))
-            kv = (kx, vx)
+        def softmax(scores):
+            return jax.nn.softmax(scores / math.sqrt(d) + bias, axis=-1).astype(dt)
 
-        qg = q.reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4)  # [B, kv_heads, group, T, head_dim]
-        scores = jnp.einsum("bkgtd,bksd->bkgts", qg, kx.astype(dt),
-                            preferred_element_type=jnp.float32) / math.sqrt(d)
-        probs = jax.nn.softmax(scores + bias, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs, vx.astype(dt))
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+        if kv is None:  # keys/values of the T tokens fed now, [B, T, kv_heads, head_dim]
+            qg = q.reshape(b, t, k, h // k, d)
+            probs = softmax(jnp.einsum("btkgd,bskd->bkgts", qg, kx.astype(dt), preferred_element_type=jnp.float32))
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, vx.astype(dt)).reshape(b, t, h, d)
+        else:
+            # This layer's cache, heads-major [B, kv_heads, S, head_dim]: the T new slots are written in place
+            # and each (row, kv head) reads a contiguous [S, head_dim] block, so the batched dots below need no
+            # transposed copy of the cache.
+            kc, vc = kv
+            kc = jax.lax.dynamic_update_slice(kc, kx.transpose(0, 2, 1, 3).astype(kc.dtype), (0, 0, index, 0))
+            vc = jax.lax.dynamic_update_slice(vc, vx.transpose(0, 2, 1, 3).astype(vc.dtype), (0, 0, index, 0))
+            kv = (kc, vc)
+            qg = q.reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4)  # [B, kv_heads, group, T, head_dim]
+            probs = softmax(jnp.einsum("bkgtd,bksd->bkgts", qg, kc.astype(dt), preferred_element_type=jnp.float32))
+            out = jnp.einsum("bkgts,bksd->bkgtd", probs, vc.astype(dt)).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
         out = constrain(out, ("batch", "length", "heads", "head_dim")).reshape(b * t, h, d)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
                               kernel_init=_init(cfg, ("heads", "head_dim", "embed")), name="o_proj")(out)
