@@ -116,7 +116,8 @@ def decode_bytes_per_step(cfg, params, rows: int, context: int) -> float:
 # ------------------------------------------------------------------------------------------- timing
 
 
-def _median(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls of `fn`, each ended by `block_until_ready` (warm it up first)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -176,7 +177,7 @@ class Bench:
         compiled = sampler.jitted_for((pt.prompts, p)).lower(self.params, prompts, pmask, key).compile()
         ro = jax.block_until_ready(compiled(self.params, prompts, pmask, key))
         assert int(ro.num_steps) == n, "decode stopped early; the figures would be wrong"
-        t = _median(lambda: compiled(self.params, prompts, pmask, key).tokens, r)
+        t = median_time(lambda: compiled(self.params, prompts, pmask, key).tokens, r)
         kv_read = statistics.mean(decode_bytes_per_step(cfg, self.params, rows, p + i + 1) for i in range(n))
         out["rollout"] = {"s": t, "tokens_per_s": rows * n / t, "flops": decode_flops(cfg, rows, p, n),
                           "peak_bytes": _peak(compiled), "resident_args": param_bytes(self.params),
@@ -194,7 +195,7 @@ class Bench:
 
             c = jax.jit(prefill).lower(self.params, rep_prompts, rep_mask).compile()
             jax.block_until_ready(c(self.params, rep_prompts, rep_mask))
-            t = _median(lambda: c(self.params, rep_prompts, rep_mask), r)
+            t = median_time(lambda: c(self.params, rep_prompts, rep_mask), r)
             out["prefill"] = {"s": t, "tokens_per_s": rows * p / t,
                               "flops": rows * p * matmul_flops_per_token(cfg, p, head=False), "peak_bytes": _peak(c),
                               "resident_args": param_bytes(self.params)}
@@ -212,7 +213,7 @@ class Bench:
         ref_in = dict(batch)
         c = jax.jit(logp).lower(self.ref, ref_in).compile()
         batch["ref_logprobs"] = jax.block_until_ready(c(self.ref, ref_in))
-        t = _median(lambda: c(self.ref, ref_in), r)
+        t = median_time(lambda: c(self.ref, ref_in), r)
         out["reference"] = {"s": t, "tokens_per_s": rows * (p + n) / t, "flops": forward_flops(cfg, rows, p, n),
                             "peak_bytes": _peak(c), "resident_args": param_bytes(self.ref)}
 
@@ -252,7 +253,7 @@ class Bench:
             return holder[0].params
 
         jax.block_until_ready(run())
-        t = _median(run, self.repeats)
+        t = median_time(run, self.repeats)
         return {"s": t, "tokens_per_s": tokens / t, "flops": flops, "peak_bytes": _peak(compiled),
                 "resident_args": param_bytes(state.params) + param_bytes(state.opt_state)}
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scaling import median_time  # bench/, the script's own directory
 
 from jaxrl_llm.models import CausalLM, KVCache, create_model, get_preset, positions_from_mask
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
@@ -33,12 +32,7 @@ from jaxrl_llm.sharding import ShardingEnv, make_mesh
 
 def _median_time(fn, repeats: int) -> float:
     jax.block_until_ready(fn())  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeats)
 
 
 def bench_decode(module, cfg, params, env, shardings, args):
