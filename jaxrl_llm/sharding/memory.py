@@ -376,8 +376,9 @@ def _eval_terms(cfg, s, z: _Sizes) -> dict[str, int]:
             "eval_weights": z.params("policy")}
 
 
-def _rollout_terms(rows: int, p: int, n: int, z: _Sizes, split: bool = True) -> dict[str, int]:
+def _rollout_terms(rows: int, p: int, n: int, z: _Sizes, s) -> dict[str, int]:
     rd = z.rows(rows)
+    split = bool(s.sampling.get("split_layer_weights", True))
     return {"kv_cache": z.kv_cache(rows, p + n), "rollout_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
             "decode_weights": z.params("policy") if split else 0}
 
@@ -400,7 +401,7 @@ def _grpo(cfg, s, z: _Sizes) -> dict[str, int]:
     t = {"params": policy, "input_params": policy, "reference": policy if need_ref else 0,
          "optimizer": _opt_bytes(s.optimizer, policy), "gradients": _grad_bytes(policy, a.num_micro_batches),
          "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
-    t.update(_rollout_terms(rows, p, n, z, bool(s.sampling.get("split_layer_weights", True))))
+    t.update(_rollout_terms(rows, p, n, z, s))
     if need_old:
         t.update(_score_terms(rows, p + n, n, a.logprob_chunk, z))
     return t | _eval_terms(cfg, s, z)
@@ -427,7 +428,7 @@ def _ppo(cfg, s, z: _Sizes) -> dict[str, int]:
          "gradients": _grad_bytes(trained, a.num_micro_batches),
          "activations": backbones * z.activations(micro, p + n),
          "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
-    t.update(_rollout_terms(rows, p, n, z, bool(s.sampling.get("split_layer_weights", True))))
+    t.update(_rollout_terms(rows, p, n, z, s))
     t.update(_score_terms(rows, p + n, n, a.logprob_chunk, z))
     return t | _eval_terms(cfg, s, z)
 

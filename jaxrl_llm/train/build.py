@@ -139,6 +139,17 @@ class Evaluator:
                 "eval/response_length": float(multihost.to_host(ro.lengths).mean())}
 
 
+def stage_sampler(comp: Components, sc: mc.ConfigDict, n_samples: int):
+    """(SamplingConfig, sampler) of an RL stage from its `sampling` section, `n_samples` completions per
+    prompt, stopping at the tokenizer's EOS."""
+    sampling = SamplingConfig(max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature),
+                              top_k=int(sc.top_k), top_p=float(sc.top_p), n_samples=n_samples,
+                              eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id,
+                              split_layer_weights=bool(sc.get("split_layer_weights", True)))
+    return sampling, make_sampler(comp.module, comp.model_cfg, sampling, env=comp.env,
+                                  param_shardings=comp.shardings)
+
+
 def prompt_iterator(comp: Components, examples: Sequence[Example], global_batch: int, seed: int):
     """A PromptIterator over `examples` that yields this process's rows of each global batch."""
     from jaxrl_llm.data.iterator import PromptIterator

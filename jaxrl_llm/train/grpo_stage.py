@@ -22,9 +22,8 @@ import jax.numpy as jnp
 from jaxrl_llm.algos import grpo
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
 from jaxrl_llm.rewards.runner import HostRewardRunner
-from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.train.build import (Evaluator, global_prompt_batch, jnp_tree_copy, log_rollout_samples,
-                                   prompt_iterator, rollout_rewards)
+                                   prompt_iterator, rollout_rewards, stage_sampler)
 from jaxrl_llm.train.config import to_dataclass
 from jaxrl_llm.train.stage import Stage
 
@@ -44,12 +43,7 @@ class GRPOStage(Stage):
         self.examples = comp.task.examples("train", n_train, self.cfg.seed)
         self.prompts = int(s.prompts_per_iter)  # the global batch of prompts, split over processes
         self.iterator = prompt_iterator(comp, self.examples, self.prompts, self.cfg.seed + self.index)
-        self.sampling = SamplingConfig(max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature),
-                                       top_k=int(sc.top_k), top_p=float(sc.top_p), n_samples=self.group,
-                                       eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id,
-                                       split_layer_weights=bool(sc.get("split_layer_weights", True)))
-        self.sampler = make_sampler(comp.module, comp.model_cfg, self.sampling, env=comp.env,
-                                    param_shardings=comp.shardings)
+        self.sampling, self.sampler = stage_sampler(comp, sc, self.group)
         self.in_jit = bool(s.reward.in_jit) and hasattr(comp.task, "jax_reward")
         if self.in_jit:
             self.jax_reward = jax.jit(comp.task.jax_reward(comp.tokenizer, comp.model_cfg.vocab_size, comp.eos_ids))
