@@ -3,6 +3,8 @@
     .venv/bin/python bench/throughput.py                       # tiny default, CPU
     .venv/bin/python bench/throughput.py --model qwen2.5-0.5b --dtype bfloat16 \
         --batch 64 --prompt-len 128 --new-tokens 256            # a real shape (GPU)
+    .venv/bin/python bench/throughput.py --new-tokens 256 --cache-segments 1,4,8 --repeats 12
+                                                                # decode with each KV-cache segmenting, interleaved
 
 Prints a markdown table and writes JSON (--json). Times are medians over
 --repeats runs after one warm-up (compile) run; every run ends with
@@ -40,13 +42,22 @@ def bench_decode(module, cfg, params, env, shardings, args):
     b, p = args.batch, args.prompt_len
     prompts = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(b, p)), jnp.int32)
     mask = jnp.ones((b, p), jnp.bool_)
-    sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, eos_token_ids=(),
-                              pad_token_id=0)
-    sampler = make_sampler(module, cfg, sampling, env=env, param_shardings=shardings)
+    segments = [int(k) for k in str(args.cache_segments).split(",")]
+    samplers = {}
+    for k in segments:
+        sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, eos_token_ids=(),
+                                  pad_token_id=0, cache_segments=k)
+        samplers[k] = make_sampler(module, cfg, sampling, env=env, param_shardings=shardings)
     key = jax.random.key(0)
-    t = _median_time(lambda: sampler(params, prompts, mask, key).tokens, args.repeats)
-    out = sampler(params, prompts, mask, key)
-    assert int(out.num_steps) == args.new_tokens, "decode stopped early; the figure would be wrong"
+    for k, sampler in samplers.items():  # warm-up (compile) and a check that every step ran
+        out = jax.block_until_ready(sampler(params, prompts, mask, key))
+        assert int(out.num_steps) == args.new_tokens, "decode stopped early; the figure would be wrong"
+    times = {k: [] for k in samplers}
+    for _ in range(args.repeats):  # interleaved: machine drift hits every variant alike
+        for k, sampler in samplers.items():
+            times[k].append(median_time(lambda s=sampler: s(params, prompts, mask, key).tokens, 1))
+    by_k = {k: float(np.median(v)) for k, v in times.items()}
+    t = by_k[segments[0]]
 
     @jax.jit
     def prefill(params, tokens, mask):
@@ -58,6 +69,7 @@ def bench_decode(module, cfg, params, env, shardings, args):
 
     t_prefill = _median_time(lambda: prefill(params, prompts, mask), args.repeats)
     return {"decode_s": t, "decode_tokens_per_s": b * args.new_tokens / t,
+            "decode_s_by_cache_segments": by_k,
             "prefill_s": t_prefill, "prefill_tokens_per_s": b * p / t_prefill}
 
 
@@ -104,6 +116,9 @@ def main(argv=None):
     ap.add_argument("--train-batch", type=int, default=64)
     ap.add_argument("--train-len", type=int, default=72)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cache-segments", default="4",
+                    help="SamplingConfig.cache_segments; a comma list (e.g. 1,4) times each, interleaved; "
+                         "the table's decode figure is the first")
     ap.add_argument("--mesh", default="data=-1", help="mesh axes, e.g. 'data=-1' or 'fsdp=4,tensor=2'")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -125,6 +140,11 @@ def main(argv=None):
     print(f"| {args.model} | {args.dtype} | {res['device']} x{res['num_devices']} "
           f"| {res['decode_tokens_per_s']:,.0f} | {res['prefill_tokens_per_s']:,.0f} "
           f"| {res['train_tokens_per_s']:,.0f} |")
+    if len(res["decode_s_by_cache_segments"]) > 1:
+        print("\n| cache_segments | decode s | speed vs the first |\n|---|---|---|")
+        base = res["decode_s"]
+        for k, v in res["decode_s_by_cache_segments"].items():
+            print(f"| {k} | {v:.3f} | {base / v:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -94,6 +94,17 @@ def test_kv_cache_term_is_the_formula():
     assert terms["eval_kv_cache"] == layers * 2 * (eval_rows // 8) * (384 + cfg.eval.max_new_tokens) * 2 * 64 * 2
 
 
+def test_kv_cache_growth_is_the_previous_segment_buffer():
+    cfg = _qwen_grpo()  # 512 new tokens: 4 segments, the last grows from 384 + 384 slots to 384 + 512
+    m = _model_cfg(cfg)
+    terms = estimate_memory(cfg, m, FSDP8).stage("rl").terms
+    assert terms["kv_cache_growth"] == terms["kv_cache"] * (384 + 384) // (384 + 512)
+    one = estimate_memory(_qwen_grpo("rl.sampling.cache_segments=1"), m, FSDP8).stage("rl").terms
+    assert one["kv_cache_growth"] == 0
+    assert {k: v for k, v in one.items() if k != "kv_cache_growth"} == {
+        k: v for k, v in terms.items() if k != "kv_cache_growth"}
+
+
 def test_estimate_grows_with_group_size_and_new_tokens():
     m = _model_cfg(_qwen_grpo())
     base = estimate_memory(_qwen_grpo(), m, FSDP8).stage("rl")

@@ -241,6 +241,36 @@ def test_split_layer_weights_is_the_same_computation(model):
         SamplingConfig(split_layer_weights="yes")
 
 
+def test_cache_segments_are_the_same_rollout(model):
+    """Decoding in 3 cache segments (the cache grows from P + 16 to P + 32 to P + 48 slots) gives the rollout
+    of one P + 48 buffer, also when every row stops early inside a segment; each segment's loop carries a
+    cache of its own length."""
+    module, params = model
+    assert SamplingConfig(max_new_tokens=48).segment_ends == (16, 32, 48)
+    assert SamplingConfig(max_new_tokens=50, cache_segments=8).segment_ends == (17, 34, 50)  # >= 16 steps each
+    assert SamplingConfig(max_new_tokens=31).segment_ends == (31,)
+    assert SamplingConfig(max_new_tokens=48, cache_segments=1).segment_ends == (48,)
+    for eos in ((), (1, 2, 3, 4, 5, 6)):  # no EOS: all 48 steps; frequent EOS: all rows stop in segment 2
+        out = {}
+        for k in (1, 3):
+            sc = SamplingConfig(max_new_tokens=48, temperature=1.0, n_samples=3, eos_token_ids=eos,
+                                cache_segments=k)
+            out[k] = make_sampler(module, CFG, sc)(params, PROMPTS, PMASK, jax.random.key(5))
+        for name in ("tokens", "mask", "lengths", "finished", "num_steps"):
+            np.testing.assert_array_equal(np.asarray(getattr(out[3], name)), np.asarray(getattr(out[1], name)))
+        for name in ("logprobs", "raw_logprobs"):
+            np.testing.assert_allclose(np.asarray(getattr(out[3], name)), np.asarray(getattr(out[1], name)),
+                                       rtol=1e-5, atol=1e-5)
+        if eos:
+            assert 16 < int(out[3].num_steps) < 48 and np.asarray(out[3].finished).all()
+    sc = SamplingConfig(max_new_tokens=48, temperature=1.0, cache_segments=3)
+    hlo = jax.jit(make_sampler(module, CFG, sc)).lower(params, PROMPTS, PMASK, jax.random.key(5)).as_text()
+    for slots in (6 + 16, 6 + 32, 6 + 48):
+        assert f"tensor<3x2x{slots}x8xf32>" in hlo, slots
+    with pytest.raises(ValueError, match="cache_segments"):
+        SamplingConfig(cache_segments=0)
+
+
 @pytest.mark.parametrize("axes", [{"data": 8}, {"fsdp": 4, "tensor": 2}])
 def test_sharded_equals_single_device(model, devices, axes):
     module, params = model

@@ -62,7 +62,27 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.mask.shape[1]
+
+    def grow(self, length: int) -> "KVCache":
+        """The same cache with `length` slots (>= the current length); the new slots are empty.
+
+        Each layer's buffers are copied once into the longer ones (the old ones are freed after).
+        A decode loop that grows its cache in segments attends over the slots it has filled so far
+        instead of the whole buffer (a slice of a longer buffer would be copied at every step).
+        """
+        extra = length - self.length
+        if extra < 0:
+            raise ValueError(f"KVCache.grow({length}): the cache already has {self.length} slots")
+        if extra == 0:
+            return self
+
+        def pad(a):
+            return constrain(jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0))), CACHE_AXES)
+
+        mask = constrain(jnp.pad(self.mask, ((0, 0), (0, extra))), ("batch", "length"))
+        return KVCache(k=tuple(pad(a) for a in self.k), v=tuple(pad(a) for a in self.v), mask=mask,
+                       index=self.index)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

@@ -110,7 +110,8 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
 
         if sampling.split_layer_weights:
             params = unstack_layers(params)  # once, outside the decode loop
-        cache = KVCache.zeros(model_cfg, rows, p + n_new)
+        ends = sampling.segment_ends
+        cache = KVCache.zeros(model_cfg, rows, p + ends[0])
         hidden, cache = module.apply({"params": params}, tokens_bp, positions_from_mask(mask_bp),
                                      mask_bp.astype(jnp.bool_), cache, return_hidden=True)
         zeros_f = constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", "length"))
@@ -125,8 +126,8 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
             position=constrain(jnp.sum(mask_bp, axis=-1, dtype=jnp.int32), ("batch",)),
         )
 
-        def cond(s: _DecodeState):
-            return (s.step < n_new) & ~jnp.all(s.done)
+        def cond_until(end):
+            return lambda s: (s.step < end) & ~jnp.all(s.done)
 
         def body(s: _DecodeState) -> _DecodeState:
             logp_bv, raw_bv = process_logits(s.logits, sampling.temperature, sampling.top_k, sampling.top_p)
@@ -153,7 +154,13 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
                 position=s.position + 1,
             )
 
-        s = jax.lax.while_loop(cond, body, state)
+        # One loop per cache segment: the cache grows by a segment between them, so every step
+        # attends over the slots filled so far (rounded up to its segment), not all P + N.
+        s = state
+        for j, end in enumerate(ends):
+            if j:
+                s = s.replace(cache=s.cache.grow(p + end))
+            s = jax.lax.while_loop(cond_until(end), body, s)
         mask = (jnp.arange(n_new)[None, :] < s.lengths[:, None]).astype(jnp.int32)
         return Rollout(prompt_tokens=tokens_bp, prompt_mask=mask_bp, tokens=s.tokens,
                        mask=constrain(mask, ("batch", "length")), logprobs=s.logprobs,

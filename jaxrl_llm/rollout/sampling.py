@@ -16,6 +16,10 @@ import jax
 import jax.numpy as jnp
 
 
+# A cache segment shorter than this saves little attention reading for its extra compiled loop.
+MIN_SEGMENT_STEPS = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How completions are sampled. Frozen and hashable (a static argument of the jitted sampler).
@@ -32,6 +36,13 @@ class SamplingConfig:
         decode loop (True, the default: the loop then reads each layer's weights in place; costs one
         extra copy of the layer weights while the sampler runs). False slices them inside every decode
         step instead (no extra copy; XLA copies each layer's slice every step, which is slower).
+    cache_segments: decode in up to this many segments (>= 1) of equal length, each at least
+        MIN_SEGMENT_STEPS steps (so max_new_tokens < 32 decodes in one). The KV cache starts with room for the prompt and the first
+        segment and grows by one segment between them, so each step attends over the slots filled
+        so far (rounded up to its segment) instead of all P + N: with 4 segments a full-length
+        rollout reads ~60% of the keys/values of one segment. Costs one copy of the cache per
+        segment boundary and, at the last one, the cache almost twice while it is copied; each
+        segment's loop is compiled on its own. 1 = one buffer of P + N slots from the start.
     """
 
     max_new_tokens: int = 64
@@ -42,6 +53,7 @@ class SamplingConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     split_layer_weights: bool = True
+    cache_segments: int = 4
 
     def __post_init__(self):
         def _is_int(x):
@@ -79,12 +91,22 @@ class SamplingConfig:
         if not isinstance(self.split_layer_weights, bool):
             raise ValueError(f"SamplingConfig.split_layer_weights={self.split_layer_weights!r}: must be True or "
                              "False")
+        if not _is_int(self.cache_segments) or self.cache_segments < 1:
+            raise ValueError(f"SamplingConfig.cache_segments={self.cache_segments!r}: must be an integer >= 1 "
+                             "(1 = one KV-cache buffer for the whole rollout)")
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def segment_ends(self) -> tuple[int, ...]:
+        """Decode steps done at the end of each cache segment (the last is max_new_tokens)."""
+        n = self.max_new_tokens
+        k = max(1, min(self.cache_segments, n // MIN_SEGMENT_STEPS))
+        return tuple(-(-n * (j + 1) // k) for j in range(k))
 
     def replace(self, **kw) -> "SamplingConfig":
         return dataclasses.replace(self, **kw)

@@ -48,6 +48,10 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
 
 * kv_cache (rollout, exact): L x 2 x rows_dev x (P + N) x K x D x b with
   rows = prompts_per_iter x group_size (grpo) or x samples_per_prompt (ppo).
+* kv_cache_growth (rollout, exact): with sampling.cache_segments > 1 (and
+  N >= 32) the cache grows between decode segments by copying into a longer
+  buffer; at the last boundary the previous one, P + (the last segment's
+  first step) slots, is alive beside the full one.
 * rollout_work (rollout, approximate): one layer's prefill working set for
   rows_dev x P tokens (see layer_work) plus the decode step's float32 logits
   3 x rows_dev x V x 4.
@@ -58,7 +62,8 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
 * eval_kv_cache / eval_work / eval_weights (eval): the same for the
   evaluator's sampler (which always splits the layer weights),
   rows = eval.num_examples x eval.n_samples, length max_prompt_len +
-  eval.max_new_tokens, when eval.every > 0 (not in reward_model stages).
+  eval.max_new_tokens, when eval.every > 0 (not in reward_model stages),
+  with eval_kv_cache_growth as kv_cache_growth (default segments).
 * score_work / score_logits (score, approximate): forwards without gradients
   over the whole rollout batch (grpo old/reference log-probs; ppo old
   log-probs, values, reference and reward-model scores; dpo the reference
@@ -117,6 +122,7 @@ from jax.sharding import PartitionSpec
 from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import CACHE_AXES, CausalLM, PolicyValueModel, reward_model, value_model
+from jaxrl_llm.rollout.sampling import SamplingConfig
 from jaxrl_llm.sharding.params import abstract_params
 from jaxrl_llm.sharding.rules import DEFAULT_RULES, Rules, logical_to_spec, normalize_rules
 
@@ -131,9 +137,11 @@ TERMS: tuple[tuple[str, str | None, str], ...] = (
     ("reward_model", None, "frozen reward model (PPO)"),
     ("optimizer", None, "optimizer moments"),
     ("kv_cache", "rollout", "rollout KV cache"),
+    ("kv_cache_growth", "rollout", "rollout KV cache while it grows"),
     ("rollout_work", "rollout", "prefill layer + decode logits"),
     ("decode_weights", "rollout", "layer weights split once for the decode loop"),
     ("eval_kv_cache", "eval", "evaluator KV cache"),
+    ("eval_kv_cache_growth", "eval", "evaluator KV cache while it grows"),
     ("eval_work", "eval", "evaluator prefill layer + logits"),
     ("eval_weights", "eval", "layer weights split once for the evaluator's decode loop"),
     ("score_work", "score", "no-grad forward over the rollout batch"),
@@ -217,14 +225,15 @@ class MemoryEstimate:
         """A text table in GiB: one row per term (rows that are zero everywhere left out), one column per stage."""
         names = [f"{s.name} ({s.kind})" for s in self.stages]
         width = max([16] + [len(n) for n in names])
+        tw = max(len(term) for term, _, _ in TERMS) + 1
         rows = [f"per-device memory (GiB), mesh {_axes_text(self.mesh_axes)}",
-                f"{'term':<16}{'phase':<9}" + "".join(f"{n:>{width + 2}}" for n in names)]
+                f"{'term':<{tw}}{'phase':<9}" + "".join(f"{n:>{width + 2}}" for n in names)]
         for term, phase, _ in TERMS:
             values = [s.terms[term] for s in self.stages]
             if any(values):
-                rows.append(f"{term:<16}{phase or '-':<9}" + "".join(f"{_gib(v):>{width + 2}.3f}" for v in values))
+                rows.append(f"{term:<{tw}}{phase or '-':<9}" + "".join(f"{_gib(v):>{width + 2}.3f}" for v in values))
         totals = "".join(f"{f'{_gib(s.total_bytes):.3f} ({s.peak_phase})':>{width + 2}}" for s in self.stages)
-        rows.append(f"{'peak':<25}" + totals)
+        rows.append(f"{'peak':<{tw + 9}}" + totals)
         peak = self.peak_stage
         rows.append(f"peak stage: {peak.name!r} ({peak.kind}), {_gib(peak.total_bytes):.2f} GiB in its "
                     f"{peak.peak_phase} phase")
@@ -321,6 +330,11 @@ class _Sizes:
         shape = (rows, m.num_kv_heads, length, m.head_dim)  # per layer
         return 2 * m.num_layers * self.elems(shape, CACHE_AXES) * self.b
 
+    def kv_cache_growth(self, rows: int, p: int, n: int, segments: int) -> int:
+        """The previous buffer, alive beside the full one while the cache grows into its last segment."""
+        ends = SamplingConfig(max_new_tokens=n, cache_segments=segments).segment_ends
+        return self.kv_cache(rows, p + ends[-2]) if len(ends) > 1 else 0
+
     def layer_work(self, t: int) -> int:
         """Per token: the larger of one layer's attention and MLP blocks, attending over t positions."""
         b, e, d = self.b, self.m.hidden_size, self.m.head_dim
@@ -372,6 +386,7 @@ def _eval_terms(cfg, s, z: _Sizes) -> dict[str, int]:
     p, n = int(s.max_prompt_len), int(ev.max_new_tokens)
     rd = z.rows(rows)
     return {"eval_kv_cache": z.kv_cache(rows, p + n),
+            "eval_kv_cache_growth": z.kv_cache_growth(rows, p, n, SamplingConfig().cache_segments),
             "eval_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
             "eval_weights": z.params("policy")}
 
@@ -379,7 +394,9 @@ def _eval_terms(cfg, s, z: _Sizes) -> dict[str, int]:
 def _rollout_terms(rows: int, p: int, n: int, z: _Sizes, s) -> dict[str, int]:
     rd = z.rows(rows)
     split = bool(s.sampling.get("split_layer_weights", True))
-    return {"kv_cache": z.kv_cache(rows, p + n), "rollout_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
+    return {"kv_cache": z.kv_cache(rows, p + n),
+            "kv_cache_growth": z.kv_cache_growth(rows, p, n, int(s.sampling.get("cache_segments", 4))),
+            "rollout_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
             "decode_weights": z.params("policy") if split else 0}
 
 

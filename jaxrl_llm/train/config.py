@@ -151,7 +151,7 @@ def grpo_stage(variant: str = "grpo", iterations: int = 200, prompts_per_iter: i
         kind="grpo", variant=variant, iterations=iterations, prompts_per_iter=prompts_per_iter,
         max_prompt_len=16,
         sampling=mc.ConfigDict(dict(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                         split_layer_weights=True)),
+                                         split_layer_weights=True, cache_segments=4)),
         algo=from_dataclass(algo),
         optimizer=optimizer_config(learning_rate),
         reward=mc.ConfigDict(dict(in_jit=True, timeout_s=30.0, on_error="score", error_score=0.0))))
@@ -173,7 +173,7 @@ def ppo_stage(iterations: int = 200, prompts_per_iter: int = 32, samples_per_pro
         kind="ppo", iterations=iterations, prompts_per_iter=prompts_per_iter,
         samples_per_prompt=samples_per_prompt, max_prompt_len=16,
         sampling=mc.ConfigDict(dict(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                         split_layer_weights=True)),
+                                         split_layer_weights=True, cache_segments=4)),
         algo=from_dataclass(ppo.PPOConfig(kl=kl, **algo_kw)),
         optimizer=optimizer_config(learning_rate),
         value_optimizer=optimizer_config(value_learning_rate),  # unused with algo.shared_backbone
