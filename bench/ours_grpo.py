@@ -18,7 +18,7 @@ Every piece ends with `block_until_ready`; medians over --iters iterations
 after --warmup. `decode_s` times the sampler alone (64 x 64, like
 `transformers.generate`). `--old-forward` forces the separate old-policy
 forward; `--scan-unroll N`, `--remat POLICY` and `--dtype DTYPE` (compute; params stay
-float32) override `load_hf`'s config. Prints one JSON line (and writes it to --json).
+float32) override `load_hf`'s config; `--cache-segments K` the sampler's KV-cache segments. Prints one JSON line (and writes it to --json).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Ours:
     """The pieces of one GRPO iteration, built once."""
 
     def __init__(self, wl: dict, *, old_forward: bool = False, scan_unroll: int | None = None, remat: str | None = None,
-                 dtype: str | None = None, seed: int = 0):
+                 dtype: str | None = None, seed: int = 0, cache_segments: int | None = None):
         self.wl = wl
         self.env = ShardingEnv(make_mesh({"data": 1}, devices=jax.devices()[:1]))
         overrides = {"scan_unroll": scan_unroll} if scan_unroll else {}
@@ -107,6 +107,8 @@ class Ours:
         self.sampling = SamplingConfig(max_new_tokens=wl["max_new_tokens"], temperature=wl["temperature"],
                                        top_k=wl["top_k"], top_p=wl["top_p"], n_samples=g,
                                        eos_token_ids=info.eos_ids, pad_token_id=info.pad_id)
+        if cache_segments:
+            self.sampling = self.sampling.replace(cache_segments=cache_segments)
         self.sampler = make_sampler(self.module, self.cfg, self.sampling, env=self.env)
         self.algo = grpo.grpo(group_size=g, beta=wl["beta"]).replace(
             loss=PolicyLossConfig(clip_eps_low=wl["epsilon"], clip_eps_high=wl["epsilon"], kl_coef=wl["beta"],
@@ -181,8 +183,8 @@ def _time(fn, repeats: int) -> float:
 def _kv_copies(hlo: str, layer_shape: tuple[int, ...]) -> dict:
     """Cache-sized copies per decode step in a compiled sampler.
 
-    Counts the instructions of the decode `while` loop's body whose output holds at least one layer's
-    K or V (`layer_shape`, float32) and that are not the in-place dynamic-update-slice writes of the new
+    Counts the instructions of the decode `while` loops' bodies whose output holds at least one layer's
+    K or V (`layer_shape`, float32, the smallest cache a loop carries) and that are not the in-place dynamic-update-slice writes of the new
     slots: transposes, slices or copies of the cache, each run once per step.
     """
     n = int(np.prod(layer_shape))
@@ -268,7 +270,9 @@ def detail(o: Ours, repeats: int) -> dict:
     out["matmuls_only_step_ms"] = 1e3 * _time(lambda: mlp_jit(params, x), repeats)
 
     lowered = o.sampler.jitted_for(tuple(o.prompt_tokens.shape)).lower(params, o.prompt_tokens, o.prompt_mask, key)
-    out["sampler_hlo"] = _kv_copies(lowered.compile().as_text(), (rows, cfg.num_kv_heads, p + n_new, cfg.head_dim))
+    # The smallest cache any decode loop carries (the first segment's): copies of any layer's k or v count.
+    first = p + o.sampling.segment_ends[0]
+    out["sampler_hlo"] = _kv_copies(lowered.compile().as_text(), (rows, cfg.num_kv_heads, first, cfg.head_dim))
 
     # Forwards: the log-prob forward (chunked head) and a plain full-logits forward on 64 x (P + 64).
     ro = o.sampler(params, o.prompt_tokens, o.prompt_mask, key)
@@ -337,7 +341,7 @@ def run(args) -> dict:
     wl = workload_lib.load(workload_lib.build(args.workload))
     t_setup = time.perf_counter()
     o = Ours(wl, old_forward=args.old_forward, scan_unroll=args.scan_unroll, remat=args.remat, dtype=args.dtype,
-             seed=args.seed)
+             seed=args.seed, cache_segments=args.cache_segments)
     setup_s = time.perf_counter() - t_setup
     t0 = time.perf_counter()
     o.iteration(0)
@@ -365,7 +369,8 @@ def run(args) -> dict:
         "compiles_in_timed_loop": counter.count,
         "compiled_in_timed_loop": sorted(set(counter.names))[:20],
         "options": {"old_logprob_forward": o.need_old, "scan_unroll": o.cfg.scan_unroll, "remat": o.cfg.remat,
-                    "dtype": o.cfg.dtype, "prompt_len": int(o.prompt_tokens.shape[1])},
+                    "dtype": o.cfg.dtype, "prompt_len": int(o.prompt_tokens.shape[1]),
+                    "cache_segments": o.sampling.segment_ends},
         "last": o.last,
     }
     res["median"]["other"] = res["median"]["total"] - sum(res["median"][k] for k in ("generation", "reference",
@@ -385,6 +390,7 @@ def main(argv=None):
     ap.add_argument("--scan-unroll", type=int, default=None, help="override the layer scan unroll")
     ap.add_argument("--remat", default=None, help="override the remat policy (none, full, dots)")
     ap.add_argument("--dtype", default=None, help="compute dtype (params stay float32), e.g. bfloat16")
+    ap.add_argument("--cache-segments", type=int, default=None, help="override SamplingConfig.cache_segments")
     ap.add_argument("--detail", action="store_true", help="also time prefill, decode steps, forwards, update parts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -14,7 +14,8 @@ reason and that peer is skipped. Each round runs ours, then every peer, each
 in a fresh process (setup and compilation excluded from the timed
 iterations, which are medians after --warmup); the table reports the median
 over rounds of each run's medians. `--variants` adds rows for our pipeline
-with a separate old-policy forward and with remat="full", `--detail`
+with a separate old-policy forward, with remat="full" and with one KV-cache
+buffer (cache_segments=1, the sampler before segmenting), `--detail`
 appends one run of `ours_grpo.py --detail` (prefill vs decode steps, forwards,
 update parts, compiled-HLO counts).
 
@@ -49,7 +50,8 @@ PEERS = {
     "generate": {"script": "peers/hf_generate.py", "pins": ["torch==2.13.0", "transformers==5.23.0"],
                  "label": "transformers generate"},
 }
-VARIANTS = {"ours-old-forward": ["--old-forward"], "ours-remat-full": ["--remat", "full"]}
+VARIANTS = {"ours-old-forward": ["--old-forward"], "ours-remat-full": ["--remat", "full"],
+            "ours-one-cache-buffer": ["--cache-segments", "1"]}
 TARGETS = {"trl": 3.0, "tunix": 1.5, "generate": 3.0}  # issue 7: ours must be this many times faster
 COLUMNS = ("total", "generation", "reference", "update", "other")
 

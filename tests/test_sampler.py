@@ -226,6 +226,22 @@ def test_n_samples_layout_and_determinism(model):
     np.testing.assert_array_equal(np.asarray(conv.tokens), tok)
 
 
+def test_n_samples_prefill_each_prompt_once(model):
+    """n_samples > 1 prefills the B distinct prompts and repeats their cache: the rollout is that of the
+    prompts repeated by hand with n_samples=1 (same rows, same noise)."""
+    module, params = model
+    for eos in ((), (1, 2, 3, 4, 5, 6)):
+        sc = SamplingConfig(max_new_tokens=10, temperature=1.0, n_samples=4, eos_token_ids=eos)
+        got = make_sampler(module, CFG, sc)(params, PROMPTS, PMASK, jax.random.key(2))
+        want = make_sampler(module, CFG, sc.replace(n_samples=1))(
+            params, np.repeat(PROMPTS, 4, axis=0), np.repeat(PMASK, 4, axis=0), jax.random.key(2))
+        for name in ("tokens", "mask", "lengths", "finished", "num_steps", "prompt_tokens", "prompt_mask"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)))
+        np.testing.assert_allclose(np.asarray(got.raw_logprobs), np.asarray(want.raw_logprobs), atol=1e-5)
+    hlo = jax.jit(make_sampler(module, CFG, sc)).lower(params, PROMPTS, PMASK, jax.random.key(2)).as_text()
+    assert "tensor<3x6x32xf32>" in hlo  # the prefill's hidden states: 3 prompts, not 12 rows
+
+
 def test_split_layer_weights_is_the_same_computation(model):
     """Weights split once before the decode loop (default) or sliced inside every step: same rollout; the
     split sampler's loop body holds no slice of the stacked weights."""

@@ -64,6 +64,14 @@ class KVCache:
     def length(self) -> int:
         return self.mask.shape[1]
 
+    def repeat(self, n: int) -> "KVCache":
+        """Every row repeated n times (row i -> rows i*n .. i*n+n-1), e.g. a prompt's cache for its samples."""
+        def rep(a, axes):
+            return constrain(jnp.repeat(a, n, axis=0), axes)
+
+        return KVCache(k=tuple(rep(a, CACHE_AXES) for a in self.k), v=tuple(rep(a, CACHE_AXES) for a in self.v),
+                       mask=rep(self.mask, ("batch", "length")), index=self.index)
+
     def grow(self, length: int) -> "KVCache":
         """The same cache with `length` slots (>= the current length); the new slots are empty.
 

@@ -111,9 +111,16 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
         if sampling.split_layer_weights:
             params = unstack_layers(params)  # once, outside the decode loop
         ends = sampling.segment_ends
-        cache = KVCache.zeros(model_cfg, rows, p + ends[0])
-        hidden, cache = module.apply({"params": params}, tokens_bp, positions_from_mask(mask_bp),
-                                     mask_bp.astype(jnp.bool_), cache, return_hidden=True)
+        # Prefill each distinct prompt once, then repeat its cache for its n_samples rows.
+        cache = KVCache.zeros(model_cfg, b, p + ends[0])
+        prompt_tokens = constrain(prompt_tokens.astype(jnp.int32), ("batch", "length"))
+        prompt_mask = constrain(prompt_mask.astype(jnp.int32), ("batch", "length"))
+        hidden, cache = module.apply({"params": params}, prompt_tokens, positions_from_mask(prompt_mask),
+                                     prompt_mask.astype(jnp.bool_), cache, return_hidden=True)
+        logits = next_logits(params, hidden)
+        if n_rep > 1:
+            cache = cache.repeat(n_rep)
+            logits = constrain(jnp.repeat(logits, n_rep, axis=0), ("batch", "vocab"))
         zeros_f = constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", "length"))
         state = _DecodeState(
             step=jnp.zeros((), jnp.int32),
@@ -122,14 +129,15 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
             done=constrain(jnp.zeros((rows,), jnp.bool_), ("batch",)),
             lengths=constrain(jnp.zeros((rows,), jnp.int32), ("batch",)),
             cache=cache,
-            logits=next_logits(params, hidden),
+            logits=logits,
             position=constrain(jnp.sum(mask_bp, axis=-1, dtype=jnp.int32), ("batch",)),
         )
 
         def cond_until(end):
             return lambda s: (s.step < end) & ~jnp.all(s.done)
 
-        def body(s: _DecodeState) -> _DecodeState:
+        def pick(s: _DecodeState):
+            """Samples the token of `s.step` from `s.logits` and records it: (state without the forward, live)."""
             logp_bv, raw_bv = process_logits(s.logits, sampling.temperature, sampling.top_k, sampling.top_p)
             tok = sample_tokens(jax.random.fold_in(rng, s.step), logp_bv, raw_bv, greedy)
             live = ~s.done
@@ -138,29 +146,33 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
             tok = jnp.where(live, tok, pad)
             put = lambda buf, col: jax.lax.dynamic_update_slice(  # noqa: E731
                 buf, col[:, None].astype(buf.dtype), (0, s.step))
-            done = s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
-            # Feed the token back; a finished row's cache slot is masked out (it is never read).
-            hidden, cache = module.apply({"params": params}, tok[:, None], s.position[:, None],
-                                         live[:, None], s.cache, return_hidden=True)
-            return _DecodeState(
+            return s.replace(
                 step=s.step + 1,
                 tokens=constrain(put(s.tokens, tok), ("batch", "length")),
                 logprobs=constrain(put(s.logprobs, jnp.where(live, lp, 0.0)), ("batch", "length")),
                 raw_logprobs=constrain(put(s.raw_logprobs, jnp.where(live, raw, 0.0)), ("batch", "length")),
-                done=done,
+                done=s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1),
                 lengths=s.lengths + live.astype(jnp.int32),
-                cache=cache,
-                logits=next_logits(params, hidden),
-                position=s.position + 1,
-            )
+            ), tok, live
+
+        def body(s: _DecodeState) -> _DecodeState:
+            s, tok, live = pick(s)
+            # Feed the token back; a finished row's cache slot is masked out (it is never read).
+            hidden, cache = module.apply({"params": params}, tok[:, None], s.position[:, None],
+                                         live[:, None], s.cache, return_hidden=True)
+            return s.replace(cache=cache, logits=next_logits(params, hidden), position=s.position + 1)
 
         # One loop per cache segment: the cache grows by a segment between them, so every step
         # attends over the slots filled so far (rounded up to its segment), not all P + N.
+        # The last step only samples (its forward would feed a token nobody reads).
         s = state
         for j, end in enumerate(ends):
             if j:
                 s = s.replace(cache=s.cache.grow(p + end))
-            s = jax.lax.while_loop(cond_until(end), body, s)
+            s = jax.lax.while_loop(cond_until(end - 1 if end == n_new else end), body, s)
+        running = ~jnp.all(s.done)  # False when every row finished early: then the last pick records nothing
+        last, _, _ = pick(s)
+        s = last.replace(step=s.step + running.astype(jnp.int32))
         mask = (jnp.arange(n_new)[None, :] < s.lengths[:, None]).astype(jnp.int32)
         return Rollout(prompt_tokens=tokens_bp, prompt_mask=mask_bp, tokens=s.tokens,
                        mask=constrain(mask, ("batch", "length")), logprobs=s.logprobs,
