@@ -50,8 +50,10 @@ PEERS = {
     "generate": {"script": "peers/hf_generate.py", "pins": ["torch==2.13.0", "transformers==5.23.0"],
                  "label": "transformers generate"},
 }
-VARIANTS = {"ours-old-forward": ["--old-forward"], "ours-remat-full": ["--remat", "full"],
-            "ours-one-cache-buffer": ["--cache-segments", "1"]}
+# name: (ours_grpo.py arguments, table label)
+VARIANTS = {"ours-old-forward": (["--old-forward"], "ours + a separate old-policy forward"),
+            "ours-remat-full": (["--remat", "full"], "ours, remat=\"full\" (layers recomputed in the backward)"),
+            "ours-one-cache-buffer": (["--cache-segments", "1"], "ours, one KV-cache buffer (cache_segments=1)")}
 TARGETS = {"trl": 3.0, "tunix": 1.5, "generate": 3.0}  # issue 7: ours must be this many times faster
 COLUMNS = ("total", "generation", "reference", "update", "other")
 
@@ -191,8 +193,7 @@ def _range(s: dict) -> str:
 def table(summary: dict) -> str:
     lines = ["| framework | s / iteration | generation | reference | update | other | peer / ours |",
              "|---|---|---|---|---|---|---|"]
-    labels = {"ours": "jaxrl_llm (ours)", "ours-old-forward": "ours + a separate old-policy forward",
-              "ours-remat-full": "ours, remat=\"full\" (layers recomputed in the backward)",
+    labels = {"ours": "jaxrl_llm (ours)", **{k: v[1] for k, v in VARIANTS.items()},
               **{k: v["label"] for k, v in PEERS.items()}}
     for name, s in summary.items():
         if name == "generate" or name.startswith("_"):
@@ -286,7 +287,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one round")
     ap.add_argument("--setup-only", action="store_true", help="build the workload and venvs, then stop")
     ap.add_argument("--variants", action="store_true", help="also run our pipeline with a separate old-policy "
-                                                             "forward / with remat=full")
+                                                             "forward / with remat=full / with one KV-cache buffer")
     ap.add_argument("--detail", action="store_true", help="append one `ours_grpo.py --detail` run")
     ap.add_argument("--workload", default=str(workload_lib.DEFAULT_OUT))
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per process")
@@ -330,7 +331,7 @@ def main(argv=None):
     t_start = time.time()
     for r in range(args.rounds):
         for name in order:
-            cmd = (ours_cmd(args) if name == "ours" else ours_cmd(args, VARIANTS[name]) if name in VARIANTS
+            cmd = (ours_cmd(args) if name == "ours" else ours_cmd(args, VARIANTS[name][0]) if name in VARIANTS
                    else peer_cmd(name, args))
             log(f"round {r + 1}/{args.rounds}: {name}")
             state = library_state() if name.startswith("ours") else None
@@ -350,6 +351,13 @@ def main(argv=None):
         log("ours --detail")
         detail = run_json(ours_cmd(args, ["--detail"]), args.timeout)
 
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"peers-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"workload": {k: v for k, v in wl.items() if k not in ("tokenizer_dir", "model_dir")},
+           "machine": info, "args": vars(args), "setup": setup, "wall_s": time.time() - t_start,
+           "runs": runs, "detail": detail}
+    out.write_text(json.dumps(doc, indent=2) + "\n")  # the raw runs first: a summary error loses nothing
+
     summary = summarize(runs)
     states = {json.dumps(r.get("library")) for n, rs in runs.items() if n.startswith("ours") for r in rs}
     summary["_library_states"] = sorted(states)
@@ -360,11 +368,7 @@ def main(argv=None):
         md += "\n\n" + detail_md(detail)
     print(md)
     info["loadavg_end"] = os.getloadavg()
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"peers-{datetime.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"workload": {k: v for k, v in wl.items() if k not in ("tokenizer_dir", "model_dir")},
-           "machine": info, "args": vars(args), "setup": setup, "wall_s": time.time() - t_start,
-           "summary": summary, "table_markdown": md, "runs": runs, "detail": detail}
+    doc.update(summary=summary, table_markdown=md)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {out}")
 
