@@ -126,7 +126,7 @@ class Decoder(nn.Module):
         self.layers = _layer_stack(cfg)(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
 
-    def __call__(self, tokens, positions=None, mask=None, cache: KVCache | None = None):
+    def __call__(self, tokens, positions=None, mask=None, cache: KVCache | None = None, rope=None):
         b, t = tokens.shape
         if mask is None:
             mask = jnp.ones((b, t), jnp.bool_)
@@ -136,7 +136,9 @@ class Decoder(nn.Module):
                 raise ValueError("positions are required when decoding with a KV cache")
             positions = positions_from_mask(mask)
         x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))
-        cos, sin = rope_tables(self.cfg, positions)
+        # `rope`: rope_tables(cfg, positions) computed by the caller (a decode loop computes every step's
+        # once, before the loop: XLA would otherwise evaluate the cos/sin in each layer's fusions, every step).
+        cos, sin = rope_tables(self.cfg, positions) if rope is None else rope
 
         if cache is None:
             index, kv_mask = 0, mask
@@ -205,9 +207,11 @@ class CausalLM(nn.Module):
                                     kernel_init=_init(cfg, ("embed", "vocab")))
 
     def __call__(self, tokens, positions=None, mask=None, cache: KVCache | None = None, *,
-                 return_hidden: bool = False):
-        """Returns (logits [B, T, V] in the compute dtype, or final hidden [B, T, E]; new cache)."""
-        hidden, cache = self.model(tokens, positions, mask, cache)
+                 return_hidden: bool = False, rope=None):
+        """Returns (logits [B, T, V] in the compute dtype, or final hidden [B, T, E]; new cache).
+
+        `rope`: optional precomputed `rope_tables(cfg, positions)` (cos, sin), [B, T, head_dim / 2] each."""
+        hidden, cache = self.model(tokens, positions, mask, cache, rope)
         if return_hidden:
             return hidden, cache
         return self.logits(hidden), cache

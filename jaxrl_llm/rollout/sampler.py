@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.layers import rope_tables
 from jaxrl_llm.models.transformer import KVCache, positions_from_mask, unstack_layers
 from jaxrl_llm.rollout.sampling import SamplingConfig, process_logits, sample_tokens
 from jaxrl_llm.sharding.params import param_shardings as _param_shardings
@@ -121,6 +122,9 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
         if n_rep > 1:
             cache = cache.repeat(n_rep)
             logits = constrain(jnp.repeat(logits, n_rep, axis=0), ("batch", "vocab"))
+        start = constrain(jnp.sum(mask_bp, axis=-1, dtype=jnp.int32), ("batch",))
+        # Every step's RoPE cos/sin [rows, N, head_dim / 2], once: step s reads column s.
+        cos_all, sin_all = rope_tables(model_cfg, start[:, None] + jnp.arange(n_new, dtype=jnp.int32)[None, :])
         zeros_f = constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", "length"))
         state = _DecodeState(
             step=jnp.zeros((), jnp.int32),
@@ -130,7 +134,7 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
             lengths=constrain(jnp.zeros((rows,), jnp.int32), ("batch",)),
             cache=cache,
             logits=logits,
-            position=constrain(jnp.sum(mask_bp, axis=-1, dtype=jnp.int32), ("batch",)),
+            position=start,
         )
 
         def cond_until(end):
@@ -158,8 +162,9 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
         def body(s: _DecodeState) -> _DecodeState:
             s, tok, live = pick(s)
             # Feed the token back; a finished row's cache slot is masked out (it is never read).
+            rope = tuple(jax.lax.dynamic_slice_in_dim(a, s.step - 1, 1, axis=1) for a in (cos_all, sin_all))
             hidden, cache = module.apply({"params": params}, tok[:, None], s.position[:, None],
-                                         live[:, None], s.cache, return_hidden=True)
+                                         live[:, None], s.cache, return_hidden=True, rope=rope)
             return s.replace(cache=cache, logits=next_logits(params, hidden), position=s.position + 1)
 
         # One loop per cache segment: the cache grows by a segment between them, so every step
