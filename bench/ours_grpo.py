@@ -48,6 +48,7 @@ from jaxrl_llm.algos.train_state import (
     make_epoch_runner,
 )
 from jaxrl_llm.models import CausalLM, KVCache, load_hf, positions_from_mask
+from jaxrl_llm.models.transformer import unstack_layers
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.sharding import ShardingEnv, make_mesh
 from jaxrl_llm.tokenizer import (
@@ -250,24 +251,28 @@ def detail(o: Ours, repeats: int) -> dict:
     step_nodonate = jax.jit(traced(one_step))
     out["isolated_decode_step_ms"] = 1e3 * _time(lambda: step_nodonate(params, tok, pos, live, cache0), repeats)
 
-    # The compute floor of one decode step: its matmuls alone (projections, MLP, head), no attention, no cache.
-    def mlp_only(params, x):
-        lp = params["model"]["layers"]
-        h = x
-        for layer in range(cfg.num_layers):
-            a = jax.tree.map(lambda w, i=layer: w[i], lp)
-            q = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["q_proj"]["kernel"])
-            k = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["k_proj"]["kernel"])
-            v = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["v_proj"]["kernel"])
-            h = h + jnp.einsum("bhd,hde->be", q, a["self_attn"]["o_proj"]["kernel"]) + 0 * (k.sum() + v.sum())  # keep k, v
-            gt = h @ a["mlp"]["gate_proj"]["kernel"]
-            up = h @ a["mlp"]["up_proj"]["kernel"]
-            h = h + (jax.nn.silu(gt) * up) @ a["mlp"]["down_proj"]["kernel"]
-        return h @ params["model"]["embed_tokens"]["embedding"].T
+    # The compute floor of one decode step: its matmuls alone (projections, MLP, head; no attention, no cache,
+    # no sampling), from the per-layer weights split once as the sampler does, n_new steps in one loop.
+    split = unstack_layers(params)
+
+    def mlp_only(prm, x):
+        def step(_, h):
+            for layer in range(cfg.num_layers):
+                a = prm["model"]["layers"][str(layer)]
+                q = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["q_proj"]["kernel"])
+                k = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["k_proj"]["kernel"])
+                v = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["v_proj"]["kernel"])
+                h = h + jnp.einsum("bhd,hde->be", q, a["self_attn"]["o_proj"]["kernel"]) + 0 * (k.sum() + v.sum())
+                gt = h @ a["mlp"]["gate_proj"]["kernel"]
+                up = h @ a["mlp"]["up_proj"]["kernel"]
+                h = h + (jax.nn.silu(gt) * up) @ a["mlp"]["down_proj"]["kernel"]
+            logits = h @ prm["model"]["embed_tokens"]["embedding"].T
+            return h + 1e-3 * logits[:, :1]  # keep the head
+        return jax.lax.fori_loop(0, n_new, step, x)
 
     x = jnp.ones((rows, cfg.hidden_size), jnp.float32)
     mlp_jit = jax.jit(mlp_only)
-    out["matmuls_only_step_ms"] = 1e3 * _time(lambda: mlp_jit(params, x), repeats)
+    out["matmuls_only_step_ms"] = 1e3 * _time(lambda: mlp_jit(split, x), repeats) / n_new
 
     lowered = o.sampler.jitted_for(tuple(o.prompt_tokens.shape)).lower(params, o.prompt_tokens, o.prompt_mask, key)
     # The smallest cache any decode loop carries (the first segment's): copies of any layer's k or v count.

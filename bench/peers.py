@@ -233,7 +233,7 @@ def detail_md(d: dict | None) -> str:
                                   f"+ reward {m['reward']:.3f}")),
         ("prefill (64 x {} tokens)".format(x["prompt_len"]), f"{x['prefill_s']:.3f} s"),
         ("decode loop", (f"{x['decode_loop_s']:.3f} s = 64 x {x['per_decode_step_in_loop_ms']:.2f} ms/step; "
-                         f"the step's matmuls alone: {x['matmuls_only_step_ms']:.2f} ms")),
+                         f"the step's matmuls alone (64 in a loop): {x['matmuls_only_step_ms']:.2f} ms/step")),
         ("KV cache copies per decode step (compiled HLO)",
          (f"{h['cache_sized_copies_per_step']} = {h['copied_mb_per_decode_step']:.1f} MiB/step "
           f"(one layer's k or v: {h['cache_mb_k_or_v']:.2f} MiB)")),
