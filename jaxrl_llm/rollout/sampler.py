@@ -162,6 +162,7 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
         def body(s: _DecodeState) -> _DecodeState:
             s, tok, live = pick(s)
             # Feed the token back; a finished row's cache slot is masked out (it is never read).
+            # pick advanced s.step: the token fed is step s.step - 1, its RoPE tables that column.
             rope = tuple(jax.lax.dynamic_slice_in_dim(a, s.step - 1, 1, axis=1) for a in (cos_all, sin_all))
             hidden, cache = module.apply({"params": params}, tok[:, None], s.position[:, None],
                                          live[:, None], s.cache, return_hidden=True, rope=rope)

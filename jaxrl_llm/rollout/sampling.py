@@ -37,11 +37,12 @@ class SamplingConfig:
         extra copy of the layer weights while the sampler runs). False slices them inside every decode
         step instead (no extra copy; XLA copies each layer's slice every step, which is slower).
     cache_segments: decode in up to this many segments (>= 1) of equal length, each at least
-        MIN_SEGMENT_STEPS steps (so max_new_tokens < 32 decodes in one). The KV cache starts with room for the prompt and the first
-        segment and grows by one segment between them, so each step attends over the slots filled
-        so far (rounded up to its segment) instead of all P + N: with 4 segments a full-length
-        rollout reads ~60% of the keys/values of one segment. Costs one copy of the cache per
-        segment boundary and, at the last one, the cache almost twice while it is copied; each
+        MIN_SEGMENT_STEPS steps (so max_new_tokens < 32 decodes in one). The KV cache starts with
+        room for the prompt and the first segment and grows by one segment between them, so each
+        step attends over the slots filled so far (rounded up to its segment) instead of all P + N:
+        with 4 segments a full-length rollout reads about 5/8 of the keys/values that one P + N
+        buffer would (when P is small against N). Costs one copy of the cache per segment boundary
+        and, at the last one, the previous buffer beside the full one while it is copied; each
         segment's loop is compiled on its own. 1 = one buffer of P + N slots from the start.
     """
 

@@ -386,7 +386,7 @@ def _eval_terms(cfg, s, z: _Sizes) -> dict[str, int]:
     p, n = int(s.max_prompt_len), int(ev.max_new_tokens)
     rd = z.rows(rows)
     return {"eval_kv_cache": z.kv_cache(rows, p + n),
-            "eval_kv_cache_growth": z.kv_cache_growth(rows, p, n, SamplingConfig().cache_segments),
+            "eval_kv_cache_growth": z.kv_cache_growth(rows, p, n, SamplingConfig.cache_segments),
             "eval_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
             "eval_weights": z.params("policy")}
 
@@ -395,7 +395,7 @@ def _rollout_terms(rows: int, p: int, n: int, z: _Sizes, s) -> dict[str, int]:
     rd = z.rows(rows)
     split = bool(s.sampling.get("split_layer_weights", True))
     return {"kv_cache": z.kv_cache(rows, p + n),
-            "kv_cache_growth": z.kv_cache_growth(rows, p, n, int(s.sampling.get("cache_segments", 4))),
+            "kv_cache_growth": z.kv_cache_growth(rows, p, n, int(s.sampling.get("cache_segments", SamplingConfig.cache_segments))),
             "rollout_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
             "decode_weights": z.params("policy") if split else 0}
 
