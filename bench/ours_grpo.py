@@ -18,7 +18,8 @@ Every piece ends with `block_until_ready`; medians over --iters iterations
 after --warmup. `decode_s` times the sampler alone (64 x 64, like
 `transformers.generate`). `--old-forward` forces the separate old-policy
 forward; `--scan-unroll N`, `--remat POLICY` and `--dtype DTYPE` (compute; params stay
-float32) override `load_hf`'s config; `--cache-segments K` the sampler's KV-cache segments. Prints one JSON line (and writes it to --json).
+float32) override `load_hf`'s config; `--cache-segments K` the sampler's KV-cache segments.
+Prints one JSON line (and writes it to --json).
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ def _kv_copies(hlo: str, layer_shape: tuple[int, ...]) -> dict:
     """Cache-sized copies per decode step in a compiled sampler.
 
     Counts the instructions of the decode `while` loops' bodies whose output holds at least one layer's
-    K or V (`layer_shape`, float32, the smallest cache a loop carries) and that are not the in-place dynamic-update-slice writes of the new
-    slots: transposes, slices or copies of the cache, each run once per step.
+    K or V (`layer_shape`, float32, the smallest cache a loop carries) and that are not the in-place
+    dynamic-update-slice writes of the new slots: transposes, slices or copies of the cache, each run
+    once per step.
     """
     n = int(np.prod(layer_shape))
     bodies = set(re.findall(r"body=(%[\w.\-]+)", hlo))
@@ -214,10 +216,9 @@ def detail(o: Ours, repeats: int) -> dict:
     cfg, env, module = o.cfg, o.env, o.module
     params = o.state.params
     g, n_new = o.sampling.n_samples, o.sampling.max_new_tokens
-    rows, p = o.prompt_tokens.shape[0] * g, o.prompt_tokens.shape[1]
-    tokens_bp = jnp.repeat(o.prompt_tokens, g, axis=0)
-    mask_bp = jnp.repeat(o.prompt_mask, g, axis=0)
-    out = {"rows": rows, "prompt_len": p, "cache_len": p + n_new}
+    b, p = o.prompt_tokens.shape
+    rows = b * g
+    out = {"rows": rows, "prompts": b, "prompt_len": p, "cache_len": p + n_new}
 
     def traced(f):
         def g_(*a):
@@ -227,19 +228,20 @@ def detail(o: Ours, repeats: int) -> dict:
 
     @jax.jit
     @traced
-    def prefill(params, tokens, mask):
-        cache = KVCache.zeros(cfg, rows, p + n_new)
+    def prefill(params, tokens, mask):  # as the sampler: the distinct prompts, their cache repeated per sample
+        cache = KVCache.zeros(cfg, b, p + n_new)
         hidden, cache = module.apply({"params": params}, tokens, positions_from_mask(mask), mask, cache,
                                      return_hidden=True)
-        return module.apply({"params": params}, hidden[:, -1:], method="logits"), cache
+        logits = module.apply({"params": params}, hidden[:, -1:], method="logits")
+        return jnp.repeat(logits, g, axis=0), cache.repeat(g)
 
-    out["prefill_s"] = _time(lambda: prefill(params, tokens_bp, mask_bp), repeats)
+    out["prefill_s"] = _time(lambda: prefill(params, o.prompt_tokens, o.prompt_mask), repeats)
     key = jax.random.key(123)
     out["sampler_s"] = _time(lambda: o.sampler(params, o.prompt_tokens, o.prompt_mask, key).tokens, repeats)
     out["decode_loop_s"] = out["sampler_s"] - out["prefill_s"]
     out["per_decode_step_in_loop_ms"] = 1e3 * out["decode_loop_s"] / n_new
 
-    _, cache0 = prefill(params, tokens_bp, mask_bp)
+    _, cache0 = prefill(params, o.prompt_tokens, o.prompt_mask)
     tok = jnp.zeros((rows, 1), jnp.int32) + 5
     pos = jnp.full((rows, 1), p, jnp.int32)
     live = jnp.ones((rows, 1), jnp.bool_)
@@ -375,7 +377,7 @@ def run(args) -> dict:
         "compiled_in_timed_loop": sorted(set(counter.names))[:20],
         "options": {"old_logprob_forward": o.need_old, "scan_unroll": o.cfg.scan_unroll, "remat": o.cfg.remat,
                     "dtype": o.cfg.dtype, "prompt_len": int(o.prompt_tokens.shape[1]),
-                    "cache_segments": o.sampling.segment_ends},
+                    "cache_segment_ends": o.sampling.segment_ends},
         "last": o.last,
     }
     res["median"]["other"] = res["median"]["total"] - sum(res["median"][k] for k in ("generation", "reference",

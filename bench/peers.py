@@ -231,7 +231,8 @@ def detail_md(d: dict | None) -> str:
         ("iteration (this run)", (f"{m['total']:.3f} s = generation {m['generation']:.3f} + old-policy forward "
                                   f"{m['old']:.3f} + reference {m['reference']:.3f} + update {m['update']:.3f} "
                                   f"+ reward {m['reward']:.3f}")),
-        ("prefill (64 x {} tokens)".format(x["prompt_len"]), f"{x['prefill_s']:.3f} s"),
+        ("prefill ({} prompts x {} tokens, cache repeated for {} rows)".format(
+            x.get("prompts", "?"), x["prompt_len"], x["rows"]), f"{x['prefill_s']:.3f} s"),
         ("decode loop", (f"{x['decode_loop_s']:.3f} s = 64 x {x['per_decode_step_in_loop_ms']:.2f} ms/step; "
                          f"the step's matmuls alone (64 in a loop): {x['matmuls_only_step_ms']:.2f} ms/step")),
         ("KV cache copies per decode step (compiled HLO)",

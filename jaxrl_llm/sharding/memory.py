@@ -393,7 +393,7 @@ def _eval_terms(cfg, s, z: _Sizes) -> dict[str, int]:
 
 def _rollout_terms(rows: int, p: int, n: int, z: _Sizes, s) -> dict[str, int]:
     rd = z.rows(rows)
-    split = bool(s.sampling.get("split_layer_weights", True))
+    split = bool(s.sampling.get("split_layer_weights", SamplingConfig.split_layer_weights))
     return {"kv_cache": z.kv_cache(rows, p + n),
             "kv_cache_growth": z.kv_cache_growth(rows, p, n, int(s.sampling.get("cache_segments", SamplingConfig.cache_segments))),
             "rollout_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
