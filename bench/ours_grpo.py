@@ -17,8 +17,11 @@ longest, and each iteration does what `GRPOStage.step` does:
 Every piece ends with `block_until_ready`; medians over --iters iterations
 after --warmup. `decode_s` times the sampler alone (64 x 64, like
 `transformers.generate`). `--old-forward` forces the separate old-policy
-forward; `--scan-unroll N`, `--remat POLICY` and `--dtype DTYPE` (compute; params stay
-float32) override `load_hf`'s config; `--cache-segments K` the sampler's KV-cache segments.
+forward; `--scan-unroll N`, `--remat POLICY`, `--dtype DTYPE` (compute; params stay
+float32) and `--matmul-dtype DTYPE` (the dense layers' matmul operands, float32 accumulation)
+override `load_hf`'s config; `--cache-segments K` the sampler's KV-cache segments;
+`--micro-batches M` sets `algo.num_micro_batches` (the gradient of all 64 rows summed over M row
+chunks, and the reference forward over the same chunks: still one AdamW step, as GRPOStage runs it).
 Prints one JSON line (and writes it to --json).
 """
 
@@ -89,7 +92,8 @@ class Ours:
     """The pieces of one GRPO iteration, built once."""
 
     def __init__(self, wl: dict, *, old_forward: bool = False, scan_unroll: int | None = None, remat: str | None = None,
-                 dtype: str | None = None, seed: int = 0, cache_segments: int | None = None):
+                 dtype: str | None = None, matmul_dtype: str | None = None, micro_batches: int = 1, seed: int = 0,
+                 cache_segments: int | None = None):
         self.wl = wl
         self.env = ShardingEnv(make_mesh({"data": 1}, devices=jax.devices()[:1]))
         overrides = {"scan_unroll": scan_unroll} if scan_unroll else {}
@@ -97,6 +101,8 @@ class Ours:
             overrides["remat"] = remat
         if dtype:
             overrides["dtype"] = dtype
+        if matmul_dtype:
+            overrides["matmul_dtype"] = matmul_dtype
         self.cfg, params = load_hf(wl["model_dir"], self.env, **overrides)
         self.module = CausalLM(self.cfg)
         self.tok = load_tokenizer(wl["tokenizer_dir"], vocab_size=self.cfg.vocab_size)
@@ -115,14 +121,14 @@ class Ours:
         self.algo = grpo.grpo(group_size=g, beta=wl["beta"]).replace(
             loss=PolicyLossConfig(clip_eps_low=wl["epsilon"], clip_eps_high=wl["epsilon"], kl_coef=wl["beta"],
                                   kl_estimator="k3"),
-            temperature=wl["temperature"], epochs=wl["epochs"], num_minibatches=1, num_micro_batches=1)
+            temperature=wl["temperature"], epochs=wl["epochs"], num_minibatches=1, num_micro_batches=micro_batches)
         self.opt = OptimizerConfig(name="adamw", learning_rate=wl["learning_rate"], b1=wl["adam_b1"],
                                    b2=wl["adam_b2"], eps=wl["adam_eps"], weight_decay=wl["weight_decay"],
                                    max_grad_norm=wl["max_grad_norm"])
         # As GRPOStage: a separate old-policy forward only with several updates per rollout.
         self.need_old = old_forward or self.algo.epochs * self.algo.num_minibatches > 1
         self.logp_fn = jax.jit(grpo.make_logprob_fn(self.module, self.cfg, self.algo.temperature,
-                                                    self.algo.logprob_chunk))
+                                                    self.algo.logprob_chunk, num_micro=micro_batches))
         self.step_fn = make_epoch_runner(grpo.make_grpo_step(self.module, self.cfg, self.algo),
                                          self.algo.num_minibatches, self.algo.epochs)
         self.state = TrainState.create(jax.tree.map(jnp.copy, params), self.opt)
@@ -348,6 +354,7 @@ def run(args) -> dict:
     wl = workload_lib.load(workload_lib.build(args.workload))
     t_setup = time.perf_counter()
     o = Ours(wl, old_forward=args.old_forward, scan_unroll=args.scan_unroll, remat=args.remat, dtype=args.dtype,
+             matmul_dtype=args.matmul_dtype, micro_batches=args.micro_batches,
              seed=args.seed, cache_segments=args.cache_segments)
     setup_s = time.perf_counter() - t_setup
     t0 = time.perf_counter()
@@ -376,7 +383,8 @@ def run(args) -> dict:
         "compiles_in_timed_loop": counter.count,
         "compiled_in_timed_loop": sorted(set(counter.names))[:20],
         "options": {"old_logprob_forward": o.need_old, "scan_unroll": o.cfg.scan_unroll, "remat": o.cfg.remat,
-                    "dtype": o.cfg.dtype, "prompt_len": int(o.prompt_tokens.shape[1]),
+                    "dtype": o.cfg.dtype, "matmul_dtype": o.cfg.matmul_dtype,
+                    "num_micro_batches": o.algo.num_micro_batches, "prompt_len": int(o.prompt_tokens.shape[1]),
                     "cache_segment_ends": o.sampling.segment_ends},
         "last": o.last,
     }
@@ -397,6 +405,11 @@ def main(argv=None):
     ap.add_argument("--scan-unroll", type=int, default=None, help="override the layer scan unroll")
     ap.add_argument("--remat", default=None, help="override the remat policy (none, full, dots)")
     ap.add_argument("--dtype", default=None, help="compute dtype (params stay float32), e.g. bfloat16")
+    ap.add_argument("--matmul-dtype", default=None,
+                    help="dtype of the dense layers' matmul operands (float32 accumulation), e.g. bfloat16")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="algo.num_micro_batches: the update's gradient (and the reference forward) computed over "
+                         "this many row chunks in turn; still one AdamW step over all rows")
     ap.add_argument("--cache-segments", type=int, default=None, help="override SamplingConfig.cache_segments")
     ap.add_argument("--detail", action="store_true", help="also time prefill, decode steps, forwards, update parts")
     ap.add_argument("--json", default=None)

@@ -4,6 +4,7 @@
     .venv/bin/python bench/peers.py --quick                 # 1 round
     .venv/bin/python bench/peers.py --setup-only            # build the workload and the peers' venvs, run nothing
     .venv/bin/python bench/peers.py --peers trl,generate --rounds 5 --iters 20 --variants --detail
+    .venv/bin/python bench/peers.py --variants ours-micro4,ours-bf16    # two configurations of ours
 
 The work is shared/BENCHMARK_WORKLOAD.md's "tiny-qwen2 GRPO", built by
 bench/workload.py into bench/.cache/workload. Every peer runs in its own
@@ -13,11 +14,15 @@ of the exact pins below; a pin that cannot be installed is recorded with the
 reason and that peer is skipped. Each round runs ours, then every peer, each
 in a fresh process (setup and compilation excluded from the timed
 iterations, which are medians after --warmup); the table reports the median
-over rounds of each run's medians. `--variants` adds rows for our pipeline
-with a separate old-policy forward, with remat="full" and with one KV-cache
-buffer (cache_segments=1, the sampler before segmenting), `--detail`
-appends one run of `ours_grpo.py --detail` (prefill vs decode steps, forwards,
-update parts, compiled-HLO counts).
+over rounds of each run's medians. `--variants [NAMES]` adds rows for other
+configurations of ours (all of VARIANTS below, or a comma-separated subset):
+4 micro-batches; bf16 matmul operands (+ 4 micro-batches and unrolled layers);
+remat="full"; a separate old-policy forward; one KV-cache buffer
+(cache_segments=1, the sampler before segmenting); with them a second table
+gives every configuration of ours against every iteration peer (TRL in
+float32 and with its bf16=True, Tunix). `--detail` appends one run of
+`ours_grpo.py --detail` (prefill vs decode steps, forwards, update parts,
+compiled-HLO counts).
 
 Prints a markdown table and writes bench/results/peers-<date>.json with the
 machine (CPU model, cores, load average), versions and every run's output.
@@ -45,16 +50,25 @@ import workload as workload_lib
 
 PEERS = {
     "trl": {"script": "peers/trl_grpo.py", "pins": ["torch==2.13.0", "trl==1.16.0"], "label": "TRL 1.16.0 GRPOTrainer"},
+    # TRL's own mixed precision (bf16=True: bfloat16 autocast, float32 weights), the peer of our bf16 matmuls
+    "trl-bf16": {"script": "peers/trl_grpo.py", "venv": "trl", "args": ["--bf16"],
+                 "pins": ["torch==2.13.0", "trl==1.16.0"], "label": "TRL 1.16.0 GRPOTrainer, bf16=True"},
     "tunix": {"script": "peers/tunix_grpo.py", "pins": ["jax[cpu]==0.10.2", "google-tunix==0.1.7"],
               "label": "Tunix 0.1.7 GRPOLearner"},
     "generate": {"script": "peers/hf_generate.py", "pins": ["torch==2.13.0", "transformers==5.23.0"],
                  "label": "transformers generate"},
 }
 # name: (ours_grpo.py arguments, table label)
-VARIANTS = {"ours-old-forward": (["--old-forward"], "ours + a separate old-policy forward"),
+VARIANTS = {"ours-micro4": (["--micro-batches", "4"],
+                            "ours, 4 micro-batches (algo.num_micro_batches=4: one AdamW step, gradient summed "
+                            "over 4 row chunks)"),
+            "ours-bf16": (["--matmul-dtype", "bfloat16", "--micro-batches", "4", "--scan-unroll", "4"],
+                          "ours, bf16 matmul operands (model.matmul_dtype) + 4 micro-batches + unrolled layers"),
             "ours-remat-full": (["--remat", "full"], "ours, remat=\"full\" (layers recomputed in the backward)"),
+            "ours-old-forward": (["--old-forward"], "ours + a separate old-policy forward"),
             "ours-one-cache-buffer": (["--cache-segments", "1"], "ours, one KV-cache buffer (cache_segments=1)")}
-TARGETS = {"trl": 3.0, "tunix": 1.5, "generate": 3.0}  # issue 7: ours must be this many times faster
+TARGETS = {"trl": 3.0, "trl-bf16": 3.0, "tunix": 1.5, "generate": 3.0}  # issue 7: ours must be this many times faster
+ITERATION_PEERS = ("trl", "trl-bf16", "tunix")
 COLUMNS = ("total", "generation", "reference", "update", "other")
 
 
@@ -66,12 +80,15 @@ def log(msg: str) -> None:
 
 
 def venv_python(name: str) -> pathlib.Path:
+    """The python of virtualenv `name` (a peer's name maps to the venv it runs in)."""
+    name = PEERS[name].get("venv", name) if name in PEERS else name
     return VENVS / name / "bin" / "python"
 
 
-def ensure_venv(name: str) -> dict:
-    """Creates bench/.venvs/<name> with the exact pins unless it already has them; returns {ok, reason?}."""
-    pins = PEERS[name]["pins"]
+def ensure_venv(peer: str) -> dict:
+    """Creates the peer's bench/.venvs/<venv> with the exact pins unless it already has them; returns
+    {ok, reason?}."""
+    pins, name = PEERS[peer]["pins"], PEERS[peer].get("venv", peer)
     marker = VENVS / name / ".pins.json"
     if marker.is_file() and json.loads(marker.read_text()) == pins and venv_python(name).exists():
         return {"ok": True, "pins": pins, "created": False}
@@ -140,7 +157,7 @@ def ours_cmd(args, extra: list[str] = ()) -> list[str]:
 
 def peer_cmd(name: str, args) -> list[str]:
     return [str(venv_python(name)), str(HERE / PEERS[name]["script"]), "--workload", args.workload,
-            "--iters", str(args.iters), "--warmup", str(args.warmup)]
+            "--iters", str(args.iters), "--warmup", str(args.warmup), *PEERS[name].get("args", [])]
 
 
 # ------------------------------------------------------------------ summary
@@ -178,6 +195,12 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             s["ratio_per_round"] = per_round
             s["target"] = TARGETS[name]
             s["target_met"] = s["ratio_vs_ours"] >= TARGETS[name]
+    # every configuration of ours against every iteration peer (median over rounds of each run's median)
+    matrix = {}
+    for o in (n for n in runs if n.startswith("ours") and out.get(n, {}).get("ok")):
+        tot = out[o]["median"]["total"]
+        matrix[o] = {p: out[p]["median"]["total"] / tot for p in ITERATION_PEERS if out.get(p, {}).get("ok")}
+    out["_ratio_matrix"] = matrix
     return out
 
 
@@ -209,6 +232,13 @@ def table(summary: dict) -> str:
             ratio_s = f"{_f(ratio)}{_range(s)} (target {TARGETS[name]:g}: {'met' if s['target_met'] else 'not met'})"
         lines.append(f"| {labels[name]} | {_f(m['total'])} | {_f(m['generation'])} | {_f(m['reference'])} "
                      f"| {_f(m['update'])} | {_f(m['other'])} | {ratio_s} |")
+    matrix = summary.get("_ratio_matrix") or {}
+    peers = [p for p in ITERATION_PEERS if any(p in row for row in matrix.values())]
+    if len(matrix) > 1 and peers:
+        lines += ["", "| peer s / our s | " + " | ".join(labels[p] for p in peers) + " |",
+                  "|---|" + "---|" * len(peers)]
+        for o, row in matrix.items():
+            lines.append(f"| {labels[o]} | " + " | ".join(_f(row.get(p)) for p in peers) + " |")
     lines += ["", "| decode 64 rows x 64 new tokens | s | generate / ours |", "|---|---|---|"]
     if summary.get("ours", {}).get("ok"):
         lines.append(f"| jaxrl_llm sampler (ours) | {_f(summary['ours']['decode_s'], 3)} | 1.00 |")
@@ -284,11 +314,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10, help="timed iterations per run (>= 10 for the record)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--peers", default="trl,tunix,generate")
+    ap.add_argument("--peers", default="trl,trl-bf16,tunix,generate")
     ap.add_argument("--quick", action="store_true", help="one round")
     ap.add_argument("--setup-only", action="store_true", help="build the workload and venvs, then stop")
-    ap.add_argument("--variants", action="store_true", help="also run our pipeline with a separate old-policy "
-                                                             "forward / with remat=full / with one KV-cache buffer")
+    ap.add_argument("--variants", nargs="?", const="all", default="",
+                    help="also run these configurations of ours (comma-separated, or all): " + ", ".join(VARIANTS))
     ap.add_argument("--detail", action="store_true", help="append one `ours_grpo.py --detail` run")
     ap.add_argument("--workload", default=str(workload_lib.DEFAULT_OUT))
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per process")
@@ -324,7 +354,10 @@ def main(argv=None):
         return
 
     info = machine_info()
-    order = ["ours"] + (list(VARIANTS) if args.variants else []) + [p for p in peers if setup[p]["ok"]]
+    variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        ap.error(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; choose from {sorted(VARIANTS)}")
+    order = ["ours"] + variants + [p for p in peers if setup[p]["ok"]]
     runs: dict[str, list[dict]] = {name: [] for name in order}
     for name in peers:
         if not setup[name]["ok"]:

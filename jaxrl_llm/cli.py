@@ -136,9 +136,9 @@ def cmd_train(args) -> int:
 
     try:
         cfg = load_experiment(args.experiment, args.set)
+        summary = train(cfg, fresh=args.fresh)  # config values checked while building raise ConfigError too
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    summary = train(cfg, fresh=args.fresh)
     if jax.process_index() == 0:
         print_summary(summary)
     return 0

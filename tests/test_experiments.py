@@ -197,6 +197,15 @@ def test_real_scale_experiments_need_their_paths(name):
         check_required_paths(cfg)
 
 
+def test_model_dtype_names_are_checked_before_building():
+    from jaxrl_llm.train.build import check_required_paths
+    for key in ("dtype", "param_dtype", "matmul_dtype"):
+        cfg = load_experiment(f"{EXP_DIR / 'grpo'}.py", [f"model.{key}=bf16"])
+        with pytest.raises(ConfigError, match=rf"config\.model\.{key}='bf16' is not a dtype name.*bfloat16"):
+            check_required_paths(cfg)
+    check_required_paths(load_experiment(f"{EXP_DIR / 'grpo'}.py", ["model.matmul_dtype=bfloat16"]))
+
+
 # ----------------------------------------------------------------------------- loading errors
 
 

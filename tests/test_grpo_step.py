@@ -70,6 +70,18 @@ def test_accumulation_1_vs_4_micro_batches(setup, mode):
     assert float(m1["update_norm"]) > 0
 
 
+def test_logprob_forward_in_micro_batches(setup):
+    """The old/reference log-prob forward over micro-batches of rows in turn gives every row its own
+    log-probs back in place (the rows are strided across micro-batches)."""
+    module, params, batch, _ = setup
+    whole = np.asarray(batch["old_logprobs"])
+    for m in (2, 4, 16):
+        parts = np.asarray(jax.jit(grpo.make_logprob_fn(module, CFG, num_micro=m))(params, batch))
+        np.testing.assert_allclose(parts, whole, atol=1e-6, err_msg=f"num_micro={m}")
+    with pytest.raises(ValueError, match="not divisible by num_micro_batches=3"):
+        grpo.make_logprob_fn(module, CFG, num_micro=3)(params, batch)
+
+
 @pytest.mark.parametrize("axes", [{"data": 8}, {"data": 1, "fsdp": 4, "tensor": 2}])
 def test_sharded_update_equals_single_device(setup, axes):
     module, params, batch, rewards = setup

@@ -105,6 +105,72 @@ def test_bfloat16_compute_and_params(env):
     assert out2.dtype == jnp.bfloat16 and np.isfinite(np.asarray(out2, np.float32)).all()
 
 
+def _bf16_round(x):
+    return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def test_matmul_dtype_operands_forward_and_backward():
+    """The dense layers' dot with matmul_dtype="bfloat16": bf16 operands in the forward and in both backward
+    products (the incoming gradient rounded too), float32 accumulation and results, here for the o_proj
+    shape (two contracted axes). Checked against float64 products of the rounded values."""
+    from jaxrl_llm.models.layers import matmul_fn
+    dot = matmul_fn(SMALL.replace(matmul_dtype="bfloat16"))
+    assert matmul_fn(SMALL) is None and matmul_fn(SMALL.replace(matmul_dtype="float32")) is None
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 4, 8)), jnp.float32)   # [tokens, heads, head_dim]
+    w = jnp.asarray(rng.normal(size=(4, 8, 5)), jnp.float32)   # [heads, head_dim, embed]
+    g = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    dims = (((1, 2), (0, 1)), ((), ()))
+    out, vjp = jax.vjp(lambda a, b: dot(a, b, dims), x, w)
+    dx, dw = vjp(g)
+    assert out.dtype == dx.dtype == dw.dtype == jnp.float32
+    xr, wr, gr = _bf16_round(x).reshape(6, 32), _bf16_round(w).reshape(32, 5), _bf16_round(g)
+    np.testing.assert_allclose(out, xr @ wr, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, (gr @ wr.T).reshape(6, 4, 8), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, (xr.T @ gr).reshape(4, 8, 5), rtol=1e-5, atol=1e-5)
+    # and not the float32 products
+    assert np.abs(np.asarray(dw) - (np.asarray(x).reshape(6, 32).T @ np.asarray(g)).reshape(4, 8, 5)).max() > 1e-4
+    with pytest.raises(NotImplementedError, match="not a dense layer's"):
+        dot(x, w, (((2,), (1,)), ((), ())))
+
+
+def test_matmul_dtype_model_close_to_float32(env):
+    tokens, mask = _batch()
+    module, params, _ = create_model(SMALL, jax.random.key(4), env)
+    cfg = SMALL.replace(matmul_dtype="bfloat16")
+
+    def loss_and_grad(c):
+        def loss(p):
+            logits, _ = CausalLM(c).apply({"params": p}, tokens, None, mask)
+            return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0)[..., 5]), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (l32, logits32), g32 = loss_and_grad(SMALL)
+    (l16, logits16), g16 = loss_and_grad(cfg)
+    assert logits16.dtype == jnp.float32  # activations and logits stay in the compute dtype
+    m = np.asarray(mask)
+    diff = np.abs(np.asarray(logits16)[m] - np.asarray(logits32)[m]).max()
+    assert 0 < diff < 0.05
+    np.testing.assert_allclose(l16, l32, rtol=2e-2)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+        assert a.dtype == jnp.float32
+        assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 0.05 * np.linalg.norm(np.asarray(b)) + 1e-6
+    # the KV-cache path (what the sampler runs, with kernels cast once by matmul_weights) gives the same
+    from jaxrl_llm.models.layers import matmul_weights
+    cast = matmul_weights(params, cfg)
+    kinds = {str(p[-1].key): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(cast)}
+    assert kinds["kernel"] == jnp.bfloat16 and kinds["scale"] == kinds["bias"] == kinds["embedding"] == jnp.float32
+    cache = KVCache.zeros(cfg, 3, 10)
+    pos = positions_from_mask(mask)
+    out, cache = CausalLM(cfg).apply({"params": cast}, tokens[:, :4], pos[:, :4], mask[:, :4], cache)
+    pieces = [out]
+    for t in range(4, 7):
+        out, cache = CausalLM(cfg).apply({"params": cast}, tokens[:, t:t + 1], pos[:, t:t + 1], mask[:, t:t + 1],
+                                         cache)
+        pieces.append(out)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1))[m], np.asarray(logits16)[m], atol=1e-5)
+
+
 def test_untied_head_and_unembedding(env):
     cfg = SMALL.replace(tie_word_embeddings=False)
     module, params, _ = create_model(cfg, jax.random.key(5), env)
@@ -149,6 +215,8 @@ def test_config_errors():
         get_preset("qwen2.5-05b")
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         ModelConfig(dtype="fp8")
+    with pytest.raises(ValueError, match="unknown dtype 'bf16'"):
+        ModelConfig(matmul_dtype="bf16")
     hash(get_preset("llama-3.2-1b"))  # configs with rope_scaling stay hashable (static jit args)
 
 

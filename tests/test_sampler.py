@@ -326,6 +326,25 @@ def test_bfloat16_compute_returns_float32_logprobs(model):
     np.testing.assert_allclose(raw[m], ref[m], atol=0.1)
 
 
+def test_bf16_matmuls_sampler_agrees_with_the_trainers_logprobs(model):
+    """matmul_dtype="bfloat16": the sampler (kernels cast once before the loop) and the trainer's
+    log-prob forward run the same bf16-operand matmuls, so their log-probs of the sampled tokens agree
+    (no sampler/trainer mismatch from the lower precision), while both differ from the float32 model's."""
+    from jaxrl_llm.algos import grpo
+    _, params = model
+    cfg = CFG.replace(matmul_dtype="bfloat16")
+    module = CausalLM(cfg)
+    sc = SamplingConfig(max_new_tokens=6, temperature=1.0, n_samples=2)
+    r = make_sampler(module, cfg, sc)(params, PROMPTS, PMASK, jax.random.key(2))
+    batch = {"prompt_tokens": r.prompt_tokens, "prompt_mask": r.prompt_mask, "completion_tokens": r.tokens,
+             "completion_mask": r.mask}
+    m = np.asarray(r.mask).astype(bool)
+    trainer = np.asarray(jax.jit(grpo.make_logprob_fn(module, cfg))(params, batch))
+    np.testing.assert_allclose(np.asarray(r.raw_logprobs)[m], trainer[m], atol=2e-5)
+    f32 = np.asarray(jax.jit(grpo.make_logprob_fn(CausalLM(CFG), CFG))(params, batch))
+    assert 1e-4 < np.abs(f32[m] - trainer[m]).max() < 0.1
+
+
 def test_tiny_preset_greedy_consistent_with_full_forward():
     cfg = get_preset("tiny")
     module, params, _ = create_model(cfg, jax.random.key(1), _env1())

@@ -17,13 +17,15 @@ def torch_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def parse_args(doc: str, argv=None, threads: bool = True) -> argparse.Namespace:
+def parse_args(doc: str, argv=None, threads: bool = True, extra=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", required=True, help="directory written by bench/workload.py")
     ap.add_argument("--iters", type=int, default=10, help="timed iterations")
     ap.add_argument("--warmup", type=int, default=2, help="iterations run before timing")
     if threads:
         ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    if extra is not None:
+        extra(ap)
     return ap.parse_args(argv)
 
 

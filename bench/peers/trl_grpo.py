@@ -34,7 +34,8 @@ torch_env()
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, extra=lambda ap: ap.add_argument(
+        "--bf16", action="store_true", help="TRL's bf16=True (bfloat16 autocast; the weights stay float32)"))
 
     import datasets
     import torch
@@ -63,7 +64,7 @@ def main(argv=None):
         top_k=wl["top_k"], beta=wl["beta"], epsilon=wl["epsilon"], loss_type="grpo", scale_rewards="group",
         learning_rate=wl["learning_rate"], adam_beta1=wl["adam_b1"], adam_beta2=wl["adam_b2"],
         adam_epsilon=wl["adam_eps"], weight_decay=wl["weight_decay"], max_grad_norm=0.0,
-        lr_scheduler_type="constant", warmup_steps=0, bf16=False, fp16=False, gradient_checkpointing=False,
+        lr_scheduler_type="constant", warmup_steps=0, bf16=args.bf16, fp16=False, gradient_checkpointing=False,
         shuffle_dataset=False, use_vllm=False, log_completions=False, dataloader_num_workers=0,
         model_init_kwargs={"dtype": torch.float32},
     )
@@ -129,7 +130,7 @@ def main(argv=None):
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg": os.getloadavg(), "median": med, "first_iteration_s": steps[0]["total"],
         "train_wall_s": wall, "all_total_s": [s["total"] for s in timed_steps],
-        "settings": {"gradient_checkpointing": False, "loss_type": "grpo", "attn_implementation":
+        "settings": {"bf16": args.bf16, "gradient_checkpointing": False, "loss_type": "grpo", "attn_implementation":
                      trainer.model.config._attn_implementation, "optim": str(cfg.optim)},
     }))
 

@@ -41,8 +41,9 @@ from jaxrl_llm.algos.aggregation import token_mean_weights, token_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_penalty_rewards
 from jaxrl_llm.algos.logprobs import completion_logprobs
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss
-from jaxrl_llm.algos.train_state import TrainState, accumulate, apply_gradients
+from jaxrl_llm.algos.train_state import TrainState, accumulate, apply_gradients, map_micro
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.layers import matmul_weights
 
 ADVANTAGE_ESTIMATORS = ("group_norm", "rloo", "reinforce_pp")
 
@@ -177,10 +178,18 @@ def policy_logprobs(module: Any, params: Any, model_cfg: ModelConfig, batch: dic
                                temperature=temperature, chunk=chunk, with_entropy=with_entropy)
 
 
-def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.0, chunk: int = 128) -> Callable:
-    """`(params, batch) -> logprobs [B, N]`: old-policy recomputation and reference log-probs (jit it)."""
+def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.0, chunk: int = 128,
+                    num_micro: int = 1) -> Callable:
+    """`(params, batch) -> logprobs [B, N]`: old-policy recomputation and reference log-probs (jit it),
+    `num_micro` micro-batches of rows at a time (`map_micro`; the stage passes the update's micro-batch
+    count, num_minibatches x num_micro_batches, so no forward holds more rows than an update step)."""
     def fn(params, batch):
-        return policy_logprobs(module, params, model_cfg, batch, temperature=temperature, chunk=chunk)[0]
+        params = matmul_weights(params, model_cfg)  # cast once, not per micro-batch
+
+        def one(mb):
+            return policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk)[0]
+        keys = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
+        return map_micro(one, {k: batch[k] for k in keys}, num_micro)
     return fn
 
 

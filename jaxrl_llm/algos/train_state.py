@@ -140,6 +140,16 @@ def split_micro(batch: Any, num_micro: int) -> Any:
     return jax.tree.map(one, batch)
 
 
+def map_micro(fn: Callable[[Any], Any], batch: Any, num_micro: int = 1) -> Any:
+    """`fn(batch)` computed one micro-batch at a time (`split_micro`'s strided rows, `lax.map`), its [B, ...]
+    outputs put back in the batch's row order. For row-wise forwards without gradients (old/reference
+    log-probs): one micro-batch's activations are alive at a time, and on a CPU they stay in cache."""
+    if num_micro == 1:
+        return fn(batch)
+    out = jax.lax.map(fn, split_micro(batch, num_micro))
+    return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), out)
+
+
 def accumulate(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]], params: Any, batch: Any,
                rng: jax.Array, num_micro: int = 1) -> tuple[Any, Metrics]:
     """Sum of gradients and metrics of `loss_fn` over `num_micro` micro-batches.

@@ -32,6 +32,11 @@ class ModelConfig:
     {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}.
     `param_dtype` is the storage dtype of parameters, `dtype` the compute dtype.
+    `matmul_dtype` (None: the compute dtype) is the dtype of the operands of the
+    projection and MLP matmuls, forward and backward; they accumulate and return
+    in the compute dtype, so with dtype="float32", matmul_dtype="bfloat16"
+    the residual stream, norms, RoPE, softmax and log-probs stay float32 (what
+    a float32 matmul at default precision does on a TPU).
     `remat` is one of "none", "full" (recompute the whole layer in the
     backward pass) or "dots" (keep matmul outputs, recompute the rest).
     """
@@ -53,6 +58,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     param_dtype: str = "float32"
     dtype: str = "float32"
+    matmul_dtype: str | None = None
     remat: str = "none"
     scan_unroll: int = 1  # layers are a lax.scan; unroll this many per iteration (num_layers: fully unrolled)
     family: str = "qwen2"  # the HF architecture written on export: llama, qwen2, qwen3
@@ -75,6 +81,8 @@ class ModelConfig:
             raise ValueError(f"family={self.family!r}; expected one of 'llama', 'qwen2', 'qwen3'")
         dtype_of(self.param_dtype)
         dtype_of(self.dtype)
+        if self.matmul_dtype is not None:
+            dtype_of(self.matmul_dtype)
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in ROPE_TYPES:

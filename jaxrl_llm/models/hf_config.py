@@ -116,7 +116,7 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> ModelConfig:
         max_position_embeddings=c.get("max_position_embeddings")
         or _FAMILY_DEFAULTS[family]["max_position_embeddings"],
         initializer_range=float(c.get("initializer_range", 0.02)), family=family)
-    for key in ("dtype", "param_dtype"):
+    for key in ("dtype", "param_dtype", "matmul_dtype"):
         if overrides.get(key) is not None:
             overrides[key] = _dtype_name(overrides[key])
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}

@@ -7,6 +7,7 @@ No mesh axis name appears here.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.config import ModelConfig, dtype_of
 from jaxrl_llm.sharding.rules import constrain
 
 _NEG_INF = -1e30  # finite, so fully-masked rows (left padding) give a uniform softmax, not NaN
@@ -22,6 +23,67 @@ _NEG_INF = -1e30  # finite, so fully-masked rows (left padding) give a uniform s
 
 def _init(cfg: ModelConfig, names):
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lowp_matmul(lhs, rhs, op_dtype):
+    return _lowp_matmul_fwd(lhs, rhs, op_dtype)[0]
+
+
+def _mm(a, b, contract):
+    """2-D a @ b (contract=((1,), (0,))) and its transposed forms, float32 accumulation."""
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _lowp_matmul_fwd(lhs, rhs, op_dtype):
+    lo, ro = lhs.astype(op_dtype), rhs.astype(op_dtype)
+    # Residuals: the low-precision operands (half the bytes of float32 ones); zero-size arrays carry the
+    # input dtypes to the backward.
+    res = (lo, ro, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
+    return _mm(lo, ro, ((1,), (0,))).astype(jnp.result_type(lhs, rhs)), res
+
+
+def _lowp_matmul_bwd(op_dtype, res, g):
+    lo, ro, ldt, rdt = res
+    go = g.astype(op_dtype)
+    return _mm(go, ro, ((1,), (1,))).astype(ldt.dtype), _mm(lo, go, ((0,), (0,))).astype(rdt.dtype)
+
+
+_lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
+
+
+def matmul_fn(cfg: ModelConfig):
+    """The `dot_general` of the model's dense layers: None (plain `lax.dot_general` in the compute dtype),
+    or, with `cfg.matmul_dtype` set, one whose operands are cast to that dtype in the forward and the
+    backward (incoming gradients too) and which accumulates in float32 and returns the compute dtype."""
+    if cfg.matmul_dtype is None or dtype_of(cfg.matmul_dtype) == cfg.jnp_dtype:
+        return None
+    op_dtype = dtype_of(cfg.matmul_dtype)
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+        (lc, rc), (lb, rb) = dimension_numbers
+        k = len(lc)
+        if lb or rb or tuple(lc) != tuple(range(lhs.ndim - k, lhs.ndim)) or tuple(rc) != tuple(range(k)):
+            raise NotImplementedError(f"matmul_dtype: dot_general {dimension_numbers} is not a dense layer's")
+        free, out = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
+        # As 2-D matmuls (what XLA:CPU's fast low-precision kernels take).
+        y = _lowp_matmul(lhs.reshape(math.prod(free), -1), rhs.reshape(-1, math.prod(out)), op_dtype)
+        return y.reshape(*free, *out)
+
+    return dot_general
+
+
+def matmul_weights(params, cfg: ModelConfig):
+    """`params` with the decoder layers' matmul kernels already in `cfg.matmul_dtype` (unchanged when it is
+    unset): a decode loop casts them once, before the loop, instead of at every step."""
+    if matmul_fn(cfg) is None:
+        return params
+    op_dtype = dtype_of(cfg.matmul_dtype)
+
+    def cast(path, x):
+        names = [getattr(k, "key", None) for k in path]
+        return x.astype(op_dtype) if "layers" in names and names[-1] == "kernel" else x
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 class RMSNorm(nn.Module):
@@ -100,7 +162,7 @@ class Attention(nn.Module):
 
         def proj(name, heads, heads_axis):
             y = nn.DenseGeneral(
-                (heads, d), use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name,
+                (heads, d), use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name, dot_general=matmul_fn(cfg),
                 kernel_init=_init(cfg, ("embed", heads_axis, "head_dim")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")))(x2)
             return y.reshape(b, t, heads, d)
@@ -135,6 +197,7 @@ class Attention(nn.Module):
             out = jnp.einsum("bkgts,bksd->bkgtd", probs, vc.astype(dt)).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
         out = constrain(out, ("batch", "length", "heads", "head_dim")).reshape(b * t, h, d)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
+                              dot_general=matmul_fn(cfg),
                               kernel_init=_init(cfg, ("heads", "head_dim", "embed")), name="o_proj")(out)
         return out.reshape(b, t, cfg.hidden_size), kv
 
@@ -150,7 +213,7 @@ class MLP(nn.Module):
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
 
         def dense(name, feats, names):
-            return nn.Dense(feats, use_bias=False, dtype=dt, param_dtype=pdt, name=name,
+            return nn.Dense(feats, use_bias=False, dtype=dt, param_dtype=pdt, name=name, dot_general=matmul_fn(cfg),
                             kernel_init=_init(cfg, names))
 
         lead = x.shape[:-1]

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.layers import rope_tables
+from jaxrl_llm.models.layers import matmul_weights
 from jaxrl_llm.models.transformer import KVCache, positions_from_mask, unstack_layers
 from jaxrl_llm.rollout.sampling import SamplingConfig, process_logits, sample_tokens
 from jaxrl_llm.sharding.params import param_shardings as _param_shardings
@@ -111,6 +112,7 @@ def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConf
 
         if sampling.split_layer_weights:
             params = unstack_layers(params)  # once, outside the decode loop
+        params = matmul_weights(params, model_cfg)  # cast once, outside the decode loop
         ends = sampling.segment_ends
         # Prefill each distinct prompt once, then repeat its cache for its n_samples rows.
         cache = KVCache.zeros(model_cfg, b, p + ends[0])

@@ -65,7 +65,8 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
   eval.max_new_tokens, when eval.every > 0 (not in reward_model stages),
   with eval_kv_cache_growth as kv_cache_growth (default segments).
 * score_work / score_logits (score, approximate): forwards without gradients
-  over the whole rollout batch (grpo old/reference log-probs; ppo old
+  over the whole rollout batch (grpo old/reference log-probs: over one update
+  micro-batch of rows at a time, rows / num_minibatches / num_micro_batches; ppo old
   log-probs, values, reference and reward-model scores; dpo the reference
   over its 2 x batch_size rows): one layer's working set plus the hidden
   states 2 x rows_dev x T x E x b, and one chunk of float32 logits
@@ -419,8 +420,8 @@ def _grpo(cfg, s, z: _Sizes) -> dict[str, int]:
          "optimizer": _opt_bytes(s.optimizer, policy), "gradients": _grad_bytes(policy, a.num_micro_batches),
          "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
     t.update(_rollout_terms(rows, p, n, z, s))
-    if need_old:
-        t.update(_score_terms(rows, p + n, n, a.logprob_chunk, z))
+    if need_old:  # the log-prob forwards run over the update's micro-batches in turn (grpo.make_logprob_fn)
+        t.update(_score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk, z))
     return t | _eval_terms(cfg, s, z)
 
 

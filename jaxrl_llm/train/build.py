@@ -45,11 +45,18 @@ class Components:
 
 def check_required_paths(cfg: mc.ConfigDict) -> None:
     """Real-scale experiments leave their paths for the user to give (model.preset "" = weights from
-    model.path only; a task path kwarg ""): fail before anything is built, naming the key to set."""
+    model.path only; a task path kwarg ""): fail before anything is built, naming the key to set. The model's
+    dtype names are checked here too."""
     from jaxrl_llm.train.config import ConfigError
     if not cfg.model.path and not cfg.model.preset:
         raise ConfigError("config.model.path is empty and this experiment has no model preset: give the local "
                           "weights with --set model.path=/path/to/Qwen2.5-1.5B-Instruct (a Hugging Face directory)")
+    from jaxrl_llm.models.config import _DTYPES
+    for key in ("dtype", "param_dtype", "matmul_dtype"):
+        value = cfg.model.get(key, "")
+        if value and value not in _DTYPES:
+            raise ConfigError(f"config.model.{key}={value!r} is not a dtype name; use one of {sorted(_DTYPES)}"
+                              + ("" if key != "matmul_dtype" else ' (or "" for the compute dtype)'))
     empty = [k for k, v in cfg.task.kwargs.items() if k.endswith("path") and v == ""]
     if empty:
         raise ConfigError(f"{', '.join(f'config.task.kwargs.{k}' for k in empty)} "
@@ -70,16 +77,19 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     # The model's shape first (a preset, or the checkpoint's config.json), so memory is checked before any
     # parameter is created or read.
     if not m.path:
-        model_cfg = get_preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        model_cfg = get_preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                               matmul_dtype=m.matmul_dtype or None)
     elif (pathlib.Path(m.path) / "config.json").is_file():
-        model_cfg = config_from_hf(read_hf_config(m.path), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        model_cfg = config_from_hf(read_hf_config(m.path), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                                   matmul_dtype=m.matmul_dtype or None)
     else:
         model_cfg = None  # load_hf says what is missing
     memory = None
     if model_cfg is not None and cfg.mesh.get("check_memory", True):
         memory = check_memory(cfg, model_cfg, axes)
     if m.path:
-        model_cfg, params = load_hf(m.path, env, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        model_cfg, params = load_hf(m.path, env, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                                    matmul_dtype=m.matmul_dtype or None)
     else:
         _, params, _ = create_model(model_cfg, jax.random.key(cfg.seed), env)
     module = CausalLM(model_cfg)

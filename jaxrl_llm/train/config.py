@@ -92,6 +92,7 @@ def base_config() -> mc.ConfigDict:
     c.seed = 0
     c.stages = ()                    # names of the stage sections to run, in order
     c.model = mc.ConfigDict(dict(preset="tiny", path="", dtype="float32", param_dtype="float32",
+                                 matmul_dtype="",  # "" = the compute dtype; "bfloat16": bf16 matmul operands
                                  remat="none"))
     c.tokenizer = mc.ConfigDict(dict(path=""))  # "" = the model directory, or the tiny tokenizer
     c.mesh = mc.ConfigDict(dict(axes=mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}),

@@ -58,8 +58,9 @@ class GRPOStage(Stage):
         # exactly 1), so no separate forward. Several updates, or the KL folded into REINFORCE++ rewards, need them.
         self.need_old = (self.algo.epochs * self.algo.num_minibatches > 1
                          or (self.algo.advantage_estimator == "reinforce_pp" and self.algo.reward_kl_coef > 0))
-        self.logp_fn = jax.jit(grpo.make_logprob_fn(comp.module, comp.model_cfg, temperature,
-                                                    self.algo.logprob_chunk))
+        self.logp_fn = jax.jit(grpo.make_logprob_fn(
+            comp.module, comp.model_cfg, temperature, self.algo.logprob_chunk,
+            num_micro=self.algo.num_minibatches * self.algo.num_micro_batches))
         self.opt_cfg = to_dataclass(OptimizerConfig, s.optimizer, f"config.{self.name}.optimizer")
         self.step_fn = make_epoch_runner(grpo.make_grpo_step(comp.module, comp.model_cfg, self.algo),
                                          self.algo.num_minibatches, self.algo.epochs)
