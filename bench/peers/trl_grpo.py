@@ -34,8 +34,12 @@ torch_env()
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv, extra=lambda ap: ap.add_argument(
-        "--bf16", action="store_true", help="TRL's bf16=True (bfloat16 autocast; the weights stay float32)"))
+    def extra(ap):
+        ap.add_argument("--bf16", action="store_true", help="TRL's bf16=True (bfloat16 autocast; weights float32)")
+        ap.add_argument("--micro-batches", type=int, default=1,
+                        help="per_device_train_batch_size = 64 / M with gradient_accumulation_steps = M: "
+                             "still one generation of 64 and one AdamW step per iteration")
+    args = parse_args(__doc__, argv, extra=extra)
 
     import datasets
     import torch
@@ -58,8 +62,10 @@ def main(argv=None):
     out_dir = tempfile.mkdtemp(prefix="trl_grpo_")
     cfg = trl.GRPOConfig(
         output_dir=out_dir, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
-        max_steps=n_steps, per_device_train_batch_size=len(wl["prompts"]) * wl["num_generations"],
-        gradient_accumulation_steps=1, num_generations=wl["num_generations"], num_iterations=wl["epochs"],
+        max_steps=n_steps,
+        per_device_train_batch_size=len(wl["prompts"]) * wl["num_generations"] // args.micro_batches,
+        gradient_accumulation_steps=args.micro_batches, num_generations=wl["num_generations"],
+        num_iterations=wl["epochs"],
         max_completion_length=wl["max_new_tokens"], temperature=wl["temperature"], top_p=wl["top_p"],
         top_k=wl["top_k"], beta=wl["beta"], epsilon=wl["epsilon"], loss_type="grpo", scale_rewards="group",
         learning_rate=wl["learning_rate"], adam_beta1=wl["adam_b1"], adam_beta2=wl["adam_b2"],
@@ -130,7 +136,8 @@ def main(argv=None):
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg": os.getloadavg(), "median": med, "first_iteration_s": steps[0]["total"],
         "train_wall_s": wall, "all_total_s": [s["total"] for s in timed_steps],
-        "settings": {"bf16": args.bf16, "gradient_checkpointing": False, "loss_type": "grpo", "attn_implementation":
+        "settings": {"bf16": args.bf16, "gradient_accumulation_steps": args.micro_batches,
+                     "gradient_checkpointing": False, "loss_type": "grpo", "attn_implementation":
                      trainer.model.config._attn_implementation, "optim": str(cfg.optim)},
     }))
 

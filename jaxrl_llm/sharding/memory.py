@@ -87,6 +87,8 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
                    b E                                          remat "full"  (extra = 2)
   "dots" keeps the outputs of the projections (matmuls without batch
   dimensions) and recomputes attention; "full" keeps each layer's input.
+  b is the compute dtype's size; with model.matmul_dtype set, the matmuls'
+  saved operands are smaller than this counts (an overestimate).
   PPO with a separate value model runs two backbones in the loss: x 2.
   Micro-batch rows: grpo/ppo prompts x samples / num_minibatches /
   num_micro_batches; sft batch_size / num_micro_batches; dpo and
