@@ -162,7 +162,8 @@ class Attention(nn.Module):
 
         def proj(name, heads, heads_axis):
             y = nn.DenseGeneral(
-                (heads, d), use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name, dot_general=matmul_fn(cfg),
+                (heads, d), use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name,
+                dot_general=matmul_fn(cfg),
                 kernel_init=_init(cfg, ("embed", heads_axis, "head_dim")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")))(x2)
             return y.reshape(b, t, heads, d)
@@ -213,8 +214,8 @@ class MLP(nn.Module):
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
 
         def dense(name, feats, names):
-            return nn.Dense(feats, use_bias=False, dtype=dt, param_dtype=pdt, name=name, dot_general=matmul_fn(cfg),
-                            kernel_init=_init(cfg, names))
+            return nn.Dense(feats, use_bias=False, dtype=dt, param_dtype=pdt, name=name,
+                            dot_general=matmul_fn(cfg), kernel_init=_init(cfg, names))
 
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # [tokens, embed]: see Attention

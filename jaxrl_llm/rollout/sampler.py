@@ -22,8 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.layers import rope_tables
-from jaxrl_llm.models.layers import matmul_weights
+from jaxrl_llm.models.layers import matmul_weights, rope_tables
 from jaxrl_llm.models.transformer import KVCache, positions_from_mask, unstack_layers
 from jaxrl_llm.rollout.sampling import SamplingConfig, process_logits, sample_tokens
 from jaxrl_llm.sharding.params import param_shardings as _param_shardings
