@@ -53,8 +53,9 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
   buffer; at the last boundary the previous one, P + (the last segment's
   first step) slots, is alive beside the full one.
 * rollout_work (rollout, approximate): one layer's prefill working set for
-  rows_dev x P tokens (see layer_work) plus the decode step's float32 logits
-  3 x rows_dev x V x 4.
+  prompts_dev x P tokens (see layer_work; the sampler prefills each distinct
+  prompt once and repeats its cache for the samples) plus the decode step's
+  float32 logits 3 x rows_dev x V x 4.
 * decode_weights (rollout, exact): the policy's parameters once more, when
   sampling.split_layer_weights (the default) splits the stacked layer weights
   into one array per layer before the decode loop (a slight overcount: the
@@ -394,12 +395,14 @@ def _eval_terms(cfg, s, z: _Sizes) -> dict[str, int]:
             "eval_weights": z.params("policy")}
 
 
-def _rollout_terms(rows: int, p: int, n: int, z: _Sizes, s) -> dict[str, int]:
+def _rollout_terms(rows: int, prompts: int, p: int, n: int, z: _Sizes, s) -> dict[str, int]:
     rd = z.rows(rows)
     split = bool(s.sampling.get("split_layer_weights", SamplingConfig.split_layer_weights))
+    segments = int(s.sampling.get("cache_segments", SamplingConfig.cache_segments))
+    # the sampler prefills each distinct prompt once and repeats its cache for the samples
     return {"kv_cache": z.kv_cache(rows, p + n),
-            "kv_cache_growth": z.kv_cache_growth(rows, p, n, int(s.sampling.get("cache_segments", SamplingConfig.cache_segments))),
-            "rollout_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
+            "kv_cache_growth": z.kv_cache_growth(rows, p, n, segments),
+            "rollout_work": z.forward_work(z.rows(prompts), p, p + n) + z.logits(rd, 1, 3),
             "decode_weights": z.params("policy") if split else 0}
 
 
@@ -421,7 +424,7 @@ def _grpo(cfg, s, z: _Sizes) -> dict[str, int]:
     t = {"params": policy, "input_params": policy, "reference": policy if need_ref else 0,
          "optimizer": _opt_bytes(s.optimizer, policy), "gradients": _grad_bytes(policy, a.num_micro_batches),
          "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
-    t.update(_rollout_terms(rows, p, n, z, s))
+    t.update(_rollout_terms(rows, int(s.prompts_per_iter), p, n, z, s))
     if need_old:  # the log-prob forwards run over the update's micro-batches in turn (grpo.make_logprob_fn)
         t.update(_score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk, z))
     return t | _eval_terms(cfg, s, z)
@@ -448,7 +451,7 @@ def _ppo(cfg, s, z: _Sizes) -> dict[str, int]:
          "gradients": _grad_bytes(trained, a.num_micro_batches),
          "activations": backbones * z.activations(micro, p + n),
          "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
-    t.update(_rollout_terms(rows, p, n, z, s))
+    t.update(_rollout_terms(rows, int(s.prompts_per_iter), p, n, z, s))
     t.update(_score_terms(rows, p + n, n, a.logprob_chunk, z))
     return t | _eval_terms(cfg, s, z)
 
