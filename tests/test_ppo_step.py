@@ -162,6 +162,24 @@ def test_accumulation_1_vs_4_micro_batches(setup, name):
         assert float(np.abs(p1["value"]["score"]["kernel"] - models[name][2]["value"]["score"]["kernel"]).max()) > 0
 
 
+@pytest.mark.parametrize("name", ["separate", "shared"])
+def test_score_forwards_in_micro_batches(setup, name):
+    """Old log-probs and values (make_rollout_fn) and reference log-probs over the update's micro-batches
+    (num_minibatches x num_micro_batches of strided rows) give every row its own values back in place."""
+    models, batches, _ = setup
+    pm, vm, params = models[name]
+    b = batches[name]
+    cfg = ppo.PPOConfig(shared_backbone=name == "shared", num_minibatches=2, num_micro_batches=4)
+    assert ppo.score_micro_batches(cfg) == 8
+    out = jax.jit(ppo.make_rollout_fn(pm, vm, CFG, cfg))(params, b)
+    np.testing.assert_allclose(out["old_logprobs"], b["old_logprobs"], atol=1e-6)
+    np.testing.assert_allclose(out["old_values"], b["old_values"], atol=1e-6)
+    policy_params = params["policy"] if name == "separate" else params
+    whole = jax.jit(ppo.make_logprob_fn(pm, CFG))(policy_params, b)
+    parts = jax.jit(ppo.make_logprob_fn(pm, CFG, num_micro=4))(policy_params, b)
+    np.testing.assert_allclose(parts, whole, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,axes", [("separate", {"data": 8}), ("separate", {"data": 1, "fsdp": 4, "tensor": 2}),
                                        ("shared", {"data": 2, "fsdp": 2, "tensor": 2})])
 def test_sharded_update_equals_single_device(setup, name, axes):

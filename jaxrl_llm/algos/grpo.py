@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jaxrl_llm.algos import advantages as adv_lib
 from jaxrl_llm.algos.aggregation import token_mean_weights, token_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_penalty_rewards
-from jaxrl_llm.algos.logprobs import completion_logprobs
+from jaxrl_llm.algos.logprobs import SEQUENCE_KEYS, completion_logprobs
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss
 from jaxrl_llm.algos.train_state import TrainState, accumulate, apply_gradients, map_micro
 from jaxrl_llm.models.config import ModelConfig
@@ -188,8 +188,7 @@ def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.
 
         def one(mb):
             return policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk)[0]
-        keys = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
-        return map_micro(one, {k: batch[k] for k in keys}, num_micro)
+        return map_micro(one, {k: batch[k] for k in SEQUENCE_KEYS}, num_micro)
     return fn
 
 

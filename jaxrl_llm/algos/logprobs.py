@@ -24,6 +24,10 @@ from jaxrl_llm.models.transformer import unembedding
 from jaxrl_llm.sharding.rules import constrain
 
 
+# The batch entries a forward over (prompt, completion) rows reads.
+SEQUENCE_KEYS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
+
+
 def _pad_to_multiple(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     n = x.shape[axis]
     extra = (-n) % multiple

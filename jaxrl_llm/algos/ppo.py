@@ -48,9 +48,10 @@ import optax
 from jaxrl_llm.algos import advantages as adv_lib
 from jaxrl_llm.algos.aggregation import token_mean_weights, token_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, KLControllerConfig, kl_coef_update, kl_estimate, kl_penalty_rewards
-from jaxrl_llm.algos.logprobs import completion_logprobs, logprobs_from_hidden
+from jaxrl_llm.algos.logprobs import SEQUENCE_KEYS, completion_logprobs, logprobs_from_hidden
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss, value_loss
-from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, accumulate, apply_gradients, make_optimizer
+from jaxrl_llm.algos.train_state import (OptimizerConfig, TrainState, accumulate, apply_gradients, make_optimizer,
+                                         map_micro)
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import PolicyValueModel, ScalarHeadModel, unembedding
 
@@ -238,11 +239,21 @@ def _policy_logprobs(module: Any, params: Any, model_cfg: ModelConfig, batch: di
                                chunk=chunk, with_entropy=with_entropy)
 
 
-def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.0, chunk: int = 128) -> Callable:
-    """`(params, batch) -> log-probs [B, N]` under a CausalLM or PolicyValueModel tree (reference, old policy)."""
+def score_micro_batches(cfg: PPOConfig) -> int:
+    """Micro-batches of the forwards without gradients over a rollout batch (old log-probs, values, reference,
+    reward model): as many as the update has in all, so none holds more rows than one update micro-batch."""
+    return cfg.num_minibatches * cfg.num_micro_batches
+
+
+def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.0, chunk: int = 128,
+                    num_micro: int = 1) -> Callable:
+    """`(params, batch) -> log-probs [B, N]` under a CausalLM or PolicyValueModel tree (reference, old policy),
+    over `num_micro` micro-batches of rows in turn (`map_micro`)."""
     def fn(params, batch):
-        return _policy_logprobs(module, params, model_cfg, batch, temperature=temperature, chunk=chunk,
-                                with_entropy=False)[0]
+        def one(mb):
+            return _policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk,
+                                    with_entropy=False)[0]
+        return map_micro(one, {k: batch[k] for k in SEQUENCE_KEYS}, num_micro)
     return fn
 
 
@@ -257,8 +268,9 @@ def make_value_fn(value_module: Any, model_cfg: ModelConfig) -> Callable:
 
 
 def make_rollout_fn(policy_module: Any, value_module: Any, model_cfg: ModelConfig, cfg: PPOConfig) -> Callable:
-    """`(ppo_params, batch) -> {"old_logprobs", "old_values"}` for a rollout batch (one forward when shared)."""
-    def fn(params, batch):
+    """`(ppo_params, batch) -> {"old_logprobs", "old_values"}` for a rollout batch (one forward when shared),
+    over `score_micro_batches(cfg)` micro-batches of rows in turn."""
+    def one(params, batch):
         if cfg.shared_backbone:
             logp, _, values = shared_forward(policy_module, params, model_cfg, batch, temperature=cfg.temperature,
                                              chunk=cfg.logprob_chunk)
@@ -267,6 +279,9 @@ def make_rollout_fn(policy_module: Any, value_module: Any, model_cfg: ModelConfi
                                     chunk=cfg.logprob_chunk, with_entropy=False)[0]
             values = completion_values(value_module, params["value"], batch)
         return {"old_logprobs": logp, "old_values": values}
+
+    def fn(params, batch):
+        return map_micro(lambda mb: one(params, mb), {k: batch[k] for k in SEQUENCE_KEYS}, score_micro_batches(cfg))
     return fn
 
 

@@ -66,10 +66,10 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
   eval.max_new_tokens, when eval.every > 0 (not in reward_model stages),
   with eval_kv_cache_growth as kv_cache_growth (default segments).
 * score_work / score_logits (score, approximate): forwards without gradients
-  over the whole rollout batch (grpo old/reference log-probs: over one update
-  micro-batch of rows at a time, rows / num_minibatches / num_micro_batches; ppo old
-  log-probs, values, reference and reward-model scores; dpo the reference
-  over its 2 x batch_size rows): one layer's working set plus the hidden
+  over a rollout batch (grpo old/reference log-probs; ppo old log-probs,
+  values, reference and reward-model scores), one update micro-batch of rows
+  at a time, rows / num_minibatches / num_micro_batches; dpo the reference
+  over its 2 x batch_size rows at once: one layer's working set plus the hidden
   states 2 x rows_dev x T x E x b, and one chunk of float32 logits
   rows_dev x min(chunk, N) x V x 4 (log-probs are computed `chunk` positions
   at a time, algos/logprobs.py: [B, T, V] logits never exist).
@@ -452,7 +452,8 @@ def _ppo(cfg, s, z: _Sizes) -> dict[str, int]:
          "activations": backbones * z.activations(micro, p + n),
          "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
     t.update(_rollout_terms(rows, int(s.prompts_per_iter), p, n, z, s))
-    t.update(_score_terms(rows, p + n, n, a.logprob_chunk, z))
+    # old log-probs, values, reference and reward-model scores run over the update's micro-batches in turn
+    t.update(_score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk, z))
     return t | _eval_terms(cfg, s, z)
 
 

@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.algos import ppo
+from jaxrl_llm.algos.logprobs import SEQUENCE_KEYS
 from jaxrl_llm.algos.reward_model import sequence_rewards
-from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
+from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner, map_micro
 from jaxrl_llm.models import PolicyValueModel, init_fn_for, reward_model, value_model
 from jaxrl_llm.rewards.runner import HostRewardRunner
 from jaxrl_llm.sharding.params import param_shardings
@@ -73,8 +74,11 @@ class PPOStage(Stage):
                                            on_error=s.reward.on_error, error_score=float(s.reward.error_score))
         if s.reward.source == "reward_model":
             rm = reward_model(comp.model_cfg)
-            self.rm_fn = jax.jit(lambda p, b: sequence_rewards(rm, p, b["prompt_tokens"], b["prompt_mask"],
-                                                               b["completion_tokens"], b["completion_mask"]))
+            n_micro = ppo.score_micro_batches(self.algo)
+            self.rm_fn = jax.jit(lambda p, b: map_micro(
+                lambda mb: sequence_rewards(rm, p, mb["prompt_tokens"], mb["prompt_mask"], mb["completion_tokens"],
+                                            mb["completion_mask"]),
+                {k: b[k] for k in SEQUENCE_KEYS}, n_micro))
         a = self.algo
         if a.shared_backbone:
             self.policy_module, self.value_module = PolicyValueModel(comp.model_cfg), None
@@ -88,7 +92,8 @@ class PPOStage(Stage):
         _, self.model_shardings = param_shardings(init_fn_for(self.value_module or self.policy_module), comp.env)
         self.need_ref = a.kl.init_coef > 0 or a.kl.kind == "adaptive" or a.loss.kl_coef > 0
         self.rollout_fn = jax.jit(ppo.make_rollout_fn(self.policy_module, self.value_module, comp.model_cfg, a))
-        self.ref_fn = jax.jit(ppo.make_logprob_fn(comp.module, comp.model_cfg, temperature, a.logprob_chunk))
+        self.ref_fn = jax.jit(ppo.make_logprob_fn(comp.module, comp.model_cfg, temperature, a.logprob_chunk,
+                                                  num_micro=ppo.score_micro_batches(a)))
         self.targets_fn = jax.jit(lambda *args: ppo.compute_targets(a, *args))
         self.step_fn = make_epoch_runner(ppo.make_ppo_step(self.policy_module, self.value_module, comp.model_cfg, a),
                                          a.num_minibatches, a.epochs)
