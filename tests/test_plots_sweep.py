@@ -155,7 +155,7 @@ def test_failing_variant_is_reported_and_the_others_finish(tmp_path, child_env):
                 quiet=True)
     bad, good = res.runs
     assert (bad.variant, bad.ok, good.variant, good.ok) == ("dtype=bogus", False, "dtype=float32", True)
-    assert bad.returncode != 0 and "unknown dtype 'bogus'" in bad.error
+    assert bad.returncode != 0 and "config.model.dtype='bogus' is not a dtype name" in bad.error
     assert (good.run_dir / "summary.json").exists() and good.metrics["sft/loss"] > 0
     table = (res.path / "table.md").read_text()
     assert "| dtype=bogus | 0/1 (failed: [0]) |" in table and "dtype=bogus seed 0: exit" in table
