@@ -204,6 +204,19 @@ def test_model_dtype_names_are_checked_before_building():
         with pytest.raises(ConfigError, match=rf"config\.model\.{key}='bf16' is not a dtype name.*bfloat16"):
             check_required_paths(cfg)
     check_required_paths(load_experiment(f"{EXP_DIR / 'grpo'}.py", ["model.matmul_dtype=bfloat16"]))
+    with pytest.raises(ConfigError, match=r"config\.model\.scan_unroll=-1 must be >= 0"):
+        check_required_paths(load_experiment(f"{EXP_DIR / 'grpo'}.py", ["model.scan_unroll=-1"]))
+
+
+def test_model_numerics_keys_reach_the_model_config():
+    from jaxrl_llm.models import get_preset
+    from jaxrl_llm.train.build import model_numerics
+    m = load_experiment(f"{EXP_DIR / 'grpo'}.py").model
+    assert get_preset(m.preset, **model_numerics(m)) == get_preset(m.preset)  # defaults: the preset's own
+    m = load_experiment(f"{EXP_DIR / 'grpo'}.py", ["model.matmul_dtype=bfloat16", "model.scan_unroll=2",
+                                                   "model.remat=full"]).model
+    cfg = get_preset(m.preset, **model_numerics(m))
+    assert (cfg.matmul_dtype, cfg.scan_unroll, cfg.remat) == ("bfloat16", 2, "full")
 
 
 # ----------------------------------------------------------------------------- loading errors

@@ -57,11 +57,23 @@ def check_required_paths(cfg: mc.ConfigDict) -> None:
         if value and value not in _DTYPES:
             raise ConfigError(f"config.model.{key}={value!r} is not a dtype name; use one of {sorted(_DTYPES)}"
                               + ("" if key != "matmul_dtype" else ' (or "" for the compute dtype)'))
+    if int(cfg.model.get("scan_unroll", 0)) < 0:
+        raise ConfigError(f"config.model.scan_unroll={cfg.model.scan_unroll} must be >= 0 (0: the model's own; "
+                          "N: unroll N layers per step of the layer scan, num_layers: fully unrolled)")
     empty = [k for k, v in cfg.task.kwargs.items() if k.endswith("path") and v == ""]
     if empty:
         raise ConfigError(f"{', '.join(f'config.task.kwargs.{k}' for k in empty)} "
                           f"{'is' if len(empty) == 1 else 'are'} empty: give the file(s) with "
                           + " ".join(f"--set task.kwargs.{k}=/path/to/file.jsonl" for k in empty))
+
+
+def model_numerics(m: mc.ConfigDict) -> dict[str, Any]:
+    """ModelConfig fields from the `model` config section: dtypes, remat, and scan_unroll / matmul_dtype
+    when set (0 / "": the preset's or checkpoint config's own)."""
+    out = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, matmul_dtype=m.get("matmul_dtype") or None)
+    if int(m.get("scan_unroll", 0)):
+        out["scan_unroll"] = int(m.scan_unroll)
+    return out
 
 
 def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
@@ -76,20 +88,18 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     m = cfg.model
     # The model's shape first (a preset, or the checkpoint's config.json), so memory is checked before any
     # parameter is created or read.
+    numerics = model_numerics(m)
     if not m.path:
-        model_cfg = get_preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                               matmul_dtype=m.matmul_dtype or None)
+        model_cfg = get_preset(m.preset, **numerics)
     elif (pathlib.Path(m.path) / "config.json").is_file():
-        model_cfg = config_from_hf(read_hf_config(m.path), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                                   matmul_dtype=m.matmul_dtype or None)
+        model_cfg = config_from_hf(read_hf_config(m.path), **numerics)
     else:
         model_cfg = None  # load_hf says what is missing
     memory = None
     if model_cfg is not None and cfg.mesh.get("check_memory", True):
         memory = check_memory(cfg, model_cfg, axes)
     if m.path:
-        model_cfg, params = load_hf(m.path, env, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                                    matmul_dtype=m.matmul_dtype or None)
+        model_cfg, params = load_hf(m.path, env, **numerics)
     else:
         _, params, _ = create_model(model_cfg, jax.random.key(cfg.seed), env)
     module = CausalLM(model_cfg)

@@ -93,7 +93,8 @@ def base_config() -> mc.ConfigDict:
     c.stages = ()                    # names of the stage sections to run, in order
     c.model = mc.ConfigDict(dict(preset="tiny", path="", dtype="float32", param_dtype="float32",
                                  matmul_dtype="",  # "" = the compute dtype; "bfloat16": bf16 matmul operands
-                                 remat="none"))
+                                 remat="none",
+                                 scan_unroll=0))  # 0 = the preset's / checkpoint config's own
     c.tokenizer = mc.ConfigDict(dict(path=""))  # "" = the model directory, or the tiny tokenizer
     c.mesh = mc.ConfigDict(dict(axes=mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}),
                                 max_replicated_fraction=1.0,
