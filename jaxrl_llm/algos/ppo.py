@@ -53,6 +53,7 @@ from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss, value_los
 from jaxrl_llm.algos.train_state import (OptimizerConfig, TrainState, accumulate, apply_gradients, make_optimizer,
                                          map_micro)
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.layers import matmul_weights
 from jaxrl_llm.models.transformer import PolicyValueModel, ScalarHeadModel, unembedding
 
 REQUIRED_KEYS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "old_logprobs",
@@ -250,6 +251,8 @@ def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.
     """`(params, batch) -> log-probs [B, N]` under a CausalLM or PolicyValueModel tree (reference, old policy),
     over `num_micro` micro-batches of rows in turn (`map_micro`)."""
     def fn(params, batch):
+        params = matmul_weights(params, model_cfg)  # cast once, not per micro-batch
+
         def one(mb):
             return _policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk,
                                     with_entropy=False)[0]
@@ -281,6 +284,7 @@ def make_rollout_fn(policy_module: Any, value_module: Any, model_cfg: ModelConfi
         return {"old_logprobs": logp, "old_values": values}
 
     def fn(params, batch):
+        params = matmul_weights(params, model_cfg)  # cast once, not per micro-batch
         return map_micro(lambda mb: one(params, mb), {k: batch[k] for k in SEQUENCE_KEYS}, score_micro_batches(cfg))
     return fn
 
