@@ -39,11 +39,10 @@ import jax.numpy as jnp
 from jaxrl_llm.algos import advantages as adv_lib
 from jaxrl_llm.algos.aggregation import token_mean_weights, token_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_penalty_rewards
-from jaxrl_llm.algos.logprobs import SEQUENCE_KEYS, completion_logprobs
+from jaxrl_llm.algos.logprobs import completion_logprobs, rollout_forward_fn
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss
-from jaxrl_llm.algos.train_state import TrainState, accumulate, apply_gradients, map_micro
+from jaxrl_llm.algos.train_state import TrainState, accumulate, apply_gradients
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.layers import matmul_weights
 
 ADVANTAGE_ESTIMATORS = ("group_norm", "rloo", "reinforce_pp")
 
@@ -183,13 +182,9 @@ def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.
     """`(params, batch) -> logprobs [B, N]`: old-policy recomputation and reference log-probs (jit it),
     `num_micro` micro-batches of rows at a time (`map_micro`; the stage passes the update's micro-batch
     count, num_minibatches x num_micro_batches, so no forward holds more rows than an update step)."""
-    def fn(params, batch):
-        params = matmul_weights(params, model_cfg)  # cast once, not per micro-batch
-
-        def one(mb):
-            return policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk)[0]
-        return map_micro(one, {k: batch[k] for k in SEQUENCE_KEYS}, num_micro)
-    return fn
+    return rollout_forward_fn(
+        lambda params, mb: policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk)[0],
+        model_cfg, num_micro)
 
 
 def make_grpo_step(module: Any, model_cfg: ModelConfig, cfg: GRPOConfig) -> Callable:

@@ -14,12 +14,14 @@ token n), so the head never runs over the prompt.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.algos.train_state import map_micro
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.layers import matmul_weights
 from jaxrl_llm.models.transformer import unembedding
 from jaxrl_llm.sharding.rules import constrain
 
@@ -103,3 +105,13 @@ def completion_logprobs(module: Any, params: Any, cfg: ModelConfig, prompt_token
                                      temperature=temperature, chunk=chunk, with_entropy=with_entropy)
     m = completion_mask.astype(jnp.float32)
     return logp * m, (ent * m if ent is not None else None)
+
+
+def rollout_forward_fn(forward: Callable[[Any, dict], Any], model_cfg: ModelConfig, num_micro: int = 1) -> Callable:
+    """`(params, batch) -> forward(params, rows)` for a forward without gradients over a rollout batch (old or
+    reference log-probs, values): the matmul kernels cast once (`matmul_weights`), then `num_micro` strided
+    micro-batches of the batch's SEQUENCE_KEYS in turn (`map_micro`), outputs [B, ...] in row order."""
+    def fn(params, batch):
+        params = matmul_weights(params, model_cfg)
+        return map_micro(lambda mb: forward(params, mb), {k: batch[k] for k in SEQUENCE_KEYS}, num_micro)
+    return fn

@@ -48,12 +48,10 @@ import optax
 from jaxrl_llm.algos import advantages as adv_lib
 from jaxrl_llm.algos.aggregation import token_mean_weights, token_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, KLControllerConfig, kl_coef_update, kl_estimate, kl_penalty_rewards
-from jaxrl_llm.algos.logprobs import SEQUENCE_KEYS, completion_logprobs, logprobs_from_hidden
+from jaxrl_llm.algos.logprobs import completion_logprobs, logprobs_from_hidden, rollout_forward_fn
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss, value_loss
-from jaxrl_llm.algos.train_state import (OptimizerConfig, TrainState, accumulate, apply_gradients, make_optimizer,
-                                         map_micro)
+from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, accumulate, apply_gradients, make_optimizer
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.layers import matmul_weights
 from jaxrl_llm.models.transformer import PolicyValueModel, ScalarHeadModel, unembedding
 
 REQUIRED_KEYS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "old_logprobs",
@@ -250,14 +248,10 @@ def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.
                     num_micro: int = 1) -> Callable:
     """`(params, batch) -> log-probs [B, N]` under a CausalLM or PolicyValueModel tree (reference, old policy),
     over `num_micro` micro-batches of rows in turn (`map_micro`)."""
-    def fn(params, batch):
-        params = matmul_weights(params, model_cfg)  # cast once, not per micro-batch
-
-        def one(mb):
-            return _policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk,
-                                    with_entropy=False)[0]
-        return map_micro(one, {k: batch[k] for k in SEQUENCE_KEYS}, num_micro)
-    return fn
+    return rollout_forward_fn(
+        lambda params, mb: _policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk,
+                                            with_entropy=False)[0],
+        model_cfg, num_micro)
 
 
 def make_value_fn(value_module: Any, model_cfg: ModelConfig) -> Callable:
@@ -283,10 +277,7 @@ def make_rollout_fn(policy_module: Any, value_module: Any, model_cfg: ModelConfi
             values = completion_values(value_module, params["value"], batch)
         return {"old_logprobs": logp, "old_values": values}
 
-    def fn(params, batch):
-        params = matmul_weights(params, model_cfg)  # cast once, not per micro-batch
-        return map_micro(lambda mb: one(params, mb), {k: batch[k] for k in SEQUENCE_KEYS}, score_micro_batches(cfg))
-    return fn
+    return rollout_forward_fn(one, model_cfg, score_micro_batches(cfg))
 
 
 # ------------------------------------------------------------------ parameters and optimisers

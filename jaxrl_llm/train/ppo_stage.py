@@ -35,11 +35,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.algos import ppo
-from jaxrl_llm.algos.logprobs import SEQUENCE_KEYS
+from jaxrl_llm.algos.logprobs import rollout_forward_fn
 from jaxrl_llm.algos.reward_model import sequence_rewards
-from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner, map_micro
+from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
 from jaxrl_llm.models import PolicyValueModel, init_fn_for, reward_model, value_model
-from jaxrl_llm.models.layers import matmul_weights
 from jaxrl_llm.rewards.runner import HostRewardRunner
 from jaxrl_llm.sharding.params import param_shardings
 from jaxrl_llm.train.build import (Evaluator, global_prompt_batch, jnp_tree_copy, log_rollout_samples,
@@ -75,13 +74,10 @@ class PPOStage(Stage):
                                            on_error=s.reward.on_error, error_score=float(s.reward.error_score))
         if s.reward.source == "reward_model":
             rm = reward_model(comp.model_cfg)
-            n_micro = ppo.score_micro_batches(self.algo)
-            def rm_scores(p, b):
-                p = matmul_weights(p, comp.model_cfg)  # cast once, not per micro-batch
-                return map_micro(lambda mb: sequence_rewards(rm, p, mb["prompt_tokens"], mb["prompt_mask"],
-                                                             mb["completion_tokens"], mb["completion_mask"]),
-                                 {k: b[k] for k in SEQUENCE_KEYS}, n_micro)
-            self.rm_fn = jax.jit(rm_scores)
+            self.rm_fn = jax.jit(rollout_forward_fn(
+                lambda p, mb: sequence_rewards(rm, p, mb["prompt_tokens"], mb["prompt_mask"], mb["completion_tokens"],
+                                               mb["completion_mask"]),
+                comp.model_cfg, ppo.score_micro_batches(self.algo)))
         a = self.algo
         if a.shared_backbone:
             self.policy_module, self.value_module = PolicyValueModel(comp.model_cfg), None
