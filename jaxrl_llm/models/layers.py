@@ -52,13 +52,20 @@ def _lowp_matmul_bwd(op_dtype, res, g):
 _lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
 
 
+def _matmul_op_dtype(cfg: ModelConfig):
+    """The dense layers' matmul operand dtype when it differs from the compute dtype, else None."""
+    if cfg.matmul_dtype is None or dtype_of(cfg.matmul_dtype) == cfg.jnp_dtype:
+        return None
+    return dtype_of(cfg.matmul_dtype)
+
+
 def matmul_fn(cfg: ModelConfig):
     """The `dot_general` of the model's dense layers: None (plain `lax.dot_general` in the compute dtype),
     or, with `cfg.matmul_dtype` set, one whose operands are cast to that dtype in the forward and the
     backward (incoming gradients too) and which accumulates in float32 and returns the compute dtype."""
-    if cfg.matmul_dtype is None or dtype_of(cfg.matmul_dtype) == cfg.jnp_dtype:
+    op_dtype = _matmul_op_dtype(cfg)
+    if op_dtype is None:
         return None
-    op_dtype = dtype_of(cfg.matmul_dtype)
 
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
         (lc, rc), (lb, rb) = dimension_numbers
@@ -76,9 +83,9 @@ def matmul_fn(cfg: ModelConfig):
 def matmul_weights(params, cfg: ModelConfig):
     """`params` with the decoder layers' matmul kernels already in `cfg.matmul_dtype` (unchanged when it is
     unset): a decode loop casts them once, before the loop, instead of at every step."""
-    if matmul_fn(cfg) is None:
+    op_dtype = _matmul_op_dtype(cfg)
+    if op_dtype is None:
         return params
-    op_dtype = dtype_of(cfg.matmul_dtype)
 
     def cast(path, x):
         names = [getattr(k, "key", None) for k in path]
