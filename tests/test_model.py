@@ -115,7 +115,6 @@ def test_matmul_dtype_operands_forward_and_backward():
     shape (two contracted axes). Checked against float64 products of the rounded values."""
     from jaxrl_llm.models.layers import matmul_fn
     dot = matmul_fn(SMALL.replace(matmul_dtype="bfloat16"))
-    assert matmul_fn(SMALL) is None and matmul_fn(SMALL.replace(matmul_dtype="float32")) is None
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(6, 4, 8)), jnp.float32)   # [tokens, heads, head_dim]
     w = jnp.asarray(rng.normal(size=(4, 8, 5)), jnp.float32)   # [heads, head_dim, embed]
@@ -132,6 +131,33 @@ def test_matmul_dtype_operands_forward_and_backward():
     assert np.abs(np.asarray(dw) - (np.asarray(x).reshape(6, 32).T @ np.asarray(g)).reshape(4, 8, 5)).max() > 1e-4
     with pytest.raises(NotImplementedError, match="not a dense layer's"):
         dot(x, w, (((2,), (1,)), ((), ())))
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, "float32", "bfloat16"])
+def test_dense_backward_is_row_major_on_cpu(matmul_dtype):
+    """The dense layers' hand-written backward: in float32 (the default) it equals the float64 products, and
+    on CPU no gradient dot contracts over both operands' first axis (the form XLA:CPU runs on its generic
+    kernel, and upcasts to float32 first when the operands are bf16); both weight-gradient branches (the
+    transposed input, or the transposed incoming gradient and result) are exercised."""
+    from jaxrl_llm.models.layers import matmul_fn
+    dot = matmul_fn(SMALL.replace(matmul_dtype=matmul_dtype))
+    rng = np.random.default_rng(1)
+    dims = (((1,), (0,)), ((), ()))
+    for fan_in, fan_out in ((16, 48), (48, 16)):
+        x = jnp.asarray(rng.normal(size=(40, fan_in)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(fan_in, fan_out)), jnp.float32)
+        g = jnp.asarray(rng.normal(size=(40, fan_out)), jnp.float32)
+
+        def grads(x, w, g):
+            return jax.vjp(lambda a, b: dot(a, b, dims), x, w)[1](g)
+
+        dx, dw = jax.jit(grads)(x, w, g)
+        if matmul_dtype != "bfloat16":
+            x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+            np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(dw, x64.T @ g64, rtol=1e-5, atol=1e-5)
+        hlo = jax.jit(grads).lower(x, w, g).compile().as_text()
+        assert " dot(" in hlo and "lhs_contracting_dims={0}" not in hlo, hlo
 
 
 def test_matmul_dtype_model_close_to_float32(env):

@@ -183,6 +183,26 @@ def test_keep_mask_ties_and_renormalisation():
     np.testing.assert_array_equal(np.asarray(g_logp), np.asarray(g_raw))
 
 
+def test_sample_tokens_are_jax_categorical_and_argmax():
+    """sample_tokens draws exactly jax.random.categorical's tokens for the same key (its argmax written as
+    two plain reductions), masked (-inf) entries included, and greedy picks the first maximum."""
+    from jaxrl_llm.rollout.sampling import first_argmax, sample_tokens
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 40)).astype(np.float32) * 3
+    logits[:, ::3] = -np.inf  # what top-k/top-p filtering leaves
+    logits[0, :] = -np.inf
+    logits[0, 5] = 0.0  # one kept token
+    logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+    for i in range(40):
+        key = jax.random.key(i)
+        want = jax.random.categorical(key, logp, axis=-1)
+        np.testing.assert_array_equal(np.asarray(sample_tokens(key, logp, logp, False)), np.asarray(want))
+    ties = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [-1.0, -2.0, -1.0, -5.0]])
+    np.testing.assert_array_equal(np.asarray(first_argmax(ties)), [1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(sample_tokens(None, ties, ties, True)), [1, 0, 0])
+    assert first_argmax(ties).dtype == jnp.int32
+
+
 def test_eos_stops_rows_and_exits_early(model):
     module, params = model
     n = 10
