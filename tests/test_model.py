@@ -105,6 +105,24 @@ def test_bfloat16_compute_and_params(env):
     assert out2.dtype == jnp.bfloat16 and np.isfinite(np.asarray(out2, np.float32)).all()
 
 
+def test_rope_tables_below_gathers_the_same_values():
+    """The forward's RoPE tables for positions from the mask (cos/sin of [0, T) gathered) equal the tables
+    computed per position (the same float32 angles and cos/sin; bitwise on this backend), and the model's
+    output is the same either way."""
+    from jaxrl_llm.models.layers import rope_tables, rope_tables_below
+    from jaxrl_llm.models.transformer import positions_from_mask
+    cfg = SMALL.replace(rope_theta=1e6)
+    pos = jnp.asarray(np.random.default_rng(0).integers(0, 300, size=(3, 300)), jnp.int32)
+    for a, b in zip(jax.jit(rope_tables_below, static_argnums=(0, 2))(cfg, pos, 300),
+                    jax.jit(rope_tables, static_argnums=0)(cfg, pos)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7)
+    tokens, mask = _batch()
+    module, params, _ = create_model(SMALL, jax.random.key(4), ShardingEnv(make_mesh({"data": 1}, jax.devices()[:1])))
+    apply = jax.jit(lambda p, t, pos, m: module.apply({"params": p}, t, pos, m)[0])
+    np.testing.assert_allclose(np.asarray(apply(params, tokens, None, mask)),
+                               np.asarray(apply(params, tokens, positions_from_mask(mask), mask)), rtol=0, atol=1e-6)
+
+
 def _bf16_round(x):
     return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
 

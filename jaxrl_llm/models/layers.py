@@ -161,6 +161,14 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def rope_tables_below(cfg: ModelConfig, positions: jax.Array, limit: int) -> tuple[jax.Array, jax.Array]:
+    """`rope_tables(cfg, positions)` for positions known to lie in [0, limit): the `limit` rows of cos/sin
+    computed once and gathered. Computed per position instead, XLA fuses the cos/sin into every fusion
+    that applies them (each layer's q and k, forward and backward) and evaluates them once per head there."""
+    cos, sin = rope_tables(cfg, jnp.arange(limit, dtype=jnp.int32))
+    return jnp.take(cos, positions, axis=0), jnp.take(sin, positions, axis=0)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """HF 'rotate_half' convention: x [B, T, H, D], first half paired with second half."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.layers import _NEG_INF, DecoderLayer, RMSNorm, _init, rope_tables
+from jaxrl_llm.models.layers import _NEG_INF, DecoderLayer, RMSNorm, _init, rope_tables, rope_tables_below
 from jaxrl_llm.sharding.rules import constrain
 
 # One layer's keys or values. kv_heads before length: attention reads each head's [S, head_dim] block
@@ -131,14 +131,20 @@ class Decoder(nn.Module):
         if mask is None:
             mask = jnp.ones((b, t), jnp.bool_)
         mask = mask.astype(jnp.bool_)
-        if positions is None:
+        from_mask = positions is None
+        if from_mask:
             if cache is not None:
                 raise ValueError("positions are required when decoding with a KV cache")
             positions = positions_from_mask(mask)
         x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))
         # `rope`: rope_tables(cfg, positions) computed by the caller (a decode loop computes every step's
         # once, before the loop: XLA would otherwise evaluate the cos/sin in each layer's fusions, every step).
-        cos, sin = rope_tables(self.cfg, positions) if rope is None else rope
+        if rope is not None:
+            cos, sin = rope
+        elif from_mask:  # positions from the mask lie in [0, t)
+            cos, sin = rope_tables_below(self.cfg, positions, t)
+        else:
+            cos, sin = rope_tables(self.cfg, positions)
 
         if cache is None:
             index, kv_mask = 0, mask
