@@ -48,7 +48,7 @@ def _weight_grad(lo, go):
 
     On CPU the contraction over the tokens is written as a row-major matmul of a transposed copy (of the
     narrower operand): XLA:CPU's fast matmul kernels (YNNPACK) take only row-major operands and run a dot
-    over both operands' first axis on its generic kernel instead, 1.6-2.5x slower here (and in float32 only,
+    over both operands' first axis on its generic kernel instead, 1.8-2.5x slower here (and in float32 only,
     so bf16 operands are converted back first). Other backends take the dot as it is.
     """
     def cpu(lo, go):
