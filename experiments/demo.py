@@ -9,9 +9,9 @@ zero-padded operands and the answer least-significant digit first
 ("0 7 + 3 8 =" -> "5 4 0" for 45, arXiv 2307.03381); accuracy is greedy
 exact match on 256 held-out problems.
 
-Expect (measured, 2-core CPU): the SFT warm start reaches 45.7% held-out
-accuracy after 200 steps; 25 GRPO iterations lift it to 73.4%. Full figures
-and times: README "Measured".
+Expect (measured, 2-core CPU, one seed): the SFT warm start reaches 56.6% held-out
+accuracy after 200 steps; 60 GRPO iterations lift it to 92.2%, 106 s in all.
+Full figures and times: README "Measured".
 """
 
 import ml_collections as mc
