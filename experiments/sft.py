@@ -8,8 +8,8 @@ Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shippe
 greedy accuracy on 256 held-out problems every 50 steps. 300 steps of 128 (prompt, answer + EOS)
 pairs, AdamW lr 1e-3, 30 warm-up steps, cosine decay. (The RL and preference experiments start
 from the first 200 steps of this at a constant lr.)
-Expect: Measured on the 2-core CPU with another run sharing the cores: held-out accuracy 0.0% -> 98.8% in 422
-s.
+Expect: Measured on the 2-core CPU with another run sharing the cores (one seed): held-out accuracy 0.0% -> 93.0%
+in 161 s.
 """
 
 from jaxrl_llm.train.config import digit_addition_config, sft_stage
