@@ -144,6 +144,9 @@ def cmd_train(args) -> int:
     return 0
 
 
+SUMMARY_LABELS = {"accuracy": "accuracy", "pref_accuracy": "preference accuracy"}
+
+
 def print_summary(summary: dict) -> None:
     print(f"\nrun {summary['name']}: {summary['run_dir']} ({summary['wall_time_s']:.0f} s)")
     for k, v in summary.items():
@@ -151,10 +154,11 @@ def print_summary(summary: dict) -> None:
             print(f"  {k}: {v:.3f}")
     for k in summary:
         if k.endswith("accuracy_before"):
-            stage = k.rsplit("/", 1)[0]
-            after = summary.get(f"{stage}/accuracy_after")
+            after = summary.get(k[:-len("_before")] + "_after")  # the same metric of the same stage
             if after is not None:
-                print(f"  {stage}: held-out accuracy {summary[k]:.3f} -> {after:.3f} "
+                stage, metric = k[:-len("_before")].rsplit("/", 1)
+                label = SUMMARY_LABELS.get(metric, metric.replace("_", " "))
+                print(f"  {stage}: held-out {label} {summary[k]:.3f} -> {after:.3f} "
                       f"({100 * (after - summary[k]):+.1f} points)")
     for p in summary.get("plots", []):
         print(f"  plot: {p}")

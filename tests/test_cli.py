@@ -48,3 +48,15 @@ def test_input_errors():
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "jaxrl_llm.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "sample" in out.stdout
+
+
+def test_summary_pairs_each_metric_before_with_its_own_after(capsys):
+    """A preference stage reports task and preference accuracy; each line pairs a metric's before and after."""
+    from jaxrl_llm.cli import print_summary
+    print_summary({"name": "x", "run_dir": "runs/x", "wall_time_s": 3.0,
+                   "pref/pref_accuracy_before": 0.922, "pref/pref_accuracy_after": 1.0,
+                   "pref/accuracy_before": 0.66, "pref/accuracy_after": 0.117})
+    out = capsys.readouterr().out
+    assert "pref: held-out preference accuracy 0.922 -> 1.000 (+7.8 points)" in out
+    assert "pref: held-out accuracy 0.660 -> 0.117 (-54.3 points)" in out
+    assert "0.922 -> 0.117" not in out
