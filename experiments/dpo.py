@@ -9,9 +9,9 @@ greedy accuracy on 256 held-out problems, preference accuracy on 256 held-out pa
 start: 200 steps of 128 gold answers, lr 1e-3. Pairs from the task's train split: chosen = the
 gold answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py).
 DPO: sigmoid loss, beta 0.1, reference = the SFT model, 200 steps of 64 pairs, lr 1e-4.
-Expect: Measured on the 2-core CPU with another run sharing the cores: SFT 56.2%; DPO then raises held-out
-preference accuracy 0% -> 96.1% while greedy task accuracy falls 56.2% -> 0.0% (the policy stops producing
-well-formed answers); 526 s.
+Expect: Measured on the 2-core CPU with another run sharing the cores (one seed): SFT 66.0%; DPO then raises held-out
+preference accuracy 0% -> 97.7% while greedy task accuracy falls 66.0% -> 21.5% (the policy stops producing
+well-formed answers); 270 s.
 """
 
 from jaxrl_llm.train.config import addition_warm_start, digit_addition_config, dpo_stage

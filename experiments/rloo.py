@@ -9,8 +9,8 @@ in-jit exact-match reward 0/1; greedy accuracy on 256 held-out problems every 25
 SFT warm start: 200 steps of 128 gold answers, lr 1e-3.
 RLOO (Ahmadian et al. 2024): 32 prompts x 8 samples, advantage r_i - mean of the group's other
 7 rewards, no std, no KL, 100 iterations, lr 3e-4.
-Expect: Measured on the 2-core CPU with another run sharing the cores: SFT 56.2%; RLOO 56.2% -> 78.1% held-out
-accuracy; 443 s.
+Expect: Measured on the 2-core CPU with another run sharing the cores (one seed): SFT 66.0%; RLOO 66.0% -> 89.1%
+held-out accuracy; 237 s.
 """
 
 from jaxrl_llm.train.config import addition_warm_start, digit_addition_config, grpo_stage

@@ -10,8 +10,8 @@ start: 200 steps of 128 gold answers, lr 1e-3. Pairs from the task's train split
 gold answer, rejected = the result off by 1-3 or with two digits swapped (train/pref_data.py).
 SimPO (Meng et al. 2024): -log sig(beta (avg logp_c - avg logp_r) - gamma), beta 2.0, gamma
 1.0 (gamma/beta 0.5), no reference forward, 200 steps of 64 pairs, lr 3e-4.
-Expect: Measured on the 2-core CPU with another run sharing the cores: SFT 56.2%; SimPO preference accuracy
-93.0% -> 99.2%, task accuracy 56.2% -> 55.9%; 469 s.
+Expect: Measured on the 2-core CPU with another run sharing the cores (one seed): SFT 66.0%; SimPO preference
+accuracy 92.2% -> 100%, while greedy task accuracy falls 66.0% -> 11.7% (as DPO's does); 226 s.
 """
 
 from jaxrl_llm.train.config import addition_warm_start, digit_addition_config, dpo_stage
