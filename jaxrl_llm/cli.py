@@ -144,7 +144,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-SUMMARY_LABELS = {"accuracy": "accuracy", "pref_accuracy": "preference accuracy"}
+SUMMARY_LABELS = {"pref_accuracy": "preference accuracy"}  # others: the metric name with spaces
 
 
 def print_summary(summary: dict) -> None:
