@@ -5,8 +5,7 @@
 (bench/peers.py creates the venv: torch==2.13.0 (CPU), transformers==5.23.0.)
 The 8 workload prompts, each repeated 8 times (64 rows, left-padded to the
 longest), `do_sample=True`, temperature 1, top-p 1, top-k off, EOS 1, pad 0,
-float32, 2 torch threads, OMP_WAIT_POLICY=PASSIVE (the 2 cores are shared;
-spin-waiting OpenMP threads made generate 20x slower under contention).
+float32, 2 torch threads, OpenMP's default wait policy (see common.torch_env).
 Times each `generate` call (prefill included) and prints one JSON line with
 the median after --warmup calls.
 """

@@ -8,7 +8,7 @@ iteration = one trainer step: generate 8 prompts x 8 completions with
 forward (beta 0.04), one AdamW step over the 64 completions (lr 1e-5, no weight
 decay, no clipping, one epoch, no accumulation). float32, 2 torch threads,
 gradient checkpointing off (our update does not rematerialise either),
-OMP_WAIT_POLICY=PASSIVE (see below).
+OpenMP's default wait policy (see common.torch_env).
 
 Timing: the step is the time between consecutive `on_step_end` callbacks;
 its split comes from wrapping the trainer's own methods: `_generate`
