@@ -21,7 +21,9 @@ forward; `--scan-unroll N`, `--remat POLICY`, `--dtype DTYPE` (compute; params s
 float32) and `--matmul-dtype DTYPE` (the dense layers' matmul operands, float32 accumulation)
 override `load_hf`'s config; `--cache-segments K` the sampler's KV-cache segments;
 `--micro-batches M` sets `algo.num_micro_batches` (the gradient of all 64 rows summed over M row
-chunks, and the reference forward over the same chunks: still one AdamW step, as GRPOStage runs it).
+chunks, and the reference forward over the same chunks: still one AdamW step, as GRPOStage runs it);
+`--cpu-devices N` splits the CPU into N XLA devices and shards the batch over them (mesh data=N, what
+`jaxrl-llm train --cpu-devices N` does with the default mesh).
 Prints one JSON line (and writes it to --json).
 """
 
@@ -54,7 +56,7 @@ from jaxrl_llm.algos.train_state import (
 from jaxrl_llm.models import CausalLM, KVCache, load_hf, positions_from_mask
 from jaxrl_llm.models.transformer import unstack_layers
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
-from jaxrl_llm.sharding import ShardingEnv, make_mesh
+from jaxrl_llm.sharding import ShardingEnv, make_mesh, set_cpu_devices
 from jaxrl_llm.tokenizer import (
     decode_completions,
     encode_prompts,
@@ -93,9 +95,9 @@ class Ours:
 
     def __init__(self, wl: dict, *, old_forward: bool = False, scan_unroll: int | None = None, remat: str | None = None,
                  dtype: str | None = None, matmul_dtype: str | None = None, micro_batches: int = 1, seed: int = 0,
-                 cache_segments: int | None = None):
+                 cache_segments: int | None = None, devices: int = 1):
         self.wl = wl
-        self.env = ShardingEnv(make_mesh({"data": 1}, devices=jax.devices()[:1]))
+        self.env = ShardingEnv(make_mesh({"data": devices}, devices=jax.devices()[:devices]))
         overrides = {"scan_unroll": scan_unroll} if scan_unroll else {}
         if remat:
             overrides["remat"] = remat
@@ -355,7 +357,7 @@ def run(args) -> dict:
     t_setup = time.perf_counter()
     o = Ours(wl, old_forward=args.old_forward, scan_unroll=args.scan_unroll, remat=args.remat, dtype=args.dtype,
              matmul_dtype=args.matmul_dtype, micro_batches=args.micro_batches,
-             seed=args.seed, cache_segments=args.cache_segments)
+             seed=args.seed, cache_segments=args.cache_segments, devices=args.cpu_devices)
     setup_s = time.perf_counter() - t_setup
     t0 = time.perf_counter()
     o.iteration(0)
@@ -385,7 +387,7 @@ def run(args) -> dict:
         "options": {"old_logprob_forward": o.need_old, "scan_unroll": o.cfg.scan_unroll, "remat": o.cfg.remat,
                     "dtype": o.cfg.dtype, "matmul_dtype": o.cfg.matmul_dtype,
                     "num_micro_batches": o.algo.num_micro_batches, "prompt_len": int(o.prompt_tokens.shape[1]),
-                    "cache_segment_ends": o.sampling.segment_ends},
+                    "cache_segment_ends": o.sampling.segment_ends, "devices": len(o.env.mesh.devices.flat)},
         "last": o.last,
     }
     res["median"]["other"] = res["median"]["total"] - sum(res["median"][k] for k in ("generation", "reference",
@@ -411,9 +413,13 @@ def main(argv=None):
                     help="algo.num_micro_batches: the update's gradient (and the reference forward) computed over "
                          "this many row chunks in turn; still one AdamW step over all rows")
     ap.add_argument("--cache-segments", type=int, default=None, help="override SamplingConfig.cache_segments")
+    ap.add_argument("--cpu-devices", type=int, default=1,
+                    help="split the CPU into this many XLA devices, the batch sharded over them (mesh data=N)")
     ap.add_argument("--detail", action="store_true", help="also time prefill, decode steps, forwards, update parts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.cpu_devices != 1:
+        set_cpu_devices(args.cpu_devices)  # before any JAX operation
     res = run(args)
     line = json.dumps(res)
     if args.json:

@@ -13,10 +13,13 @@ each other), created on first use with `python3 -m venv` and `pip install`
 of the exact pins below; a pin that cannot be installed is recorded with the
 reason and that peer is skipped. Each round runs ours, then every peer, each
 in a fresh process (setup and compilation excluded from the timed
-iterations, which are medians after --warmup); the table reports the median
+iterations, which are medians after --warmup; torch with its default
+OpenMP settings and 2 threads); the table reports the median
 over rounds of each run's medians. `--variants [NAMES]` adds rows for other
 configurations of ours (all of VARIANTS below, or a comma-separated subset):
 4 micro-batches; bf16 matmul operands (+ 4 micro-batches and unrolled layers);
+float32 and bf16 on two CPU devices (`--cpu-devices 2`, the batch sharded over
+them, a core each; the decode table then lists each variant's sampler too);
 remat="full"; a separate old-policy forward; one KV-cache buffer
 (cache_segments=1, the sampler before segmenting); with them a second table
 gives every configuration of ours against every iteration peer (TRL in
@@ -68,6 +71,12 @@ VARIANTS = {"ours-micro4": (["--micro-batches", "4"],
                             "over 4 row chunks)"),
             "ours-bf16": (["--matmul-dtype", "bfloat16", "--micro-batches", "4", "--scan-unroll", "4"],
                           "ours, bf16 matmul operands (model.matmul_dtype) + 4 micro-batches + unrolled layers"),
+            "ours-2dev": (["--cpu-devices", "2", "--micro-batches", "2", "--scan-unroll", "4"],
+                          "ours, float32 on two CPU devices (--cpu-devices 2: the batch sharded, a core each) + 2 "
+                          "micro-batches + unrolled layers"),
+            "ours-bf16-2dev": (["--cpu-devices", "2", "--matmul-dtype", "bfloat16", "--micro-batches", "4",
+                                "--scan-unroll", "4"],
+                               "ours, bf16 matmul operands on two CPU devices + 4 micro-batches + unrolled layers"),
             "ours-remat-full": (["--remat", "full"], "ours, remat=\"full\" (layers recomputed in the backward)"),
             "ours-old-forward": (["--old-forward"], "ours + a separate old-policy forward"),
             "ours-one-cache-buffer": (["--cache-segments", "1"], "ours, one KV-cache buffer (cache_segments=1)")}
@@ -200,6 +209,17 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             s["ratio_per_round"] = per_round
             s["target"] = TARGETS[name]
             s["target_met"] = s["ratio_vs_ours"] >= TARGETS[name]
+    # generate's decode against every configuration of ours' sampler, per round too
+    gen_runs = [r for r in runs.get("generate", []) if r.get("ok")]
+    if gen_runs:
+        gen_by_round = {r.get("round"): r.get("decode_s") for r in gen_runs}
+        for o in (n for n in runs if n.startswith("ours") and out.get(n, {}).get("ok")):
+            if not out[o].get("decode_s"):
+                continue
+            out[o]["generate_over_decode"] = _med([r.get("decode_s") for r in gen_runs]) / out[o]["decode_s"]
+            out[o]["generate_over_decode_per_round"] = [
+                gen_by_round[r.get("round")] / r["decode_s"] for r in runs[o]
+                if r.get("ok") and r.get("decode_s") and gen_by_round.get(r.get("round"))]
     # every configuration of ours against every iteration peer (median over rounds of each run's median)
     matrix = {}
     for o in (n for n in runs if n.startswith("ours") and out.get(n, {}).get("ok")):
@@ -251,6 +271,12 @@ def table(summary: dict) -> str:
     if g and g.get("ok"):
         lines.append(f"| transformers generate | {_f(g['decode_s'], 3)} | {_f(g.get('ratio_vs_ours'))}{_range(g)} "
                      f"(target 3: {'met' if g.get('target_met') else 'not met'}) |")
+        for name, s in summary.items():
+            if name.startswith("ours") and name != "ours" and s.get("generate_over_decode"):
+                r = s.get("generate_over_decode_per_round") or []
+                rng = f", rounds {min(r):.2f}-{max(r):.2f}" if len(r) > 1 else ""
+                lines.append(f"| sampler of: {labels[name]} | {_f(s['decode_s'], 3)} | generate / this: "
+                             f"{_f(s['generate_over_decode'])}{rng} |")
     elif g:
         lines.append(f"| transformers generate | failed: {g.get('reason', '')[:120]} | |")
     return "\n".join(lines)

@@ -107,10 +107,12 @@ def cmd_demo(args) -> int:
 
 
 def start_distributed(args) -> None:
-    """JAX's multi-process runtime from --distributed/--coordinator/--num-processes/--process-id (before any
-    device is touched); see docs/scaling.md."""
-    from jaxrl_llm.sharding import multihost
+    """--cpu-devices, then JAX's multi-process runtime from --distributed/--coordinator/--num-processes/
+    --process-id (before any device is touched); see docs/scaling.md."""
+    from jaxrl_llm.sharding import multihost, set_cpu_devices
     try:
+        if args.cpu_devices is not None:
+            set_cpu_devices(args.cpu_devices)
         multihost.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -125,6 +127,9 @@ def add_distributed_flags(p) -> None:
                    help="address of process 0 (default: $JAX_COORDINATOR_ADDRESS, or detected)")
     g.add_argument("--num-processes", type=int, default=None, help="default: $JAX_NUM_PROCESSES, or detected")
     g.add_argument("--process-id", type=int, default=None, help="0..N-1 (default: $JAX_PROCESS_ID, or detected)")
+    p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                   help="split the CPU into N XLA devices (one per core: each core runs its own rows; the default "
+                        "mesh shards the batch over them); CPU runs only, see docs/performance.md")
 
 
 def cmd_train(args) -> int:

@@ -12,6 +12,25 @@ from jax.sharding import AxisType, Mesh
 DEFAULT_AXES: dict[str, int] = {"data": -1, "fsdp": 1, "tensor": 1}
 
 
+def set_cpu_devices(n: int) -> None:
+    """Splits the host CPU into `n` XLA devices (`jax_num_cpu_devices`); call before any JAX operation.
+
+    On a CPU-only machine the default mesh (data: -1) then shards the batch over the `n` devices: with one
+    device per core, each core runs its own rows' ops instead of every small op being split across the
+    cores (the tiny model's decode: 0.21 -> 0.16 s on 2 cores, docs/performance.md). Accelerator backends
+    are unaffected. Runs stay deterministic for a given `n`; different `n` reduce in a different order.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"cpu devices must be an integer >= 1, got {n!r}")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"cannot split the CPU into {n} devices: JAX has already started its backends (a JAX operation "
+            "ran before); set the CPU device count first thing, e.g. `jaxrl-llm train --cpu-devices "
+            f"{n} ...` or `set_cpu_devices({n})` right after `import jax`") from e
+
+
 def resolve_axis_sizes(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Fills in the one -1 axis and checks that the sizes multiply to `num_devices`."""
     axes = dict(axes)
