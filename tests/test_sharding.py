@@ -1,7 +1,10 @@
 """Mesh construction, logical rules, sharded init, and sharded == single-device numerics."""
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrl_llm.models import CausalLM, ModelConfig, init_fn_for
 from jaxrl_llm.sharding import (DEFAULT_RULES, ShardingEnv, check_replication, logical_to_spec, make_mesh,
-                                replication_report, resolve_axis_sizes)
+                                replication_report, resolve_axis_sizes, set_cpu_devices)
 from jaxrl_llm.sharding.params import init_sharded, param_shardings
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -41,6 +44,24 @@ def test_axis_sizes_auto_and_errors():
         resolve_axis_sizes({"data": -1, "fsdp": -1}, 8)
     with pytest.raises(ValueError, match=r"mesh.axes.tensor=0"):
         resolve_axis_sizes({"data": -1, "tensor": 0}, 8)
+
+
+def test_set_cpu_devices_checks_and_splits_the_cpu():
+    for bad in (0, -2, True, "2", 1.5):
+        with pytest.raises(ValueError, match="integer >= 1"):
+            set_cpu_devices(bad)
+    jax.devices()  # this process's backends are up (conftest: 8 host devices): too late, and said so
+    with pytest.raises(RuntimeError, match="--cpu-devices 2"):
+        set_cpu_devices(2)
+    # What `jaxrl-llm train --cpu-devices 3` does first thing; the default mesh then has data=3.
+    code = ("from jaxrl_llm import cli; "
+            "ns = cli.build_parser().parse_args(['train', 'x.py', '--cpu-devices', '3', '--distributed', 'off']); "
+            "cli.start_distributed(ns); import jax; from jaxrl_llm.sharding import make_mesh; "
+            "print(jax.device_count(), dict(make_mesh().shape))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "3 {'data': 3, 'fsdp': 1, 'tensor': 1}"
 
 
 def test_make_mesh_default_uses_all_devices(devices):
