@@ -21,7 +21,7 @@ def set_cpu_devices(n: int) -> None:
     are unaffected. Runs stay deterministic for a given `n`; different `n` reduce in a different order.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"cpu devices must be an integer >= 1, got {n!r}")
+        raise ValueError(f"--cpu-devices (set_cpu_devices): the CPU device count must be an integer >= 1, got {n!r}")
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError as e:
