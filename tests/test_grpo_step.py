@@ -1,5 +1,7 @@
 """The GRPO-family update step: exact accumulation, sharding, invariants, variants, learning."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +190,46 @@ def test_policy_improves_on_a_fixed_batch(setup):
     gain = np.asarray((logp_fn(new.params, b) - b["old_logprobs"]).sum(-1))
     seq_adv = np.asarray(b["advantages"][:, 0])
     assert gain[seq_adv > 0].mean() > 0 > gain[seq_adv < 0].mean()
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """Compiled HLO text -> {computation name: its body text}."""
+    comps, name, lines = {}, None, []
+    for line in hlo.splitlines():
+        if name is None and line and not line[0].isspace() and line.rstrip().endswith("{"):
+            name, lines = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%"), []
+        elif name is not None and line == "}":
+            comps[name] = "\n".join(lines)
+            name = None
+        elif name is not None:
+            lines.append(line)
+    return comps
+
+
+@pytest.mark.parametrize("axes", [{"data": 4}, {"data": 8}])
+def test_data_parallel_micro_batches_all_reduce_once(setup, axes):
+    """Pure data parallelism with micro-batches: each device sums its own micro-batches' gradients and one
+    all-reduce follows the micro-batch loop (none inside it); the step equals one device's."""
+    module, params, batch, rewards = setup
+    cfg = grpo.grpo(G).replace(num_micro_batches=2)
+    b = _with_adv(cfg, batch, rewards)
+    ref_p, ref_m = _run(module, params, b, cfg)
+    env = _env(axes)
+    state = TrainState.create(jax.tree.map(jnp.copy, params), SGD)
+    step = jit_update(grpo.make_grpo_step(module, CFG, cfg), state, b, env)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, b, jax.random.key(2)))
+    comps = _computations(step.jitted.lower(*shapes).compile().as_text())
+    inside, todo = set(), [c for text in comps.values() for c in re.findall(r"body=%?([\w.\-]+)", text)]
+    while todo:  # every computation a while body runs, transitively
+        c = todo.pop()
+        if c in comps and c not in inside:
+            inside.add(c)
+            todo += re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)", comps[c])
+    assert inside, "expected the micro-batch loop"
+    assert any(" all-reduce(" in t for t in comps.values())
+    assert not [c for c in inside if " all-reduce(" in comps[c]], "an all-reduce inside the micro-batch loop"
+    p, m = _run(module, params, b, cfg, env=env)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=2e-6), p, ref_p)
+    for k in ("loss", "grad_norm", "clip_frac"):
+        if k in ref_m:
+            np.testing.assert_allclose(m[k], ref_m[k], atol=1e-6, err_msg=k)

@@ -8,7 +8,10 @@ built from three pieces here:
   minibatch before it is split, see `aggregation`), so summing gradients over
   micro-batches equals the un-accumulated gradient for every aggregation mode.
   Micro-batch m takes rows m, m + M, m + 2M, ... so each micro-batch stays
-  spread over all data-parallel devices.
+  spread over all data-parallel devices. Under pure data parallelism (the
+  parameters replicated on every mesh axis that shards the batch) each device
+  sums its own rows' micro-batches and the gradient is all-reduced once
+  (`shard_map` + `psum`), not after every micro-batch.
 * `apply_gradients(state, grads, metrics)`: optax update (global-norm clipping
   inside the optimiser), grad/update norms, learning rate, and a skipped step
   (parameters and optimiser state unchanged) when the loss or gradient is not
@@ -23,6 +26,7 @@ inside a single jitted `lax.scan`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -32,7 +36,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl_llm.sharding.multihost import place
-from jaxrl_llm.sharding.rules import ShardingEnv
+from jaxrl_llm.sharding.rules import ShardingEnv, current_env
 
 Metrics = dict[str, jax.Array]
 
@@ -164,6 +168,52 @@ def accumulate(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics
         (loss, metrics), grads = grad_fn(params, batch, rng)
         return grads, {"loss": loss, **metrics}
 
+    axes = _data_parallel_axes(batch, num_micro)
+    if axes:
+        return _accumulate_per_device(grad_fn, params, batch, rng, num_micro, axes)
+    return _accumulate_scan(grad_fn, params, batch, rng, num_micro)
+
+
+def _data_parallel_axes(batch: Any, num_micro: int) -> tuple[str, ...]:
+    """The mesh axes the batch rows are split over, when the parameters are replicated on all of them (pure
+    data parallelism: every axis of size > 1 shards the batch and no parameter) and every device's rows
+    split into `num_micro` micro-batches; else ()."""
+    env = current_env()
+    if env is None or env.mesh.size == 1:
+        return ()
+    batch_axes = tuple(a for a in dict(env.rules).get("batch") or () if env.mesh.shape.get(a, 1) > 1)
+    param_axes = {a for name, axes in env.rules if name not in ("batch", "length") for a in axes or ()}
+    big = {a for a, n in env.mesh.shape.items() if n > 1}
+    devices = math.prod(env.mesh.shape[a] for a in batch_axes)
+    rows = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(batch)}
+    if big != set(batch_axes) or big & param_axes or len(rows) != 1 or (rows.pop() or 1) % (devices * num_micro):
+        return ()
+    return batch_axes
+
+
+def _accumulate_per_device(grad_fn, params, batch, rng, num_micro: int, axes: tuple[str, ...]):
+    """Each device sums the gradients of its own rows' micro-batches, then one all-reduce (`psum`) over
+    `axes`: the gradient of replicated parameters is otherwise all-reduced after every micro-batch (what
+    DDP's `no_sync` avoids). Same rows, same sum, in a different order than `_accumulate_scan`."""
+    env = current_env()
+    spec = PartitionSpec(axes)
+
+    def local(params, batch, rng):
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
+        with env.deactivate():  # inside, arrays are this device's: no mesh constraints
+            grads, metrics = _accumulate_scan(grad_fn, params, batch, rng, num_micro)
+        def reduce(k, v):  # as `_reduce` across micro-batches
+            return (jax.lax.pmax if k.endswith("_max") else jax.lax.pmin if k.endswith("_min") else jax.lax.psum)(
+                v, axes)
+
+        metrics = {k: reduce(k, v) for k, v in metrics.items()}
+        return jax.lax.psum(grads, axes), metrics
+
+    return jax.shard_map(local, mesh=env.mesh, in_specs=(PartitionSpec(), spec, PartitionSpec()),
+                         out_specs=PartitionSpec(), check_vma=False)(params, batch, rng)
+
+
+def _accumulate_scan(grad_fn, params, batch, rng, num_micro: int):
     micro = split_micro(batch, num_micro)
     first = jax.tree.map(lambda x: x[0], micro)
     (_, m_shape), g_shape = jax.eval_shape(grad_fn, params, first, rng)

@@ -136,6 +136,16 @@ class ShardingEnv:
         finally:
             _CURRENT.reset(token)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def deactivate():
+        """No environment while inside (e.g. in a `shard_map` body, where arrays are per device)."""
+        token = _CURRENT.set(None)
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)
+
 
 _CURRENT: contextvars.ContextVar[ShardingEnv | None] = contextvars.ContextVar("jaxrl_llm_sharding", default=None)
 
