@@ -202,9 +202,10 @@ def _accumulate_per_device(grad_fn, params, batch, rng, num_micro: int, axes: tu
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
         with env.deactivate():  # inside, arrays are this device's: no mesh constraints
             grads, metrics = _accumulate_scan(grad_fn, params, batch, rng, num_micro)
-        def reduce(k, v):  # as `_reduce` across micro-batches
-            return (jax.lax.pmax if k.endswith("_max") else jax.lax.pmin if k.endswith("_min") else jax.lax.psum)(
-                v, axes)
+
+        def reduce(k, v):  # across devices as `_reduce` across micro-batches
+            op = jax.lax.pmax if k.endswith("_max") else jax.lax.pmin if k.endswith("_min") else jax.lax.psum
+            return op(v, axes)
 
         metrics = {k: reduce(k, v) for k, v in metrics.items()}
         return jax.lax.psum(grads, axes), metrics
