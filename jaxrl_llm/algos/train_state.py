@@ -126,12 +126,13 @@ class TrainState:
 # -------------------------------------------------------------------- accumulation
 
 
+def _reduction(name: str) -> str:
+    """How a metric combines over micro-batches and devices: names ending in _max / _min, else a sum."""
+    return "max" if name.endswith("_max") else "min" if name.endswith("_min") else "sum"
+
+
 def _reduce(name: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    if name.endswith("_max"):
-        return jnp.maximum(a, b)
-    if name.endswith("_min"):
-        return jnp.minimum(a, b)
-    return a + b
+    return {"max": jnp.maximum, "min": jnp.minimum, "sum": jnp.add}[_reduction(name)](a, b)
 
 
 def split_micro(batch: Any, num_micro: int) -> Any:
@@ -203,11 +204,8 @@ def _accumulate_per_device(grad_fn, params, batch, rng, num_micro: int, axes: tu
         with env.deactivate():  # inside, arrays are this device's: no mesh constraints
             grads, metrics = _accumulate_scan(grad_fn, params, batch, rng, num_micro)
 
-        def reduce(k, v):  # across devices as `_reduce` across micro-batches
-            op = jax.lax.pmax if k.endswith("_max") else jax.lax.pmin if k.endswith("_min") else jax.lax.psum
-            return op(v, axes)
-
-        metrics = {k: reduce(k, v) for k, v in metrics.items()}
+        across = {"max": jax.lax.pmax, "min": jax.lax.pmin, "sum": jax.lax.psum}
+        metrics = {k: across[_reduction(k)](v, axes) for k, v in metrics.items()}
         return jax.lax.psum(grads, axes), metrics
 
     return jax.shard_map(local, mesh=env.mesh, in_specs=(PartitionSpec(), spec, PartitionSpec()),
@@ -221,7 +219,7 @@ def _accumulate_scan(grad_fn, params, batch, rng, num_micro: int):
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), g_shape)
     init_metrics = {"loss": jnp.zeros((), jnp.float32)}
     for k, s in m_shape.items():
-        fill = -jnp.inf if k.endswith("_max") else jnp.inf if k.endswith("_min") else 0.0
+        fill = {"max": -jnp.inf, "min": jnp.inf, "sum": 0.0}[_reduction(k)]
         init_metrics[k] = jnp.full(s.shape, fill, s.dtype)
 
     def body(carry, xs):
