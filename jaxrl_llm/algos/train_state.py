@@ -186,8 +186,9 @@ def _data_parallel_axes(batch: Any, num_micro: int) -> tuple[str, ...]:
     param_axes = {a for name, axes in env.rules if name not in ("batch", "length") for a in axes or ()}
     big = {a for a, n in env.mesh.shape.items() if n > 1}
     devices = math.prod(env.mesh.shape[a] for a in batch_axes)
-    rows = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(batch)}
-    if big != set(batch_axes) or big & param_axes or len(rows) != 1 or (rows.pop() or 1) % (devices * num_micro):
+    rows = {x.shape[0] if x.ndim else 0 for x in jax.tree.leaves(batch)}  # 0: a scalar, not rows
+    n = rows.pop() if len(rows) == 1 else 0
+    if big != set(batch_axes) or big & param_axes or not n or n % (devices * num_micro):
         return ()
     return batch_axes
 

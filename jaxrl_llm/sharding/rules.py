@@ -127,24 +127,23 @@ class ShardingEnv:
     def sharding(self, logical_axes, shape=None) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(logical_axes, shape))
 
-    @contextlib.contextmanager
     def activate(self):
         """While active (at trace time), `constrain` places activations on this mesh."""
-        token = _CURRENT.set(self)
-        try:
-            yield self
-        finally:
-            _CURRENT.reset(token)
+        return _current(self)
 
     @staticmethod
-    @contextlib.contextmanager
     def deactivate():
         """No environment while inside (e.g. in a `shard_map` body, where arrays are per device)."""
-        token = _CURRENT.set(None)
-        try:
-            yield
-        finally:
-            _CURRENT.reset(token)
+        return _current(None)
+
+
+@contextlib.contextmanager
+def _current(env: "ShardingEnv | None"):
+    token = _CURRENT.set(env)
+    try:
+        yield env
+    finally:
+        _CURRENT.reset(token)
 
 
 _CURRENT: contextvars.ContextVar[ShardingEnv | None] = contextvars.ContextVar("jaxrl_llm_sharding", default=None)
