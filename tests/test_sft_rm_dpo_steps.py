@@ -210,6 +210,18 @@ def test_dpo_accumulation_is_exact(lm, name):
             np.testing.assert_allclose(m1[0][k], m4[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_dpo_reference_micro_batches_equal_the_whole_batch(lm):
+    """The stage's reference forward runs the step's micro-batches of pairs: same sums, row order kept."""
+    module, _, ref_params = lm
+    batch = pair_batch(seed=3)
+    whole = jax.jit(make_reference_logps_fn(module, CFG))(ref_params, batch)
+    micro = jax.jit(make_reference_logps_fn(module, CFG, num_micro=4))(ref_params, batch)
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert micro[k].shape == (8,)
+        assert np.ptp(np.asarray(whole[k])) > 0.1, k  # distinct rows, so a reordering would show
+        np.testing.assert_allclose(micro[k], whole[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
 RM_CFG = RewardModelConfig(center_rewards_coef=0.01)
 
 

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.algos.aggregation import check_loss_agg, sequence_weights, token_weights
-from jaxrl_llm.algos.logprobs import completion_logprobs
+from jaxrl_llm.algos.logprobs import completion_logprobs, rollout_forward_fn
 from jaxrl_llm.algos.preference import (DPO_LOSS_TYPES, PAIR_KEYS, check_batch_keys, check_choice,
                                         check_label_smoothing, concat_pairs, dpo_loss, orpo_loss, pad_pairs,
                                         simpo_loss)
@@ -120,18 +120,24 @@ def pair_logprobs(module: Any, params: Any, model_cfg: ModelConfig, batch: dict,
     return logp[:b], logp[b:]
 
 
-def make_reference_logps_fn(module: Any, model_cfg: ModelConfig,
-                            chunk: int = 128) -> Callable[[Any, dict], dict[str, jax.Array]]:
-    """`(ref_params, batch) -> {"ref_chosen_logps", "ref_rejected_logps"}`: summed [B] log-probs (jit it).
+def make_reference_logps_fn(module: Any, model_cfg: ModelConfig, chunk: int = 128,
+                            num_micro: int = 1) -> Callable[[Any, dict], dict[str, jax.Array]]:
+    """`(ref_params, batch) -> {"ref_chosen_logps", "ref_rejected_logps"}`: summed [B] log-probs (jit it),
+    `num_micro` micro-batches of pairs at a time (the stage passes the step's micro-batch count, so the
+    reference forward holds no more rows than a training micro-batch).
 
     On a multi-device mesh, trace it inside `env.activate()` (as `jit_update` does for the step) so the
     activations are placed by their logical axes.
     """
-    def ref_logps(ref_params, batch):
-        check_batch_keys(batch, PAIR_KEYS, "reference log-probs")
-        lc, lr = pair_logprobs(module, ref_params, model_cfg, batch, chunk)
+    def pair_sums(ref_params, mb):
+        lc, lr = pair_logprobs(module, ref_params, model_cfg, mb, chunk)
         return {"ref_chosen_logps": jax.lax.stop_gradient(lc.sum(-1)),
                 "ref_rejected_logps": jax.lax.stop_gradient(lr.sum(-1))}
+    forward = rollout_forward_fn(pair_sums, model_cfg, num_micro, keys=PAIR_KEYS)
+
+    def ref_logps(ref_params, batch):
+        check_batch_keys(batch, PAIR_KEYS, "reference log-probs")
+        return forward(ref_params, batch)
     return ref_logps
 
 

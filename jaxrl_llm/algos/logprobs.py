@@ -107,11 +107,13 @@ def completion_logprobs(module: Any, params: Any, cfg: ModelConfig, prompt_token
     return logp * m, (ent * m if ent is not None else None)
 
 
-def rollout_forward_fn(forward: Callable[[Any, dict], Any], model_cfg: ModelConfig, num_micro: int = 1) -> Callable:
-    """`(params, batch) -> forward(params, rows)` for a forward without gradients over a rollout batch (old or
-    reference log-probs, values): the matmul kernels cast once (`matmul_weights`), then `num_micro` strided
-    micro-batches of the batch's SEQUENCE_KEYS in turn (`map_micro`), outputs [B, ...] in row order."""
+def rollout_forward_fn(forward: Callable[[Any, dict], Any], model_cfg: ModelConfig, num_micro: int = 1,
+                       keys: tuple[str, ...] = SEQUENCE_KEYS) -> Callable:
+    """`(params, batch) -> forward(params, rows)` for a forward without gradients over a batch (old or
+    reference log-probs, values; `keys`: the batch entries it reads, [B, ...] each): the matmul kernels cast
+    once (`matmul_weights`), then `num_micro` strided micro-batches of those entries in turn (`map_micro`),
+    outputs [B, ...] in row order."""
     def fn(params, batch):
         params = matmul_weights(params, model_cfg)
-        return map_micro(lambda mb: forward(params, mb), {k: batch[k] for k in SEQUENCE_KEYS}, num_micro)
+        return map_micro(lambda mb: forward(params, mb), {k: batch[k] for k in keys}, num_micro)
     return fn

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPE_NAMES = tuple(sorted(_DTYPES))  # what a config's dtype fields accept
 REMAT_POLICIES = ("none", "full", "dots")
 ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -20,7 +21,7 @@ ROPE_TYPES = ("default", "llama3", "linear")
 def dtype_of(name: str):
     """Maps a dtype name from config ('float32', 'bfloat16') to a jnp dtype."""
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+        raise ValueError(f"unknown dtype {name!r}; expected one of {list(DTYPE_NAMES)}")
     return _DTYPES[name]
 
 

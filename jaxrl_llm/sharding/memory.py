@@ -69,7 +69,8 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
   over a rollout batch (grpo old/reference log-probs; ppo old log-probs,
   values, reference and reward-model scores), one update micro-batch of rows
   at a time, rows / num_minibatches / num_micro_batches; dpo the reference
-  over its 2 x batch_size rows at once: one layer's working set plus the hidden
+  over one micro-batch of pairs at a time, 2 x batch_size / num_micro_batches
+  rows: one layer's working set plus the hidden
   states 2 x rows_dev x T x E x b, and one chunk of float32 logits
   rows_dev x min(chunk, N) x V x 4 (log-probs are computed `chunk` positions
   at a time, algos/logprobs.py: [B, T, V] logits never exist).
@@ -479,8 +480,8 @@ def _dpo(cfg, s, z: _Sizes) -> dict[str, int]:
     t = {"params": policy, "input_params": policy, "reference": policy if a.needs_reference else 0,
          "optimizer": _opt_bytes(s.optimizer, policy), "gradients": _grad_bytes(policy, num_micro),
          "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, False)}
-    if a.needs_reference:
-        t.update(_score_terms(rows, p + n, n, a.logprob_chunk, z))
+    if a.needs_reference:  # over the step's micro-batches of pairs in turn (dpo.make_reference_logps_fn)
+        t.update(_score_terms(rows // num_micro, p + n, n, a.logprob_chunk, z))
     return t | _eval_terms(cfg, s, z)
 
 

@@ -12,7 +12,7 @@ import ml_collections as mc
 import numpy as np
 
 from jaxrl_llm.models import CausalLM, create_model, get_preset, load_hf
-from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.config import DTYPE_NAMES, ModelConfig
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.sharding import ShardingEnv, check_replication, make_mesh, replication_report
 from jaxrl_llm.sharding import multihost
@@ -51,11 +51,10 @@ def check_required_paths(cfg: mc.ConfigDict) -> None:
     if not cfg.model.path and not cfg.model.preset:
         raise ConfigError("config.model.path is empty and this experiment has no model preset: give the local "
                           "weights with --set model.path=/path/to/Qwen2.5-1.5B-Instruct (a Hugging Face directory)")
-    from jaxrl_llm.models.config import _DTYPES
     for key in ("dtype", "param_dtype", "matmul_dtype"):
         value = cfg.model.get(key, "")
-        if value and value not in _DTYPES:
-            raise ConfigError(f"config.model.{key}={value!r} is not a dtype name; use one of {sorted(_DTYPES)}"
+        if value and value not in DTYPE_NAMES:
+            raise ConfigError(f"config.model.{key}={value!r} is not a dtype name; use one of {list(DTYPE_NAMES)}"
                               + ("" if key != "matmul_dtype" else ' (or "" for the compute dtype)'))
     if int(cfg.model.get("scan_unroll", 0)) < 0:
         raise ConfigError(f"config.model.scan_unroll={cfg.model.scan_unroll} must be >= 0 (0: the model's own; "

@@ -127,7 +127,8 @@ class DPOStage(_PairStage):
         self.algo = to_dataclass(dpo.DPOConfig, s.algo, f"{self.where}.algo")
         self.step_fn = dpo.make_dpo_step(comp.module, comp.model_cfg, self.algo, int(s.num_micro_batches))
         chunk = self.algo.logprob_chunk
-        self.ref_fn = (_in_env(comp, dpo.make_reference_logps_fn(comp.module, comp.model_cfg, chunk))
+        self.ref_fn = (_in_env(comp, dpo.make_reference_logps_fn(comp.module, comp.model_cfg, chunk,
+                                                                    int(s.num_micro_batches)))
                        if self.algo.needs_reference else None)
 
         def sums(params, batch):  # summed log-probs [B] of chosen and rejected
