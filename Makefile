@@ -18,11 +18,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/jaxrl-llm train experiments/demo.py
 
-# Two pytest workers (a file's tests stay together: module fixtures, compile caches); TEST_WORKERS=0 runs in one process.
+# Two pytest workers (a file's tests stay together: module fixtures, compile caches), the heaviest files
+# first (tests/conftest.py); TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
