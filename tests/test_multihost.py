@@ -35,7 +35,10 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # LLVM optimisations off, as the experiments' smoke runs: these runs take a few steps, so compiling is most
+    # of their time; every run compared here is compiled with the same flags.
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+                        "--xla_llvm_disable_expensive_passes=true")
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".pytest_cache" / "jax_cache_multihost")
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
