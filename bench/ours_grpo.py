@@ -5,14 +5,18 @@
 
 Reads the artifacts of bench/workload.py (built when missing): the HF
 directory is loaded with `load_hf`, the 8 prompts are left-padded to the
-longest, and each iteration does what `GRPOStage.step` does:
+longest, and each iteration runs the trainer's own code for a GRPO stage
+(`train.experience.collect`, then `train.stages.grpo.GRPOLearner`), timing
+its phases:
 
     generation  jitted KV-cache sampler, 64 rows x 64 new tokens, T=1, top-p 1
-    reward      decode the completions on the host, Python reward -abs(len(text)-20)/20, group advantages
-    old         the old-policy log-prob forward, when `GRPOStage` runs one (several updates per rollout;
+    reward      decode the completions on the host and score them with the Python reward
+                -abs(len(text)-20)/20 (`rewards.RolloutScorer`, the trainer's host-reward path)
+    old         the old-policy log-prob forward, when the algorithm needs one (several updates per rollout;
                 here one epoch of one minibatch, so none: the step uses stop_gradient(new log-probs))
     reference   reference log-prob forward (beta 0.04)
-    update      the GRPO step: one AdamW step (lr 1e-5, no clipping, no weight decay) over 64 rows
+    update      group advantages and the GRPO step: one AdamW step (lr 1e-5, no clipping, no weight decay)
+                over 64 rows
 
 Every piece ends with `block_until_ready`; medians over --iters iterations
 after --warmup. `decode_s` times the sampler alone (64 x 64, like
@@ -47,22 +51,16 @@ import workload as workload_lib
 
 from jaxrl_llm.algos import grpo
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig
-from jaxrl_llm.algos.train_state import (
-    OptimizerConfig,
-    TrainState,
-    jit_update,
-    make_epoch_runner,
-)
+from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState
 from jaxrl_llm.models import CausalLM, KVCache, load_hf, positions_from_mask
 from jaxrl_llm.models.transformer import unstack_layers
+from jaxrl_llm.rewards import RolloutScorer
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.sharding import ShardingEnv, make_mesh, set_cpu_devices
-from jaxrl_llm.tokenizer import (
-    decode_completions,
-    encode_prompts,
-    load_tokenizer,
-    tokenizer_info,
-)
+from jaxrl_llm.tasks import Example
+from jaxrl_llm.tokenizer import decode_completions, encode_prompts, load_tokenizer, tokenizer_info
+from jaxrl_llm.train.experience import PromptBatch, collect
+from jaxrl_llm.train.stages.grpo import GRPOLearner
 
 PIECES = ("generation", "reward", "old", "reference", "update")
 
@@ -88,6 +86,15 @@ def _sync(x):
 
 def _median(xs):
     return statistics.median(xs) if xs else None
+
+
+class _WorkloadReward:
+    """The workload's Python reward as a reward function of the trainer (RewardInputs -> scores)."""
+
+    __name__ = "workload_reward"
+
+    def __call__(self, inputs):
+        return np.asarray([workload_lib.reward(s) for s in inputs.completions], np.float32)
 
 
 class Ours:
@@ -127,47 +134,39 @@ class Ours:
         self.opt = OptimizerConfig(name="adamw", learning_rate=wl["learning_rate"], b1=wl["adam_b1"],
                                    b2=wl["adam_b2"], eps=wl["adam_eps"], weight_decay=wl["weight_decay"],
                                    max_grad_norm=wl["max_grad_norm"])
-        # As GRPOStage: a separate old-policy forward only with several updates per rollout.
-        self.need_old = old_forward or self.algo.epochs * self.algo.num_minibatches > 1
-        self.logp_fn = jax.jit(grpo.make_logprob_fn(self.module, self.cfg, self.algo.temperature,
-                                                    self.algo.logprob_chunk, num_micro=micro_batches))
-        self.step_fn = make_epoch_runner(grpo.make_grpo_step(self.module, self.cfg, self.algo),
-                                         self.algo.num_minibatches, self.algo.epochs)
+        # The GRPO stage's own pieces: the host reward through the trainer's scorer, the model side of an
+        # iteration (a separate old-policy forward only when the algorithm needs one, or with --old-forward).
+        self.examples = [Example(prompt=p, answer="") for p in wl["prompts"]]
+        self.scorer = RolloutScorer(_WorkloadReward(), self.tok, self.env, in_jit=False, timeout_s=None)
+        self.learner = GRPOLearner(self.module, self.cfg, self.algo, self.env,
+                                   old_logprobs=True if old_forward else None)
+        self.need_old = self.learner.need_old
+        self.logp_fn = self.learner.logp_fn
         self.state = TrainState.create(jax.tree.map(jnp.copy, params), self.opt)
         self.ref = params
-        self.update = None
         self.key = jax.random.key(seed)
 
     # ------------------------------------------------------------------ one iteration
 
     def iteration(self, i: int) -> dict:
-        t = {}
         key = jax.random.fold_in(self.key, i)
-        t0 = time.perf_counter()
-        ro = _sync(self.sampler(self.state.params, self.prompt_tokens, self.prompt_mask, jax.random.fold_in(key, 0)))
-        t1 = time.perf_counter()
-        texts = decode_completions(self.tok, ro.tokens, ro.mask)
-        rewards = jnp.asarray([workload_lib.reward(s) for s in texts], jnp.float32)
-        advantages = _sync(grpo.compute_advantages(self.algo, rewards, ro.mask))
-        t2 = time.perf_counter()
-        batch = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
-                 "completion_tokens": ro.tokens, "completion_mask": ro.mask, "sampler_logprobs": ro.raw_logprobs}
-        if self.need_old:
-            batch["old_logprobs"] = _sync(self.logp_fn(self.state.params, batch))
-        t3 = time.perf_counter()
-        batch["ref_logprobs"] = _sync(self.logp_fn(self.ref, batch))
-        t4 = time.perf_counter()
-        batch["advantages"] = advantages
-        if self.update is None:
-            self.update = jit_update(self.step_fn, self.state, batch, self.env)
-        self.state, metrics = self.update(self.state, batch, jax.random.fold_in(key, 1))
-        loss = float(jax.device_get(metrics["loss"])[0])  # the trainer logs metrics every step
-        _sync(self.state.params)
-        t5 = time.perf_counter()
-        t.update(generation=t1 - t0, reward=t2 - t1, old=t3 - t2, reference=t4 - t3, update=t5 - t4,
-                 total=t5 - t0)
-        self.last = {"loss": loss, "num_steps": int(ro.num_steps), "mean_len": float(jnp.mean(ro.lengths)),
-                     "reward_mean": float(jnp.mean(rewards)), "sample": texts[0]}
+        marks = [("start", time.perf_counter())]
+
+        def phase(name, value):  # block on what the phase produced, then stamp its end
+            _sync(value)
+            marks.append((name, time.perf_counter()))
+
+        prompts = PromptBatch(self.prompt_tokens, self.prompt_mask, self.examples, 0)
+        exp = collect(self.sampler, self.state.params, prompts, jax.random.fold_in(key, 0), self.scorer,
+                      self.sampling.n_samples, on_phase=phase)
+        self.state, metrics = self.learner(self.state, self.ref, exp, jax.random.fold_in(key, 1), on_phase=phase)
+        loss = float(jax.device_get(metrics["loss"]))  # the trainer fetches metrics on log steps
+        t = {name: end - start for (_, start), (name, end) in zip(marks, marks[1:])}
+        t["total"] = marks[-1][1] - marks[0][1]
+        texts = decode_completions(self.tok, exp.rollout.tokens[:1], exp.rollout.mask[:1])
+        self.last = {"loss": loss, "num_steps": int(exp.rollout.num_steps),
+                     "mean_len": float(jnp.mean(exp.rollout.lengths)), "reward_mean": float(jnp.mean(exp.rewards)),
+                     "sample": texts[0]}
         return t
 
     def decode_only(self, i: int) -> float:

@@ -246,13 +246,8 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
     Returns (EvalResult, info) and writes <run_dir>/eval.json (the result's dict plus info)."""
     import json
 
-    import jax
-    import numpy as np
-
-    from jaxrl_llm.eval.metrics import evaluate_samples
-    from jaxrl_llm.rollout import SamplingConfig, make_sampler
-    from jaxrl_llm.tokenizer import decode_completions
-    from jaxrl_llm.train.build import build, encode_prompt_batch
+    from jaxrl_llm.eval.evaluator import Evaluator
+    from jaxrl_llm.train.build import build
     from jaxrl_llm.train.checkpoint import Checkpointer, abstract_like
     from jaxrl_llm.train.trainer import stage_class
 
@@ -279,31 +274,18 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
             raise SystemExit(f"error: no complete checkpoint in {ck_dir}")
         tree, meta = ck.restore(step, abstract_like(stage.tree()))
     params = tree["params"]
+    stage.close()
     del stage
     if not meta.get("done"):
         print(f"warning: {ck_dir}/{step} is not the final checkpoint of stage {name!r} (the run did not finish)")
 
     examples = comp.task.examples(split, int(num_examples or cfg.eval.num_examples), int(cfg.seed))
     mnt = int(max_new_tokens or cfg.eval.max_new_tokens)
-    sc = SamplingConfig(max_new_tokens=mnt, temperature=float(temperature), n_samples=n,
-                        eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
-    sampler = make_sampler(comp.module, comp.model_cfg, sc, env=comp.env, param_shardings=comp.shardings)
-    prompt_len = int(cfg[name].get("max_prompt_len", 256))
-    bs = batch_size or len(examples)
-    texts, lengths, finished = [], [], []
-    for start in range(0, len(examples), bs):
-        chunk = examples[start:start + bs]
-        padded = chunk + [chunk[-1]] * (bs - len(chunk))  # one prompt shape: one compile
-        tokens, mask, _ = encode_prompt_batch(comp, padded, prompt_len)
-        ro = sampler(params, tokens, mask, jax.random.fold_in(jax.random.key(seed), start))
-        rows = len(chunk) * n
-        texts += decode_completions(comp.tokenizer, np.asarray(ro.tokens)[:rows], np.asarray(ro.mask)[:rows])
-        lengths.append(np.asarray(ro.lengths)[:rows])
-        finished.append(np.asarray(ro.finished)[:rows])
-    lengths_pn = np.concatenate(lengths).reshape(len(examples), n)
-    finished_pn = np.concatenate(finished).reshape(len(examples), n)
-    result = evaluate_samples(comp.task, examples, [texts[i * n:(i + 1) * n] for i in range(len(examples))],
-                              ks=ks, lengths=lengths_pn, finished=finished_pn, max_new_tokens=mnt)
+    evaluator = Evaluator(comp.module, comp.model_cfg, comp.env, comp.tokenizer, comp.task, examples,
+                          max_prompt_len=int(cfg[name].get("max_prompt_len", 256)), max_new_tokens=mnt,
+                          n_samples=n, temperature=float(temperature), chat=comp.chat, batch_size=batch_size,
+                          param_shardings=comp.shardings)
+    result = evaluator.evaluate(params, ks, seed=seed)
     info = {"run_dir": str(run_dir), "stage": name, "step": int(step), "final": bool(meta.get("done")),
             "split": split, "n_samples": n, "temperature": float(temperature), "max_new_tokens": mnt, "seed": seed}
     (run_dir / "eval.json").write_text(json.dumps({**info, **result.to_dict()}, indent=1, default=str) + "\n")

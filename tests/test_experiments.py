@@ -255,9 +255,11 @@ def test_unknown_preset_names_the_nearest():
 def test_bad_algorithm_values_name_their_key():
     from jaxrl_llm.algos.dpo import DPOConfig
     from jaxrl_llm.train.config import to_dataclass
-    cfg = load_experiment(f"{EXP_DIR / 'dpo'}.py", ["pref.algo.loss_type=sigmod"])
-    with pytest.raises(ConfigError, match=r"config\.pref\.algo: .*loss_type"):
-        to_dataclass(DPOConfig, cfg.pref.algo, "config.pref.algo")
+    with pytest.raises(ConfigError, match=r"config\.pref\.algo: .*loss_type"):  # when the experiment loads
+        load_experiment(f"{EXP_DIR / 'dpo'}.py", ["pref.algo.loss_type=sigmod"])
+    cfg = load_experiment(f"{EXP_DIR / 'dpo'}.py")
+    with pytest.raises(ConfigError, match=r"config\.pref\.algo: .*loss_type"):  # and where stages build theirs
+        to_dataclass(DPOConfig, {**cfg.pref.algo.to_dict(), "loss_type": "sigmod"}, "config.pref.algo")
 
 
 # ----------------------------------------------------------------------------- generated preference pairs

@@ -8,7 +8,7 @@ import pytest
 
 from jaxrl_llm.models import CausalLM, get_preset, init_fn_for
 from jaxrl_llm.sharding import ShardingEnv, make_mesh, resolve_axis_sizes
-from jaxrl_llm.sharding.memory import GIB, MemoryBudgetError, check_memory, estimate_memory
+from jaxrl_llm.train.memory import GIB, MemoryBudgetError, check_memory, estimate_memory
 from jaxrl_llm.sharding.params import param_shardings
 from jaxrl_llm.train.config import base_config, dpo_stage, grpo_stage, load_experiment, ppo_stage, sft_stage
 

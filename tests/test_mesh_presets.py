@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from jaxrl_llm.sharding.memory import MemoryBudgetError
+from jaxrl_llm.train.memory import MemoryBudgetError
 from jaxrl_llm.sharding.mesh import DEFAULT_AXES
 from jaxrl_llm.sharding.presets import MESH_PRESETS, get_mesh_preset, mesh_axes_for
 from jaxrl_llm.train.config import base_config, load_experiment

@@ -118,6 +118,13 @@ def group_advantages(rewards_b: jax.Array, group_size: int, scale_by_std: bool =
     return (centred / (std + eps)).reshape(-1)
 
 
+def nonzero_std_groups(rewards_b: jax.Array, group_size: int) -> jax.Array:
+    """bool [B]: rows whose group has at least two different rewards (DAPO dynamic sampling keeps these)."""
+    r = _f32(rewards_b).reshape(-1, group_size)
+    keep = jnp.max(r, axis=-1) > jnp.min(r, axis=-1)
+    return jnp.repeat(keep, group_size)
+
+
 def rloo_advantages(rewards_b: jax.Array, group_size: int) -> jax.Array:
     """REINFORCE leave-one-out advantages [B]: r_i - mean of the other G - 1 rewards of the group.
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+NORM_MODES = ("seq-mean-token-sum-norm",)  # the modes that divide by a constant length (norm_length)
 
 
 def check_loss_agg(mode: str) -> str:

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 
 from jaxrl_llm.algos import advantages as adv_lib
 from jaxrl_llm.algos.aggregation import token_mean_weights, token_weights
-from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_penalty_rewards
+from jaxrl_llm.algos.advantages import nonzero_std_groups  # noqa: F401  (DAPO's filter, re-exported here)
+from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_estimate, kl_penalty_rewards
 from jaxrl_llm.algos.logprobs import completion_logprobs, rollout_forward_fn
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss
 from jaxrl_llm.algos.train_state import TrainState, accumulate, apply_gradients
@@ -56,7 +57,7 @@ class GRPOConfig:
     scale_rewards: str = "group"          # group | batch | none  (group_norm only)
     std_eps: float = 1e-6
     std_ddof: int = 1
-    reward_kl_coef: float = 0.0           # reinforce_pp: KL penalty folded into the token rewards
+    reward_kl_coef: float = 0.0           # KL penalty folded into the rewards (see compute_advantages)
     reward_kl_estimator: str = "k1"
     gamma: float = 1.0
     loss: PolicyLossConfig = PolicyLossConfig(kl_coef=0.04)
@@ -86,6 +87,18 @@ class GRPOConfig:
 
     def replace(self, **kw) -> "GRPOConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def needs_reference(self) -> bool:
+        """The reference policy's log-probs are needed: a KL term in the loss or folded into the rewards."""
+        return self.loss.kl_coef > 0 or self.reward_kl_coef > 0
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """The rollout policy's log-probs need their own forward: several updates per rollout (the ratio is
+        then not 1), or a KL folded into the rewards (it compares the rollout policy with the reference).
+        One update per rollout otherwise uses stop_gradient(new log-probs) as the old ones."""
+        return self.epochs * self.num_minibatches > 1 or self.reward_kl_coef > 0
 
 
 # ------------------------------------------------------------------ named variants
@@ -138,10 +151,20 @@ def compute_advantages(cfg: GRPOConfig, rewards_b: jax.Array, completion_mask_bn
                        ref_logprobs_bn: jax.Array | None = None) -> jax.Array:
     """Token advantages [B, N] for the whole rollout batch (never per micro-batch).
 
-    reinforce_pp needs the rollout policy's and the reference's log-probs
-    for the KL folded into the rewards (when reward_kl_coef > 0).
+    With reward_kl_coef > 0 the KL of the rollout policy to the reference (`reward_kl_estimator` per token,
+    needs old_logprobs_bn and ref_logprobs_bn) is folded into the rewards before the baseline:
+    reinforce_pp per token (`kl.kl_penalty_rewards`); group_norm and rloo per sequence,
+    r_i - reward_kl_coef * sum_t kl_t (TRL's RLOO: `rewards - beta * kl.sum(-1)` with k1).
     """
     mask = completion_mask_bn
+    if cfg.reward_kl_coef > 0 and (old_logprobs_bn is None or ref_logprobs_bn is None):
+        raise ValueError(f"{cfg.advantage_estimator} with reward_kl_coef={cfg.reward_kl_coef} needs old_logprobs_bn "
+                         "and ref_logprobs_bn (the KL folded into the rewards)")
+    if cfg.reward_kl_coef > 0 and cfg.advantage_estimator != "reinforce_pp":
+        m = jnp.asarray(mask).astype(bool)
+        kl_bn = kl_estimate(jnp.where(m, old_logprobs_bn, 0.0), jnp.where(m, ref_logprobs_bn, 0.0),
+                            cfg.reward_kl_estimator)
+        rewards_b = jnp.asarray(rewards_b, jnp.float32) - cfg.reward_kl_coef * jnp.sum(jnp.where(m, kl_bn, 0.0), -1)
     if cfg.advantage_estimator == "group_norm":
         a = adv_lib.group_advantages(rewards_b, cfg.group_size, scale_by_std=cfg.scale_rewards != "none",
                                      std_over="batch" if cfg.scale_rewards == "batch" else "group",
@@ -150,20 +173,11 @@ def compute_advantages(cfg: GRPOConfig, rewards_b: jax.Array, completion_mask_bn
     if cfg.advantage_estimator == "rloo":
         return adv_lib.broadcast_to_tokens(adv_lib.rloo_advantages(rewards_b, cfg.group_size), mask)
     if cfg.reward_kl_coef > 0:
-        if old_logprobs_bn is None or ref_logprobs_bn is None:
-            raise ValueError("reinforce_pp with reward_kl_coef > 0 needs old_logprobs_bn and ref_logprobs_bn")
         token_rewards = kl_penalty_rewards(rewards_b, old_logprobs_bn, ref_logprobs_bn, mask, cfg.reward_kl_coef,
                                            kind=cfg.reward_kl_estimator)
     else:
         token_rewards = kl_penalty_rewards(rewards_b, jnp.zeros(mask.shape), jnp.zeros(mask.shape), mask, 0.0)
     return adv_lib.reinforce_pp_advantages(token_rewards, mask, gamma=cfg.gamma)
-
-
-def nonzero_std_groups(rewards_b: jax.Array, group_size: int) -> jax.Array:
-    """bool [B]: rows whose group has at least two different rewards (DAPO dynamic sampling keeps these)."""
-    r = jnp.asarray(rewards_b, jnp.float32).reshape(-1, group_size)
-    keep = jnp.max(r, axis=-1) > jnp.min(r, axis=-1)
-    return jnp.repeat(keep, group_size)
 
 
 # ------------------------------------------------------------------ the update step

@@ -127,6 +127,17 @@ class PPOConfig:
     def replace(self, **kw) -> "PPOConfig":
         return dataclasses.replace(self, **kw)
 
+    @property
+    def needs_reference(self) -> bool:
+        """The reference policy's log-probs are needed: a KL in the reward (a fixed coefficient > 0, or an
+        adaptive one, which may grow from 0) or in the loss."""
+        return self.kl.init_coef > 0 or self.kl.kind == "adaptive" or self.loss.kl_coef > 0
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """Always: the rollout policy's log-probs and values come from one forward before the updates."""
+        return True
+
 
 # ------------------------------------------------------------------ rollout-time targets
 

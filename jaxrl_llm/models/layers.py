@@ -7,7 +7,6 @@ No mesh axis name appears here.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_llm.kernels import dense
 from jaxrl_llm.models.config import ModelConfig, dtype_of
 from jaxrl_llm.sharding.rules import constrain
 
@@ -25,57 +25,6 @@ def _init(cfg: ModelConfig, names):
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_matmul(lhs, rhs, op_dtype):
-    """2-D lhs @ rhs, operands in `op_dtype` (None: as given), float32 accumulation."""
-    return _dense_matmul_fwd(lhs, rhs, op_dtype)[0]
-
-
-def _mm(a, b, contract):
-    """2-D a @ b (contract=((1,), (0,))) and its transposed forms, float32 accumulation."""
-    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
-
-
-def _row_major_t(a):
-    """a.T [m, n] of a 2-D a, materialised: the transpose is written as a swap with a unit axis, which XLA
-    does not fold into the consuming dot (a plain `a.T` would be folded back into a dot over a's first axis)."""
-    n, m = a.shape
-    return jnp.swapaxes(a.reshape(n, m, 1), 0, 2).reshape(m, n)
-
-
-def _weight_grad(lo, go):
-    """lo.T @ go ([N, I] x [N, O] -> [I, O], float32): the weight gradient of a dense layer.
-
-    On CPU the contraction over the tokens is written as a row-major matmul of a transposed copy (of the
-    narrower operand): XLA:CPU's fast matmul kernels (YNNPACK) take only row-major operands and run a dot
-    over both operands' first axis on its generic kernel instead, 1.8-2.5x slower here (and in float32 only,
-    so bf16 operands are converted back first). Other backends take the dot as it is.
-    """
-    def cpu(lo, go):
-        if lo.shape[1] <= go.shape[1]:
-            return _mm(_row_major_t(lo), go, ((1,), (0,)))
-        return _row_major_t(_mm(_row_major_t(go), lo, ((1,), (0,))))
-
-    return jax.lax.platform_dependent(lo, go, cpu=cpu, default=lambda lo, go: _mm(lo, go, ((0,), (0,))))
-
-
-def _dense_matmul_fwd(lhs, rhs, op_dtype):
-    lo, ro = (lhs, rhs) if op_dtype is None else (lhs.astype(op_dtype), rhs.astype(op_dtype))
-    # Residuals: the operands as multiplied (half the bytes of float32 ones when low-precision); zero-size
-    # arrays carry the input dtypes to the backward.
-    res = (lo, ro, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
-    return _mm(lo, ro, ((1,), (0,))).astype(jnp.result_type(lhs, rhs)), res
-
-
-def _dense_matmul_bwd(op_dtype, res, g):
-    lo, ro, ldt, rdt = res
-    go = g if op_dtype is None else g.astype(op_dtype)
-    return _mm(go, ro, ((1,), (1,))).astype(ldt.dtype), _weight_grad(lo, go).astype(rdt.dtype)
-
-
-_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
-
-
 def _matmul_op_dtype(cfg: ModelConfig):
     """The dense layers' matmul operand dtype when it differs from the compute dtype, else None."""
     if cfg.matmul_dtype is None or dtype_of(cfg.matmul_dtype) == cfg.jnp_dtype:
@@ -84,22 +33,9 @@ def _matmul_op_dtype(cfg: ModelConfig):
 
 
 def matmul_fn(cfg: ModelConfig):
-    """The `dot_general` of the model's dense layers: 2-D matmuls with a hand-written backward (see
-    `_weight_grad`); with `cfg.matmul_dtype` set, the operands are cast to that dtype in the forward and the
-    backward (incoming gradients too), accumulation is float32 and the result is in the compute dtype."""
-    op_dtype = _matmul_op_dtype(cfg)
-
-    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
-        (lc, rc), (lb, rb) = dimension_numbers
-        k = len(lc)
-        if lb or rb or tuple(lc) != tuple(range(lhs.ndim - k, lhs.ndim)) or tuple(rc) != tuple(range(k)):
-            raise NotImplementedError(f"dot_general {dimension_numbers} is not a dense layer's")
-        free, out = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
-        # As 2-D matmuls (what XLA:CPU's fast kernels take).
-        y = _dense_matmul(lhs.reshape(math.prod(free), -1), rhs.reshape(-1, math.prod(out)), op_dtype)
-        return y.reshape(*free, *out)
-
-    return dot_general
+    """The `dot_general` of the model's dense layers (`kernels.dense`): operands in `cfg.matmul_dtype` when
+    set (forward and backward), float32 accumulation, results in the compute dtype."""
+    return dense.dot_general(_matmul_op_dtype(cfg))
 
 
 def matmul_weights(params, cfg: ModelConfig):
@@ -108,11 +44,7 @@ def matmul_weights(params, cfg: ModelConfig):
     op_dtype = _matmul_op_dtype(cfg)
     if op_dtype is None:
         return params
-
-    def cast(path, x):
-        names = [getattr(k, "key", None) for k in path]
-        return x.astype(op_dtype) if "layers" in names and names[-1] == "kernel" else x
-    return jax.tree_util.tree_map_with_path(cast, params)
+    return dense.cast_kernels(params, op_dtype, where=lambda names: "layers" in names)
 
 
 class RMSNorm(nn.Module):
@@ -195,7 +127,7 @@ class Attention(nn.Module):
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
         b, t = x.shape[:2]
-        x2 = x.reshape(b * t, x.shape[-1])  # 2-D matmuls: XLA:CPU runs their backward much faster than 3-D
+        x2 = x.reshape(b * t, x.shape[-1])  # tokens x embed: the dense kernels take 2-D operands
 
         def proj(name, heads, heads_axis):
             y = nn.DenseGeneral(

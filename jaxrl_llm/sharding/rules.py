@@ -161,11 +161,28 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, env.sharding(logical_axes, x.shape))
 
 
+# The data-parallel mesh axis: it splits the batch and keeps a whole copy of the parameters per group.
+DATA_AXIS = "data"
+
+
+def parameter_axes(env: ShardingEnv) -> tuple[str, ...]:
+    """The mesh axes of size > 1 meant to split parameters: all but the data-parallel axis (fsdp, tensor,
+    any other). () on a pure data-parallel mesh, where every parameter is replicated by design."""
+    return tuple(ax for ax, n in env.mesh.shape.items() if n > 1 and ax != DATA_AXIS)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReplicationReport:
+    """Parameter bytes left whole on every device of a multi-device mesh.
+
+    parameter_axes: the mesh axes meant to split parameters (None: not known, every multi-device mesh counts;
+    (): none, i.e. pure data parallelism, where every parameter is replicated by design).
+    """
+
     total_bytes: int
     replicated_bytes: int
     largest: tuple[tuple[str, int], ...]  # (parameter path, bytes) of the biggest replicated ones
+    parameter_axes: tuple[str, ...] | None = None
 
     @property
     def fraction(self) -> float:
@@ -173,31 +190,35 @@ class ReplicationReport:
 
     def __str__(self) -> str:
         top = ", ".join(f"{p} ({b / 2**20:.2f} MiB)" for p, b in self.largest)
-        return (f"{self.fraction:.1%} of parameter bytes are fully replicated "
+        over = f" over mesh axes {self.parameter_axes}" if self.parameter_axes else ""
+        return (f"{self.fraction:.1%} of parameter bytes are fully replicated{over} "
                 f"({self.replicated_bytes / 2**20:.2f} of {self.total_bytes / 2**20:.2f} MiB)"
                 + (f"; largest: {top}" if top else ""))
 
 
-def replication_report(shapes_tree, shardings_tree, top: int = 5) -> ReplicationReport:
-    """Counts parameter bytes whose sharding is fully replicated on a multi-device mesh."""
+def replication_report(shapes_tree, shardings_tree, env: ShardingEnv | None = None, top: int = 5) -> ReplicationReport:
+    """Counts parameter bytes whose sharding is fully replicated on a multi-device mesh. With `env`, only
+    meshes with an axis meant to split parameters (`parameter_axes`) count replication at all."""
     total = replicated = 0
     rep = []
+    axes = parameter_axes(env) if env is not None else None
     flat_shapes = jax.tree_util.tree_flatten_with_path(shapes_tree)[0]
     flat_shard = jax.tree.leaves(shardings_tree)
     for (path, shaped), sharding in zip(flat_shapes, flat_shard):
         nbytes = int(np.prod(shaped.shape)) * np.dtype(shaped.dtype).itemsize
         total += nbytes
-        if sharding.is_fully_replicated and len(sharding.device_set) > 1:
+        if axes != () and sharding.is_fully_replicated and len(sharding.device_set) > 1:
             replicated += nbytes
             rep.append((jax.tree_util.keystr(path), nbytes))
     rep.sort(key=lambda t: -t[1])
-    return ReplicationReport(total, replicated, tuple(rep[:top]))
+    return ReplicationReport(total, replicated, tuple(rep[:top]), axes)
 
 
 def check_replication(report: ReplicationReport, max_fraction: float) -> None:
-    """Fails when more than `max_fraction` of parameter bytes are replicated."""
+    """Fails when more than `max_fraction` of parameter bytes are replicated (see `replication_report`)."""
     if report.fraction > max_fraction:
         raise ValueError(
-            f"{report}. The limit is sharding.max_replicated_fraction={max_fraction}. "
-            "Shard more parameters (add an fsdp or tensor axis to the mesh, or map more logical "
-            "axes to mesh axes in sharding.rules) or raise the limit.")
+            f"{report}. The limit is mesh.max_replicated_fraction={max_fraction}. "
+            "Shard more parameters (give the mesh an fsdp or tensor axis that divides the parameters' dimensions, "
+            "or map more logical axes to mesh axes with mesh.rules, e.g. --set mesh.rules.mlp=fsdp) or raise "
+            "the limit (--set mesh.max_replicated_fraction=1.0).")

@@ -3,10 +3,10 @@
 See docs/tasks.md. `get_task(name, **kwargs)` builds a registered task.
 """
 
-from jaxrl_llm.tasks.base import (Example, RewardFn, RewardInputs, RewardOutput, Task, get_task, register_task,
-                                  registered_tasks)
+from jaxrl_llm.tasks.base import (Example, InJitRewardTask, RewardFn, RewardInputs, RewardOutput, Task, get_task,
+                                  register_task, registered_tasks)
 
-__all__ = ["Example", "RewardFn", "RewardInputs", "RewardOutput", "Task", "get_task", "register_task",
+__all__ = ["Example", "InJitRewardTask", "RewardFn", "RewardInputs", "RewardOutput", "Task", "get_task", "register_task",
            "registered_tasks"]
 
 # Built-in tasks register themselves on import.

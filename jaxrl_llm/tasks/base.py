@@ -131,6 +131,19 @@ class Task(Protocol):
     def is_correct(self, completion: str, example: Example) -> bool: ...
 
 
+@runtime_checkable
+class InJitRewardTask(Protocol):
+    """A task whose reward can run inside jit (e.g. arithmetic): `jax_reward(tokenizer, vocab_size, eos_ids)`
+    returns (tokens, mask, targets, target_lengths) -> rewards [B]; `encode_targets(examples)` gives the
+    targets and their lengths; a reward >= `correct_score` counts as correct."""
+
+    correct_score: float
+
+    def jax_reward(self, tokenizer, vocab_size: int, eos_ids) -> Callable: ...
+
+    def encode_targets(self, examples: Sequence[Example]): ...
+
+
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 
 

@@ -1,4 +1,5 @@
-"""Builds what a run needs from its config: mesh, model, tokenizer, task, encoders, evaluator."""
+"""Builds what a run needs from its config: mesh and rules, model, tokenizer, task; prompt and answer encoders,
+the samplers and evaluator a stage makes from them."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import jax.numpy as jnp
 import ml_collections as mc
 import numpy as np
 
+from jaxrl_llm.data.iterator import tokenize_batch
 from jaxrl_llm.models import CausalLM, create_model, get_preset, load_hf
+from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import DTYPE_NAMES, ModelConfig
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
-from jaxrl_llm.sharding import ShardingEnv, check_replication, make_mesh, replication_report
-from jaxrl_llm.sharding import multihost
+from jaxrl_llm.sharding import ShardingEnv, check_replication, make_mesh, multihost, replication_report
 from jaxrl_llm.sharding.params import param_shardings
-from jaxrl_llm.models.api import init_fn_for
-from jaxrl_llm.tasks import Example, RewardInputs, Task, get_task
-from jaxrl_llm.tokenizer import decode_completions, encode_prompts, load_tokenizer, tokenizer_info
+from jaxrl_llm.tasks import Example, Task, get_task
+from jaxrl_llm.tokenizer import load_tokenizer, tokenizer_info
 
 
 @dataclasses.dataclass
@@ -35,7 +36,13 @@ class Components:
     pad_id: int
     eos_ids: tuple[int, ...]
     task: Task
-    memory: Any = None  # sharding.memory.MemoryEstimate made before the parameters were created
+    memory: Any = None  # train.memory.MemoryEstimate made before the parameters were created
+
+    @property
+    def chat(self) -> bool | None:
+        """How prompts are rendered: always with the chat template (task.chat), or by their type (None:
+        message lists with it, text as it is)."""
+        return True if self.config.task.chat else None
 
     def abstract_params(self):
         shapes, _ = param_shardings(init_fn_for(self.module), self.env)
@@ -79,11 +86,12 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     """(components, initial params): params from `model.path` (HF directory) or a preset (random init)."""
     from jaxrl_llm.models.hf_config import config_from_hf, read_hf_config
     from jaxrl_llm.sharding import resolve_axis_sizes
-    from jaxrl_llm.sharding.memory import check_memory
     from jaxrl_llm.sharding.presets import mesh_axes_for
+    from jaxrl_llm.train.config import mesh_env
+    from jaxrl_llm.train.memory import check_memory
     check_required_paths(cfg)
     axes = resolve_axis_sizes(mesh_axes_for(cfg.mesh, jax.device_count()), jax.device_count())
-    env = ShardingEnv(make_mesh(axes))
+    env = mesh_env(cfg, make_mesh(axes))
     m = cfg.model
     # The model's shape first (a preset, or the checkpoint's config.json), so memory is checked before any
     # parameter is created or read.
@@ -103,7 +111,11 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
         _, params, _ = create_model(model_cfg, jax.random.key(cfg.seed), env)
     module = CausalLM(model_cfg)
     shapes, shardings = param_shardings(init_fn_for(module), env)
-    check_replication(replication_report(shapes, shardings), cfg.mesh.max_replicated_fraction)
+    try:
+        check_replication(replication_report(shapes, shardings, env), float(cfg.mesh.max_replicated_fraction))
+    except ValueError as e:
+        from jaxrl_llm.train.config import ConfigError
+        raise ConfigError(f"mesh {dict(env.mesh.shape)}: {e}") from None
     tok_path = cfg.tokenizer.path or (m.path if m.path else "tiny")
     tokenizer = load_tokenizer(tok_path, vocab_size=model_cfg.vocab_size)
     info = tokenizer_info(tokenizer)
@@ -114,10 +126,9 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
 
 
 def encode_prompt_batch(comp: Components, examples: Sequence[Example], max_len: int):
-    """Left-padded int32 tokens and bool mask [B, max_len] (over-long prompts keep their end)."""
-    prompts = [e.prompt for e in examples]
-    chat = bool(comp.config.task.chat) or not isinstance(prompts[0], str)
-    enc = encode_prompts(comp.tokenizer, prompts, max_len, chat=chat)
+    """Left-padded int32 tokens and bool mask [B, max_len] (over-long prompts keep their end), and how many
+    prompts were cut."""
+    enc = tokenize_batch(comp.tokenizer, examples, max_len, chat=comp.chat)
     return enc.tokens, enc.mask, enc.num_truncated
 
 
@@ -132,30 +143,16 @@ def encode_answers(comp: Components, examples: Sequence[Example], max_len: int):
     return toks, mask
 
 
-class Evaluator:
-    """Greedy (or sampled) accuracy of the policy on a fixed held-out set of the task."""
-
-    def __init__(self, comp: Components, max_prompt_len: int):
-        ev = comp.config.eval
-        self.comp = comp
-        self.examples = comp.task.examples("test", ev.num_examples, comp.config.seed)
-        self.tokens, self.mask, _ = encode_prompt_batch(comp, self.examples, max_prompt_len)
-        self.n = ev.n_samples
-        sc = SamplingConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, n_samples=self.n,
-                            eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
-        self.sampler = make_sampler(comp.module, comp.model_cfg, sc, env=comp.env, param_shardings=comp.shardings)
-        self.key = multihost.replicated(comp.env, jax.random.key(comp.config.seed + 7919))
-
-    def __call__(self, params) -> dict[str, float]:
-        env = self.comp.env  # every process holds the whole held-out set and scores all of it
-        ro = self.sampler(params, multihost.replicated_rows(env, self.tokens),
-                          multihost.replicated_rows(env, self.mask), self.key)
-        tokens, mask = multihost.to_host(ro.tokens), multihost.to_host(ro.mask)
-        texts = decode_completions(self.comp.tokenizer, tokens, mask)
-        exs = [e for e in self.examples for _ in range(self.n)]
-        correct = np.array([self.comp.task.is_correct(t, e) for t, e in zip(texts, exs)], bool)
-        return {"eval/accuracy": float(correct.mean()),
-                "eval/response_length": float(multihost.to_host(ro.lengths).mean())}
+def make_evaluator(comp: Components, max_prompt_len: int):
+    """The held-out evaluator of a stage (`eval.Evaluator`): `config.eval`'s examples of the task's test split,
+    samples and temperature, prompts of `max_prompt_len` tokens."""
+    from jaxrl_llm.eval.evaluator import Evaluator
+    ev, seed = comp.config.eval, int(comp.config.seed)
+    return Evaluator(comp.module, comp.model_cfg, comp.env, comp.tokenizer, comp.task,
+                     comp.task.examples("test", ev.num_examples, seed), max_prompt_len=int(max_prompt_len),
+                     max_new_tokens=int(ev.max_new_tokens), n_samples=int(ev.n_samples),
+                     temperature=float(ev.temperature), chat=comp.chat, seed=seed + 7919,
+                     param_shardings=comp.shardings)
 
 
 def stage_sampler(comp: Components, sc: mc.ConfigDict, n_samples: int):
@@ -175,65 +172,6 @@ def prompt_iterator(comp: Components, examples: Sequence[Example], global_batch:
     from jaxrl_llm.data.iterator import PromptIterator
     index, count = multihost.data_shard(comp.env, global_batch)
     return PromptIterator(examples, global_batch, seed=seed, process_index=index, process_count=count)
-
-
-def global_prompt_batch(comp: Components, examples: Sequence[Example], max_len: int, global_batch: int):
-    """(tokens, mask, prompts truncated over all processes): this process's prompts encoded and assembled
-    into the global [global_batch, max_len] batch."""
-    pt, pm, n_trunc = encode_prompt_batch(comp, examples, max_len)
-    g = lambda x: multihost.to_global(comp.env, x, global_batch)  # noqa: E731
-    return g(pt), g(pm), multihost.process_sum(n_trunc)
-
-
-def rollout_examples(comp: Components, rollout, examples: Sequence[Example], n: int) -> list[Example]:
-    """The example of each rollout row this process holds (rows are prompt-major: prompt i has rows
-    i*n .. i*n+n-1); `examples` are this process's prompts, as fed to the sampler."""
-    rows = rollout.tokens.shape[0]
-    start, stop = multihost.row_range(rollout.tokens.sharding, rollout.tokens.shape)
-    first = multihost.batch_rows(comp.env, rows // n, (rollout.prompt_tokens.shape[1],)).start
-    return [examples[r // n - first] for r in range(start, stop)]
-
-
-def rollout_rewards(comp: Components, rollout, examples: Sequence[Example], n: int, jax_reward, runner,
-                    max_new_tokens: int):
-    """(rewards [B*n], correct [B*n], host metrics) of a rollout of n completions per prompt: inside jit when
-    `jax_reward` is given (the task's JAX verifier), else the task's host reward through `runner` on this
-    process's rows, assembled into global arrays."""
-    rows = rollout.tokens.shape[0]
-    mine = rollout_examples(comp, rollout, examples, n)
-    g = lambda x: multihost.to_global(comp.env, x, rows)  # noqa: E731
-    if jax_reward is not None:
-        tb, tl = comp.task.encode_targets(mine)
-        rewards = jax_reward(rollout.tokens, rollout.mask, g(tb), g(tl))
-        return rewards, rewards >= comp.task.correct_score, {}
-    out = runner(reward_inputs(comp, rollout, mine, max_new_tokens))
-    correct = out.correct if out.correct is not None else np.zeros(len(out.scores), bool)
-    on_device = ("reward/mean", "reward/std", "reward/accuracy")  # the stages compute these over all rows
-    extra = multihost.process_mean({k: v for k, v in out.metrics("reward").items() if k not in on_device})
-    extra = {k: v * jax.process_count() if ("/errors/" in k or "/timeouts/" in k) else v  # counts: summed
-             for k, v in extra.items()}
-    return g(np.asarray(out.scores, np.float32)), g(np.asarray(correct, bool)), extra
-
-
-def log_rollout_samples(comp: Components, run, stage: str, step: int, rollout, examples: Sequence[Example],
-                        n: int, rewards) -> None:
-    """The first `log.num_samples` rollout rows of this process to samples.jsonl (process 0 writes)."""
-    mine = rollout_examples(comp, rollout, examples, n)
-    k = min(comp.config.log.num_samples, len(mine))
-    toks, mask = multihost.local_rows(rollout.tokens)[:k], multihost.local_rows(rollout.mask)[:k]
-    texts = decode_completions(comp.tokenizer, toks, mask)
-    r = multihost.local_rows(rewards)[:k]
-    run.log_samples(stage, step, [
-        {"prompt": mine[j].prompt, "completion": t, "reward": float(r[j]),
-         "correct": bool(comp.task.is_correct(t, mine[j]))} for j, t in enumerate(texts)])
-
-
-def reward_inputs(comp: Components, rollout, examples: Sequence[Example], max_new_tokens: int) -> RewardInputs:
-    """What host rewards score: this process's rollout rows, decoded; `examples` one per row."""
-    tokens, mask = multihost.local_rows(rollout.tokens), multihost.local_rows(rollout.mask)
-    texts = decode_completions(comp.tokenizer, tokens, mask)
-    return RewardInputs(texts, list(examples), multihost.local_rows(rollout.lengths),
-                        multihost.local_rows(rollout.finished), max_new_tokens)
 
 
 def keys_for(seed: int, stage_index: int) -> jax.Array:

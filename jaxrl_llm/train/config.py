@@ -23,7 +23,20 @@ from typing import Any, Iterable
 
 import ml_collections as mc
 
-STAGE_KINDS = ("sft", "grpo", "ppo", "dpo", "reward_model")
+# The config helpers of the stage kinds live with their stages (`train.stages`); experiment files import
+# them from here as well (module __getattr__ below).
+_STAGE_HELPERS = ("sft_stage", "addition_warm_start", "grpo_stage", "ppo_stage", "dpo_stage",
+                  "reward_model_stage", "preference_data")
+
+
+def __getattr__(name: str):
+    if name in _STAGE_HELPERS:
+        from jaxrl_llm.train import stages
+        return getattr(stages, name)
+    if name == "STAGE_KINDS":
+        from jaxrl_llm.train.stages import STAGE_KINDS
+        return tuple(STAGE_KINDS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -70,7 +83,7 @@ def to_dataclass(cls: type, cfg: mc.ConfigDict | dict, where: str):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{where}.{key} is not a field of {cls.__name__}{_nearest(key, fields)}")
+            raise ConfigError(f"{where}.{key} is not a field of {cls.__name__}{nearest(key, fields)}")
         sub = fields[key].default
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
             value = to_dataclass(type(sub), value, f"{where}.{key}")
@@ -86,6 +99,7 @@ def to_dataclass(cls: type, cfg: mc.ConfigDict | dict, where: str):
 def base_config() -> mc.ConfigDict:
     """Every top-level key an experiment may set, with defaults. Stage sections are added by the
     stage helpers (`sft_stage`, `grpo_stage`, ...) and listed in `stages`."""
+    from jaxrl_llm.sharding.rules import DEFAULT_RULES
     c = mc.ConfigDict()
     c.name = ""                      # run name; default: the experiment file's stem (+ "-" + preset)
     c.run_root = "runs"
@@ -97,7 +111,11 @@ def base_config() -> mc.ConfigDict:
                                  scan_unroll=0))  # 0 = the preset's / checkpoint config's own
     c.tokenizer = mc.ConfigDict(dict(path=""))  # "" = the model directory, or the tiny tokenizer
     c.mesh = mc.ConfigDict(dict(axes=mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}),
-                                max_replicated_fraction=1.0,
+                                # logical axis -> mesh axes (sharding/rules.py); --set mesh.rules.mlp=fsdp
+                                rules=mc.ConfigDict({name: _axes_tuple(axes) for name, axes in DEFAULT_RULES}),
+                                # fail the run when more of the parameter bytes stay replicated over the mesh
+                                # axes that shard parameters (sharding.replication_report)
+                                max_replicated_fraction=0.5,
                                 preset="",              # a topology from sharding/presets.py (then leave axes)
                                 device_memory_gb=0.0,   # GiB per device for the memory check; 0 = ask the device
                                 memory_headroom=0.9,    # fraction of it the estimated peak may use
@@ -122,101 +140,11 @@ def digit_addition_config(eval_every: int = 50) -> mc.ConfigDict:
     return c
 
 
-def addition_warm_start() -> mc.ConfigDict:
-    """The SFT warm start the tiny-model experiments share: 200 steps of 128 gold answers, lr 1e-3 with 30
-    warm-up steps, prompts up to 12 tokens, answers up to 6."""
-    s = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
-    s.optimizer.warmup_steps = 30
-    return s
-
-
-def sft_stage(steps: int = 200, batch_size: int = 64, learning_rate: float = 1e-3, **kw) -> mc.ConfigDict:
-    s = mc.ConfigDict(dict(kind="sft", steps=steps, batch_size=batch_size, max_prompt_len=16,
-                           max_response_len=16, num_micro_batches=1, loss_agg="token-mean",
-                           data=mc.ConfigDict(dict(source="task", path="", num_examples=20000)),
-                           optimizer=optimizer_config(learning_rate)))
-    s.update(kw)
-    return s
-
-
-def grpo_stage(variant: str = "grpo", iterations: int = 200, prompts_per_iter: int = 32, group_size: int = 8,
-               learning_rate: float = 1e-6, max_new_tokens: int = 16, **variant_kw) -> mc.ConfigDict:
-    """An RL stage of the GRPO family; `variant` picks the paper's settings (grpo.VARIANTS)."""
-    from jaxrl_llm.algos import grpo
-    if variant not in grpo.VARIANTS:
-        raise ConfigError(f"grpo_stage(variant={variant!r}){_nearest(variant, grpo.VARIANTS)}")
-    if variant == "dr_grpo":
-        algo = grpo.dr_grpo(max_new_tokens, group_size=group_size, **variant_kw)
-    else:
-        algo = grpo.VARIANTS[variant](group_size=group_size, **variant_kw)
-    return mc.ConfigDict(dict(
-        kind="grpo", variant=variant, iterations=iterations, prompts_per_iter=prompts_per_iter,
-        max_prompt_len=16,
-        sampling=mc.ConfigDict(dict(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                         split_layer_weights=True, cache_segments=4)),
-        algo=from_dataclass(algo),
-        optimizer=optimizer_config(learning_rate),
-        reward=mc.ConfigDict(dict(in_jit=True, timeout_s=30.0, on_error="score", error_score=0.0))))
-
-
-def ppo_stage(iterations: int = 200, prompts_per_iter: int = 32, samples_per_prompt: int = 1,
-              learning_rate: float = 1e-6, value_learning_rate: float = 1e-5, max_new_tokens: int = 16,
-              kl_coef: float = 0.05, kl_target: float | None = None, **algo_kw) -> mc.ConfigDict:
-    """A PPO stage (train/ppo_stage.py). `kl_target` makes the KL-in-reward coefficient adaptive (Ziegler et al.
-    2019) with that target; `algo_kw` sets other `ppo.PPOConfig` fields (gamma, lam, vf_coef, epochs, ...).
-
-    value_init: "policy" (the policy's backbone, zero head) or "reward_model" (the final params of the
-    reward_model stage named by `reward_model_stage`); reward.source: "task" or "reward_model" (same stage)."""
-    from jaxrl_llm.algos import ppo
-    from jaxrl_llm.algos.kl import KLControllerConfig
-    kl = (KLControllerConfig(kind="adaptive", init_coef=kl_coef, target=kl_target) if kl_target is not None
-          else KLControllerConfig(kind="fixed", init_coef=kl_coef))
-    return mc.ConfigDict(dict(
-        kind="ppo", iterations=iterations, prompts_per_iter=prompts_per_iter,
-        samples_per_prompt=samples_per_prompt, max_prompt_len=16,
-        sampling=mc.ConfigDict(dict(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                         split_layer_weights=True, cache_segments=4)),
-        algo=from_dataclass(ppo.PPOConfig(kl=kl, **algo_kw)),
-        optimizer=optimizer_config(learning_rate),
-        value_optimizer=optimizer_config(value_learning_rate),  # unused with algo.shared_backbone
-        value_init="policy", reward_model_stage="",
-        reward=mc.ConfigDict(dict(source="task", in_jit=True, timeout_s=30.0, on_error="score", error_score=0.0))))
-
-
-def preference_data() -> mc.ConfigDict:
-    """Where DPO and reward-model stages get pairs: generated from the task (train split; held-out pairs from
-    its test split), or a preference file (source="jsonl", path; eval_path, or `eval_pairs` held out of it)."""
-    return mc.ConfigDict(dict(source="task", path="", eval_path="", num_pairs=20000, eval_pairs=256))
-
-
-def dpo_stage(loss_type: str = "sigmoid", steps: int = 200, batch_size: int = 32, learning_rate: float = 1e-6,
-              max_prompt_len: int = 16, max_response_len: int = 16, **algo_kw) -> mc.ConfigDict:
-    """A DPO-family stage (train/pref_stage.py): `loss_type` sigmoid | ipo | hinge | robust | simpo | orpo;
-    `algo_kw` sets other `dpo.DPOConfig` fields (beta, label_smoothing, simpo_gamma, orpo_lambda, ...)."""
-    from jaxrl_llm.algos.dpo import DPOConfig
-    return mc.ConfigDict(dict(
-        kind="dpo", steps=steps, batch_size=batch_size, max_prompt_len=max_prompt_len,
-        max_response_len=max_response_len, num_micro_batches=1,
-        algo=from_dataclass(DPOConfig(loss_type=loss_type, **algo_kw)),
-        data=preference_data(), optimizer=optimizer_config(learning_rate)))
-
-
-def reward_model_stage(steps: int = 200, batch_size: int = 32, learning_rate: float = 1e-5,
-                       max_prompt_len: int = 16, max_response_len: int = 16, **algo_kw) -> mc.ConfigDict:
-    """A Bradley-Terry reward-model stage (train/pref_stage.py). Its params are a ScalarHeadModel tree, not a
-    policy: the next stage gets the policy this stage started from; a PPO stage reads them by stage name."""
-    from jaxrl_llm.algos.reward_model import RewardModelConfig
-    return mc.ConfigDict(dict(
-        kind="reward_model", steps=steps, batch_size=batch_size, max_prompt_len=max_prompt_len,
-        max_response_len=max_response_len, num_micro_batches=1,
-        algo=from_dataclass(RewardModelConfig(**algo_kw)),
-        data=preference_data(), optimizer=optimizer_config(learning_rate)))
-
-
 # ----------------------------------------------------------------------------- loading
 
 
-def _nearest(key: str, choices: Iterable[str]) -> str:
+def nearest(key: str, choices: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the closest of `choices`, or ""."""
     near = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
     return f"; did you mean {near[0]!r}?" if near else ""
 
@@ -259,7 +187,7 @@ def load_experiment(spec: str, overrides: Iterable[str] = ()) -> mc.ConfigDict:
         raise ConfigError(f"{path}: preset {preset!r} given but get_config() takes no argument")
     presets = getattr(module, "PRESETS", None)
     if preset is not None and presets is not None and preset not in presets:
-        raise ConfigError(f"{path}: unknown preset {preset!r}{_nearest(preset, presets)} (presets: {presets})")
+        raise ConfigError(f"{path}: unknown preset {preset!r}{nearest(preset, presets)} (presets: {presets})")
     cfg = get_config(preset) if accepts else get_config()
     if not isinstance(cfg, mc.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict (start from "
@@ -294,7 +222,7 @@ def apply_overrides(cfg: mc.ConfigDict, overrides: Iterable[str]) -> None:
         for i, part in enumerate(parts):
             here = ".".join(parts[:i + 1])
             if not isinstance(node, mc.ConfigDict) or part not in node:
-                raise ConfigError(f"override {item!r}: unknown key {here!r}{_nearest(here, keys)}")
+                raise ConfigError(f"override {item!r}: unknown key {here!r}{nearest(here, keys)}")
             if i < len(parts) - 1:
                 node = node[part]
         value = _parse_value(raw)
@@ -315,7 +243,9 @@ def apply_overrides(cfg: mc.ConfigDict, overrides: Iterable[str]) -> None:
 
 
 def validate(cfg: mc.ConfigDict, where: str = "config") -> None:
-    """Checks what can be checked before anything is built: stages exist and have known kinds."""
+    """Checks what can be checked before anything is built: stages exist, have known kinds and algorithm
+    configs that resolve (the same resolution the stages and the memory planner use); the sharding rules."""
+    from jaxrl_llm.train.stages import STAGE_KINDS
     if not cfg.stages:
         raise ConfigError(f"{where}: config.stages is empty; list the stage sections to run, e.g. ('sft', 'rl')")
     for name in cfg.stages:
@@ -324,4 +254,46 @@ def validate(cfg: mc.ConfigDict, where: str = "config") -> None:
                               "exist")
         kind = cfg[name].get("kind")
         if kind not in STAGE_KINDS:
-            raise ConfigError(f"{where}: config.{name}.kind={kind!r}; expected one of {STAGE_KINDS}")
+            raise ConfigError(f"{where}: config.{name}.kind={kind!r}{nearest(str(kind), STAGE_KINDS)}; expected one "
+                              f"of {tuple(STAGE_KINDS)}")
+        algo = STAGE_KINDS[kind].algo
+        if algo is not None:
+            try:
+                algo(cfg[name], f"config.{name}")
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+    mesh_rules(cfg)
+
+
+def _axes_tuple(axes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def mesh_rules(cfg: mc.ConfigDict):
+    """The run's logical-axis rules from `mesh.rules` ({logical axis: mesh axes}; () = never sharded), in
+    DEFAULT_RULES' order then any new axes; checked: every value a tuple of mesh-axis names."""
+    from jaxrl_llm.sharding.rules import DEFAULT_RULES, normalize_rules
+    section = (cfg.get("mesh") or {}).get("rules")
+    if section is None:
+        return DEFAULT_RULES
+    data = section.to_dict() if isinstance(section, mc.ConfigDict) else dict(section)
+    pairs = []
+    for name, axes in data.items():
+        axes = (axes,) if isinstance(axes, str) else axes
+        if axes is not None and (not isinstance(axes, (tuple, list)) or not all(isinstance(a, str) for a in axes)):
+            raise ConfigError(f"config.mesh.rules.{name}={axes!r}: expected mesh axis names, e.g. "
+                              f"--set mesh.rules.{name}=fsdp or --set \"mesh.rules.{name}=('fsdp', 'tensor')\" "
+                              "(() = never sharded)")
+        pairs.append((name, tuple(axes or ())))
+    return normalize_rules(pairs)
+
+
+def mesh_env(cfg: mc.ConfigDict, mesh):
+    """The run's ShardingEnv: `mesh` with the rules of `mesh.rules`; a rule naming an axis the mesh does not
+    know is a ConfigError naming the key."""
+    from jaxrl_llm.sharding.rules import ShardingEnv
+    rules = mesh_rules(cfg)
+    try:
+        return ShardingEnv(mesh, rules)
+    except KeyError as e:
+        raise ConfigError(f"config.mesh.rules: {e.args[0]}") from None

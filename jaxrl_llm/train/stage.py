@@ -1,6 +1,8 @@
 """The loop every stage shares: steps, logging, evaluation, checkpoints, resume, non-finite steps.
 
-A stage subclass says how to start (`init`), what one step does (`step`),
+A kind of stage is registered once (`train.stages.STAGE_KINDS`, a `StageKind` each: its Stage subclass,
+config helper, resolved algorithm config and memory terms). A stage subclass says how to start (`init`),
+what one step does (`step`),
 what goes into a checkpoint (`tree`, `meta`) and how to continue from one
 (`restore`). `run()` does the rest:
 
@@ -20,8 +22,9 @@ Randomness: step i of stage s uses fold_in(fold_in(key(seed), s), i).
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections as mc
@@ -44,6 +47,31 @@ def _describe(topo: dict) -> str:
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    """What the trainer and the run planner know about one kind of stage (registered in `train.stages`).
+
+    kind: the `kind` of its config sections.
+    stage: the Stage subclass that runs it.
+    helper: the config helper that makes a section of this kind (e.g. `grpo_stage(...)`).
+    memory: (cfg, section, sizes) -> {term: bytes per device} (`train.memory.Sizes`, `estimate_memory`).
+    update_rows: section -> rows of one optimiser step (what micro-batches split).
+    micro_batch_key: the section key (dotted) of the micro-batch count.
+    logprob_chunk_key: the section key of the log-prob chunk (None: the kind has none).
+    algo: (section, where) -> the algorithm config the stage runs, resolved and checked (the one source of
+        what the stage computes, e.g. `needs_reference`); None for kinds without one.
+    """
+
+    kind: str
+    stage: type
+    helper: Callable[..., Any]
+    memory: Callable[..., dict]
+    update_rows: Callable[[Any], int]
+    micro_batch_key: str
+    logprob_chunk_key: str | None = None
+    algo: Callable[[Any, str], Any] | None = None
 
 
 class Stage:
@@ -88,6 +116,9 @@ class Stage:
 
     def params(self):
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases what the stage holds beyond device memory (reward worker pools)."""
 
     # --- the shared loop ------------------------------------------------------------------------
 

@@ -21,22 +21,9 @@ from jaxrl_llm.train.run_dir import RunDir
 
 
 def stage_class(kind: str):
-    if kind == "sft":
-        from jaxrl_llm.train.sft_stage import SFTStage
-        return SFTStage
-    if kind == "grpo":
-        from jaxrl_llm.train.grpo_stage import GRPOStage
-        return GRPOStage
-    if kind == "ppo":
-        from jaxrl_llm.train.ppo_stage import PPOStage
-        return PPOStage
-    if kind == "dpo":
-        from jaxrl_llm.train.pref_stage import DPOStage
-        return DPOStage
-    if kind == "reward_model":  # hands on the policy it got; its own params stay in its checkpoints
-        from jaxrl_llm.train.pref_stage import RewardModelStage
-        return RewardModelStage
-    raise NotImplementedError(f"stage kind {kind!r} has no trainer yet")
+    """The Stage subclass of a registered stage kind (`train.stages.STAGE_KINDS`)."""
+    from jaxrl_llm.train.stages import stage_kind
+    return stage_kind(kind).stage
 
 
 def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
@@ -60,8 +47,7 @@ def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
                 params = stage.run_stage(params, ck)
             finally:
                 ck.close()
-                if hasattr(stage, "close"):
-                    stage.close()
+                stage.close()
             for k, v in stage.summary.items():
                 summary[f"{name}/{k}"] = v
     finally:

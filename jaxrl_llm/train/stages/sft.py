@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+import ml_collections as mc
 
 from jaxrl_llm.algos import sft
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update
 from jaxrl_llm.data.loaders import load_prompt_answer
 from jaxrl_llm.sharding import multihost
-from jaxrl_llm.train.build import Evaluator, encode_answers, encode_prompt_batch, jnp_tree_copy, prompt_iterator
-from jaxrl_llm.train.config import to_dataclass
-from jaxrl_llm.train.stage import Stage
+from jaxrl_llm.train.build import encode_answers, encode_prompt_batch, jnp_tree_copy, make_evaluator, prompt_iterator
+from jaxrl_llm.train.config import ConfigError, optimizer_config, to_dataclass
+from jaxrl_llm.train.stage import Stage, StageKind
+
+
+def sft_stage(steps: int = 200, batch_size: int = 64, learning_rate: float = 1e-3, **kw) -> mc.ConfigDict:
+    """An SFT stage: `steps` steps of `batch_size` (prompt, answer) pairs; `kw` sets other section keys."""
+    s = mc.ConfigDict(dict(kind="sft", steps=steps, batch_size=batch_size, max_prompt_len=16,
+                           max_response_len=16, num_micro_batches=1, loss_agg="token-mean",
+                           data=mc.ConfigDict(dict(source="task", path="", num_examples=20000)),
+                           optimizer=optimizer_config(learning_rate)))
+    s.update(kw)
+    return s
+
+
+def addition_warm_start() -> mc.ConfigDict:
+    """The SFT warm start the tiny-model experiments share: 200 steps of 128 gold answers, lr 1e-3 with 30
+    warm-up steps, prompts up to 12 tokens, answers up to 6."""
+    s = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
+    s.optimizer.warmup_steps = 30
+    return s
+
+
+def algo_config(s: mc.ConfigDict, where: str) -> sft.SFTConfig:
+    try:
+        return sft.SFTConfig(loss_agg=s.loss_agg)
+    except ValueError as e:
+        raise ConfigError(f"{where}.loss_agg: {e}") from None
 
 
 class SFTStage(Stage):
@@ -29,10 +54,10 @@ class SFTStage(Stage):
             raise ValueError(f"config.{self.name}.data.source={s.data.source!r}; expected 'task' or 'jsonl'")
         self.iterator = prompt_iterator(self.comp, self.examples, int(s.batch_size), self.cfg.seed + self.index)
         self.opt_cfg = to_dataclass(OptimizerConfig, s.optimizer, f"config.{self.name}.optimizer")
-        self.step_fn = sft.make_sft_step(self.comp.module, self.comp.model_cfg,
-                                         sft.SFTConfig(loss_agg=s.loss_agg), num_micro_batches=s.num_micro_batches)
+        self.step_fn = sft.make_sft_step(self.comp.module, self.comp.model_cfg, algo_config(s, f"config.{self.name}"),
+                                         num_micro_batches=s.num_micro_batches)
         self.update = None
-        self.evaluator = Evaluator(self.comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
+        self.evaluator = make_evaluator(self.comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
 
     def init(self, params) -> None:
         self.state = TrainState.create(jnp_tree_copy(params), self.opt_cfg)
@@ -68,3 +93,17 @@ class SFTStage(Stage):
 
     def evaluate(self) -> dict:
         return self.evaluator(self.state.params) if self.evaluator else {}
+
+
+def memory(cfg, s, z) -> dict[str, int]:
+    p, n, num_micro = int(s.max_prompt_len), int(s.max_response_len), int(s.num_micro_batches)
+    policy = z.params("policy")
+    micro = z.rows(int(s.batch_size) // num_micro)
+    t = {"params": policy, "input_params": policy, "optimizer": z.optimizer(s.optimizer, policy),
+         "gradients": z.gradients(policy, num_micro), "activations": z.activations(micro, p + n),
+         "logprob_chunks": z.head(micro, n, sft.SFTConfig().logprob_chunk, True)}
+    return t | z.eval_terms(cfg, s)
+
+
+KIND = StageKind("sft", SFTStage, sft_stage, memory, update_rows=lambda s: int(s.batch_size),
+                 micro_batch_key="num_micro_batches", algo=algo_config)

@@ -1,12 +1,10 @@
 """PPO stage: sample, score, KL-shaped token rewards, GAE, then epochs x minibatches of the clipped PPO step.
 
 One iteration:
-  prompts (PromptIterator) -> left-padded tokens
-  -> sampler (the policy's params): `samples_per_prompt` completions per prompt
-  -> scores: the task's reward (inside jit when the task has one, else on the host, as GRPOStage), or
-     a trained reward model's (reward.source="reward_model")
+  prompts -> rollout (`samples_per_prompt` completions per prompt, the policy's params) -> scores
+     (train.experience.collect: the task's reward, or a trained reward model's with reward.source="reward_model")
   -> old log-probs and values (`ppo.make_rollout_fn`: one jitted forward per model, one in all when the
-     backbone is shared) and reference log-probs (the frozen stage-start policy)
+     backbone is shared) and reference log-probs (the frozen stage-start policy, when algo.needs_reference)
   -> `ppo.compute_targets`: r_t = -kl_coef * kl_t on every token + the score on the last one, GAE,
      whitened advantages
   -> update: epochs x minibatches of `ppo.make_ppo_step` (one jitted scan, state donated)
@@ -33,52 +31,79 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mc
 
 from jaxrl_llm.algos import ppo
+from jaxrl_llm.algos.kl import KLControllerConfig
 from jaxrl_llm.algos.logprobs import rollout_forward_fn
 from jaxrl_llm.algos.reward_model import sequence_rewards
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
 from jaxrl_llm.models import PolicyValueModel, init_fn_for, reward_model, value_model
-from jaxrl_llm.rewards.runner import HostRewardRunner
 from jaxrl_llm.sharding.params import param_shardings
-from jaxrl_llm.train.build import (Evaluator, global_prompt_batch, jnp_tree_copy, log_rollout_samples,
-                                   prompt_iterator, rollout_rewards, stage_sampler)
-from jaxrl_llm.train.config import to_dataclass
-from jaxrl_llm.train.pref_stage import load_reward_params, scalar_head_params
-from jaxrl_llm.train.stage import Stage
+from jaxrl_llm.train.build import jnp_tree_copy
+from jaxrl_llm.train.config import ConfigError, from_dataclass, optimizer_config, to_dataclass
+from jaxrl_llm.train.experience import step_metrics
+from jaxrl_llm.train.stage import StageKind
+from jaxrl_llm.train.stages.preference import load_reward_params, scalar_head_params
+from jaxrl_llm.train.stages.rl import (RLStage, optional_temperature, resolve_temperature, reward_section,
+                                       sampling_section)
 
 
-class PPOStage(Stage):
+def ppo_stage(iterations: int = 200, prompts_per_iter: int = 32, samples_per_prompt: int = 1,
+              learning_rate: float = 1e-6, value_learning_rate: float = 1e-5, max_new_tokens: int = 16,
+              kl_coef: float = 0.05, kl_target: float | None = None, **algo_kw) -> mc.ConfigDict:
+    """A PPO stage. `kl_target` makes the KL-in-reward coefficient adaptive (Ziegler et al. 2019) with that
+    target; `algo_kw` sets other `ppo.PPOConfig` fields (gamma, lam, vf_coef, epochs, ...). The algorithm's
+    temperature is the sampler's (`sampling.temperature`).
+
+    value_init: "policy" (the policy's backbone, zero head) or "reward_model" (the final params of the
+    reward_model stage named by `reward_model_stage`); reward.source: "task" or "reward_model" (same stage)."""
+    kl = (KLControllerConfig(kind="adaptive", init_coef=kl_coef, target=kl_target) if kl_target is not None
+          else KLControllerConfig(kind="fixed", init_coef=kl_coef))
+    return mc.ConfigDict(dict(
+        kind="ppo", iterations=iterations, prompts_per_iter=prompts_per_iter,
+        samples_per_prompt=samples_per_prompt, max_prompt_len=16, sampling=sampling_section(max_new_tokens),
+        algo=optional_temperature(from_dataclass(ppo.PPOConfig(kl=kl, **algo_kw))),
+        optimizer=optimizer_config(learning_rate),
+        value_optimizer=optimizer_config(value_learning_rate),  # unused with algo.shared_backbone
+        value_init="policy", reward_model_stage="", reward=reward_section(source="task")))
+
+
+def algo_config(s: mc.ConfigDict, where: str) -> ppo.PPOConfig:
+    """The stage's PPOConfig: its `algo` section with the sampler's temperature."""
+    data, temperature = resolve_temperature(s.algo, s, where)
+    return to_dataclass(ppo.PPOConfig, data, f"{where}.algo").replace(temperature=temperature)
+
+
+class _RewardModelScores:
+    """Scores a rollout with a trained reward model; the task's own reward is still computed for accuracy
+    and logged as reward/task_mean."""
+
+    def __init__(self, task_scorer, rm_fn, rm_params):
+        self.task_scorer, self.rm_fn, self.rm_params = task_scorer, rm_fn, rm_params
+
+    def __call__(self, ro, examples, n):
+        scores, correct, extra = self.task_scorer(ro, examples, n)
+        batch = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask, "completion_tokens": ro.tokens,
+                 "completion_mask": ro.mask}
+        return self.rm_fn(self.rm_params, batch), correct, {**extra, "reward/task_mean": jnp.mean(scores)}
+
+
+class PPOStage(RLStage):
     kind = "ppo"
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         s, comp = self.section, self.comp
         where = f"config.{self.name}"
-        self.total_steps = int(s.iterations)
-        sc = s.sampling
-        temperature = float(sc.temperature) if sc.temperature > 0 else 1.0
-        self.algo = to_dataclass(ppo.PPOConfig, s.algo, f"{where}.algo").replace(temperature=temperature)
-        self.n = int(s.samples_per_prompt)
-        self.examples = comp.task.examples("train", int(s.prompts_per_iter) * 64, self.cfg.seed)
-        self.prompts = int(s.prompts_per_iter)  # the global batch of prompts, split over processes
-        self.iterator = prompt_iterator(comp, self.examples, self.prompts, self.cfg.seed + self.index)
-        self.sampling, self.sampler = stage_sampler(comp, sc, self.n)
         self._check_reward_model_options(where)
-        self.in_jit = bool(s.reward.in_jit) and hasattr(comp.task, "jax_reward")
-        if self.in_jit:
-            self.jax_reward = jax.jit(comp.task.jax_reward(comp.tokenizer, comp.model_cfg.vocab_size, comp.eos_ids))
-            self.runner = None
-        else:
-            self.runner = HostRewardRunner(comp.task, timeout_s=float(s.reward.timeout_s),
-                                           on_error=s.reward.on_error, error_score=float(s.reward.error_score))
+        a = self.algo
         if s.reward.source == "reward_model":
             rm = reward_model(comp.model_cfg)
             self.rm_fn = jax.jit(rollout_forward_fn(
                 lambda p, mb: sequence_rewards(rm, p, mb["prompt_tokens"], mb["prompt_mask"], mb["completion_tokens"],
                                                mb["completion_mask"]),
-                comp.model_cfg, ppo.score_micro_batches(self.algo)))
-        a = self.algo
+                comp.model_cfg, ppo.score_micro_batches(a)))
         if a.shared_backbone:
             self.policy_module, self.value_module = PolicyValueModel(comp.model_cfg), None
             self.opt = to_dataclass(OptimizerConfig, s.optimizer, f"{where}.optimizer")
@@ -89,37 +114,42 @@ class PPOStage(Stage):
                 to_dataclass(OptimizerConfig, s.value_optimizer, f"{where}.value_optimizer"))
         # placement of the value model (separate) or of the whole PolicyValueModel (shared)
         _, self.model_shardings = param_shardings(init_fn_for(self.value_module or self.policy_module), comp.env)
-        self.need_ref = a.kl.init_coef > 0 or a.kl.kind == "adaptive" or a.loss.kl_coef > 0
         self.rollout_fn = jax.jit(ppo.make_rollout_fn(self.policy_module, self.value_module, comp.model_cfg, a))
-        self.ref_fn = jax.jit(ppo.make_logprob_fn(comp.module, comp.model_cfg, temperature, a.logprob_chunk,
+        self.ref_fn = jax.jit(ppo.make_logprob_fn(comp.module, comp.model_cfg, a.temperature, a.logprob_chunk,
                                                   num_micro=ppo.score_micro_batches(a)))
         self.targets_fn = jax.jit(lambda *args: ppo.compute_targets(a, *args))
         self.step_fn = make_epoch_runner(ppo.make_ppo_step(self.policy_module, self.value_module, comp.model_cfg, a),
                                          a.num_minibatches, a.epochs)
         self.update = None
-        self.evaluator = Evaluator(comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
+        self.rm_params = None
+
+    def algo_config(self) -> ppo.PPOConfig:
+        return algo_config(self.section, f"config.{self.name}")
+
+    def samples_per_prompt(self) -> int:
+        return int(self.section.samples_per_prompt)
 
     def _check_reward_model_options(self, where: str) -> None:
         s = self.section
         if s.value_init not in ("policy", "reward_model"):
-            raise ValueError(f"{where}.value_init={s.value_init!r}; expected 'policy' or 'reward_model'")
+            raise ConfigError(f"{where}.value_init={s.value_init!r}; expected 'policy' or 'reward_model'")
         if s.reward.source not in ("task", "reward_model"):
-            raise ValueError(f"{where}.reward.source={s.reward.source!r}; expected 'task' or 'reward_model'")
+            raise ConfigError(f"{where}.reward.source={s.reward.source!r}; expected 'task' or 'reward_model'")
         if "reward_model" not in (s.value_init, s.reward.source):
             return
         rm = s.reward_model_stage
         if rm not in self.stages_before or self.cfg[rm].kind != "reward_model":
             earlier = [n for n in self.stages_before if self.cfg[n].kind == "reward_model"]
-            raise ValueError(f"{where}.reward_model_stage={rm!r} must name a reward_model stage that runs before "
-                             f"{self.name!r} (value_init / reward.source = 'reward_model'); earlier reward_model "
-                             f"stages: {earlier or 'none'}")
+            raise ConfigError(f"{where}.reward_model_stage={rm!r} must name a reward_model stage that runs before "
+                              f"{self.name!r} (value_init / reward.source = 'reward_model'); earlier reward_model "
+                              f"stages: {earlier or 'none'}")
 
     # ------------------------------------------------------------------ state
 
     def init(self, params) -> None:
         s, comp = self.section, self.comp
         self.kl_coef = jnp.asarray(self.algo.kl.init_coef, jnp.float32)
-        self.ref = jnp_tree_copy(params) if self.need_ref else None
+        self.ref = jnp_tree_copy(params) if self.algo.needs_reference else None
         # run is None when a tool (cli eval) only needs the state's structure: the policy-shaped head will do
         rm = (load_reward_params(comp, self.run, s.reward_model_stage, self.stages_before, params)
               if self.run is not None and "reward_model" in (s.value_init, s.reward.source) else None)
@@ -166,53 +196,56 @@ class PPOStage(Stage):
 
     # ------------------------------------------------------------------ one iteration
 
-    def _rewards(self, ro, examples, batch):
-        """(scores [B], correct [B], extra host metrics): the task's reward (or the reward model's score)."""
-        scores, correct, extra = rollout_rewards(self.comp, ro, examples, self.n,
-                                                 self.jax_reward if self.in_jit else None, self.runner,
-                                                 self.sampling.max_new_tokens)
-        if self.rm_params is not None:
-            extra["reward/task_mean"] = jnp.mean(scores)
-            scores = self.rm_fn(self.rm_params, batch)
-        return scores, correct, extra
-
     def step(self, i: int) -> dict:
-        s = self.section
-        examples = next(self.iterator)
-        pt, pm, n_trunc = global_prompt_batch(self.comp, examples, s.max_prompt_len, self.prompts)
-        key = jax.random.fold_in(self.key, i)
-        ro = self.sampler(self.policy(), pt, pm, jax.random.fold_in(key, 0))
-        batch = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
-                 "completion_tokens": ro.tokens, "completion_mask": ro.mask, "sampler_logprobs": ro.raw_logprobs}
-        scores, correct, extra = self._rewards(ro, examples, batch)
+        scorer = (self.scorer if self.rm_params is None
+                  else _RewardModelScores(self.scorer, self.rm_fn, self.rm_params))
+        exp = self.experience(i, self.policy(), scorer=scorer)
+        batch = dict(exp.batch)
         batch.update(self.rollout_fn(self.state.params, batch))
         batch["ref_logprobs"] = self.ref_fn(self.ref, batch) if self.ref is not None else batch["old_logprobs"]
-        t = self.targets_fn(scores, batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"],
-                            batch["completion_mask"], self.kl_coef, ro.finished)
+        t = self.targets_fn(exp.rewards, batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"],
+                            batch["completion_mask"], self.kl_coef, exp.rollout.finished)
         batch.update(advantages=t["advantages"], returns=t["returns"])
         if self.update is None:
             self.update = jit_update(self.step_fn, self.state, batch, self.comp.env)
-        self.state, stacked = self.update(self.state, batch, jax.random.fold_in(key, 1))
-        self.kl_coef = ppo.update_kl_coef(self.algo, self.kl_coef, t["kl"], n_steps=scores.shape[0])
-        metrics = {k: (jnp.max(v) if k.endswith("_max") else jnp.mean(v)) for k, v in stacked.items()}
-        lengths = ro.lengths.astype(jnp.float32)
+        self.state, stacked = self.update(self.state, batch, self.update_key(i))
+        self.kl_coef = ppo.update_kl_coef(self.algo, self.kl_coef, t["kl"], n_steps=exp.rewards.shape[0])
+        metrics = step_metrics(stacked)
         metrics.update({k: t[k] for k in ("kl", "kl_token_mean", "kl_coef", "non_score_reward", "rlhf_reward",
                                           "score_mean", "missing_eos_frac")})
-        metrics.update({
-            "reward/mean": jnp.mean(scores), "reward/std": jnp.std(scores),
-            "accuracy": jnp.mean(correct.astype(jnp.float32)),
-            "response_length": jnp.mean(lengths), "response_length_max": jnp.max(lengths),
-            "truncated_fraction": 1.0 - jnp.mean(ro.finished.astype(jnp.float32)),
-            "response_tokens": jnp.sum(lengths), "decode_steps": ro.num_steps, "prompts_truncated": n_trunc,
-        })
-        metrics.update(extra)
-        if self.cfg.log.samples_every > 0 and (i + 1) % self.cfg.log.samples_every == 0:
-            log_rollout_samples(self.comp, self.run, self.name, i + 1, ro, examples, self.n, scores)
-        return metrics
+        return self.iteration_metrics(i, exp, metrics)
 
     def evaluate(self) -> dict:
         return self.evaluator(self.policy()) if self.evaluator else {}
 
-    def close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
+
+def memory(cfg, s, z) -> dict[str, int]:
+    a = algo_config(s, "algo")
+    p, n = int(s.max_prompt_len), int(s.sampling.max_new_tokens)
+    rows = int(s.prompts_per_iter) * int(s.samples_per_prompt)
+    policy = z.params("policy")
+    if a.shared_backbone:
+        trained, value, opt = z.params("policy_value"), 0, z.optimizer(s.optimizer, z.params("policy_value"))
+    else:
+        value = z.params("value")
+        trained, opt = policy + value, z.optimizer(s.optimizer, policy) + z.optimizer(s.value_optimizer, value)
+    uses_rm = s.get("reward", {}).get("source", "task") == "reward_model"
+    micro = z.rows(rows // a.num_minibatches // a.num_micro_batches)
+    backbones = 1 if a.shared_backbone else 2
+    t = {"params": trained - value, "input_params": policy, "reference": policy if a.needs_reference else 0,
+         "value": value, "reward_model": z.params("reward") if uses_rm else 0, "optimizer": opt,
+         "gradients": z.gradients(trained, a.num_micro_batches),
+         "activations": backbones * z.activations(micro, p + n),
+         "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
+    t.update(z.rollout_terms(rows, int(s.prompts_per_iter), p, n, s.sampling))
+    # old log-probs, values, reference and reward-model scores run over the update's micro-batches in turn
+    t.update(z.score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk))
+    return t | z.eval_terms(cfg, s)
+
+
+def _update_rows(s) -> int:
+    return int(s.prompts_per_iter) * int(s.samples_per_prompt) // int(s.algo.num_minibatches)
+
+
+KIND = StageKind("ppo", PPOStage, ppo_stage, memory, update_rows=_update_rows,
+                 micro_batch_key="algo.num_micro_batches", logprob_chunk_key="algo.logprob_chunk", algo=algo_config)

@@ -4,6 +4,12 @@
     print(est.table())                    # GiB per device, by term and stage
     check_memory(cfg, model_cfg, axes)    # raises MemoryBudgetError (with fixes that fit) when over budget
 
+The run planner: it reads the same resolved stage configs as the stages
+(`train.stages`: each kind's `algo` says what the stage computes, e.g.
+`needs_reference`, `needs_old_logprobs`, and its `memory` function gives its
+terms from the `Sizes` below), and the sharding rules of the run
+(`mesh.rules`), so the estimate and the run cannot disagree on what exists.
+
 Every figure is bytes on one device. A stage's peak is its persistent state
 plus the largest of its phases (rollout, eval, score, update): the KV cache
 of a rollout is freed before the update runs, so the two never add up.
@@ -129,7 +135,7 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import CACHE_AXES, CausalLM, PolicyValueModel, reward_model, value_model
 from jaxrl_llm.rollout.sampling import SamplingConfig
 from jaxrl_llm.sharding.params import abstract_params
-from jaxrl_llm.sharding.rules import DEFAULT_RULES, Rules, logical_to_spec, normalize_rules
+from jaxrl_llm.sharding.rules import Rules, logical_to_spec, normalize_rules
 
 GIB = 2 ** 30
 
@@ -300,8 +306,9 @@ def _param_arrays(model_cfg: ModelConfig, which: str) -> tuple[tuple[tuple[int, 
     return tuple(out)
 
 
-class _Sizes:
-    """Per-device sizes of arrays and model dimensions on one mesh."""
+class Sizes:
+    """Per-device sizes of arrays and model dimensions on one mesh: what a stage kind's `memory` function
+    adds up (see the module docstring for every term)."""
 
     def __init__(self, model_cfg: ModelConfig, axes: Mapping[str, int], rules: Rules):
         self.m, self.rules, self.mesh = model_cfg, rules, _AxisSizes(axes)
@@ -327,6 +334,7 @@ class _Sizes:
         return self.dim(n, "batch")
 
     def params(self, which: str) -> int:
+        """Bytes of one device's share of a model's parameters: "policy", "value", "reward", "policy_value"."""
         key = self.m.replace(remat="none", dtype="float32", scan_unroll=1)  # shapes depend on none of these
         return sum(self.elems(shape, logical) * itemsize for shape, itemsize, logical in _param_arrays(key, which))
 
@@ -371,152 +379,75 @@ class _Sizes:
         c = max(1, min(chunk, n))
         return self.logits(rows_dev, c, 3 if with_entropy else 2) + 2 * rows_dev * n * self.m.hidden_size * self.b
 
+    # --- terms a stage kind's memory function combines
 
-# ----------------------------------------------------------------------------- per stage
+    @staticmethod
+    def optimizer(opt: Any, trained: int) -> int:
+        """Optimizer moments of `trained` parameter bytes for an `optimizer` config section."""
+        return _OPT_MOMENTS.get(str(opt.get("name", "adamw")), 2) * trained
 
+    @staticmethod
+    def gradients(trained: int, num_micro: int) -> int:
+        return trained * (2 if num_micro > 1 else 1)
 
-def _opt_bytes(opt: Any, trained: int) -> int:
-    return _OPT_MOMENTS.get(str(opt.get("name", "adamw")), 2) * trained
+    def eval_terms(self, cfg, s) -> dict[str, int]:
+        """The evaluator's sampler (eval.every > 0), prompts of the stage's max_prompt_len."""
+        ev = cfg.get("eval")
+        if ev is None or int(ev.get("every", 0)) <= 0:
+            return {}
+        rows = int(ev.num_examples) * int(ev.get("n_samples", 1))
+        p, n = int(s.max_prompt_len), int(ev.max_new_tokens)
+        rd = self.rows(rows)
+        return {"eval_kv_cache": self.kv_cache(rows, p + n),
+                "eval_kv_cache_growth": self.kv_cache_growth(rows, p, n, SamplingConfig.cache_segments),
+                "eval_work": self.forward_work(rd, p, p + n) + self.logits(rd, 1, 3),
+                "eval_weights": self.params("policy")}
 
+    def rollout_terms(self, rows: int, prompts: int, p: int, n: int, sampling) -> dict[str, int]:
+        """A rollout of `rows` completions of `prompts` distinct prompts (P prompt, N new tokens) with the
+        stage's `sampling` section."""
+        rd = self.rows(rows)
+        split = bool(sampling.get("split_layer_weights", SamplingConfig.split_layer_weights))
+        segments = int(sampling.get("cache_segments", SamplingConfig.cache_segments))
+        # the sampler prefills each distinct prompt once and repeats its cache for the samples
+        return {"kv_cache": self.kv_cache(rows, p + n),
+                "kv_cache_growth": self.kv_cache_growth(rows, p, n, segments),
+                "rollout_work": self.forward_work(self.rows(prompts), p, p + n) + self.logits(rd, 1, 3),
+                "decode_weights": self.params("policy") if split else 0}
 
-def _grad_bytes(trained: int, num_micro: int) -> int:
-    return trained * (2 if num_micro > 1 else 1)
-
-
-def _eval_terms(cfg, s, z: _Sizes) -> dict[str, int]:
-    ev = cfg.get("eval")
-    if ev is None or int(ev.get("every", 0)) <= 0:
-        return {}
-    rows = int(ev.num_examples) * int(ev.get("n_samples", 1))
-    p, n = int(s.max_prompt_len), int(ev.max_new_tokens)
-    rd = z.rows(rows)
-    return {"eval_kv_cache": z.kv_cache(rows, p + n),
-            "eval_kv_cache_growth": z.kv_cache_growth(rows, p, n, SamplingConfig.cache_segments),
-            "eval_work": z.forward_work(rd, p, p + n) + z.logits(rd, 1, 3),
-            "eval_weights": z.params("policy")}
-
-
-def _rollout_terms(rows: int, prompts: int, p: int, n: int, z: _Sizes, s) -> dict[str, int]:
-    rd = z.rows(rows)
-    split = bool(s.sampling.get("split_layer_weights", SamplingConfig.split_layer_weights))
-    segments = int(s.sampling.get("cache_segments", SamplingConfig.cache_segments))
-    # the sampler prefills each distinct prompt once and repeats its cache for the samples
-    return {"kv_cache": z.kv_cache(rows, p + n),
-            "kv_cache_growth": z.kv_cache_growth(rows, p, n, segments),
-            "rollout_work": z.forward_work(z.rows(prompts), p, p + n) + z.logits(rd, 1, 3),
-            "decode_weights": z.params("policy") if split else 0}
-
-
-def _score_terms(rows: int, t: int, n: int, chunk: int, z: _Sizes) -> dict[str, int]:
-    rd = z.rows(rows)
-    return {"score_work": z.forward_work(rd, t, t), "score_logits": z.logits(rd, max(1, min(chunk, n)), 1)}
-
-
-def _grpo(cfg, s, z: _Sizes) -> dict[str, int]:
-    from jaxrl_llm.algos.grpo import GRPOConfig
-    from jaxrl_llm.train.config import to_dataclass
-    a = to_dataclass(GRPOConfig, s.algo, "algo")
-    p, n = int(s.max_prompt_len), int(s.sampling.max_new_tokens)
-    rows = int(s.prompts_per_iter) * a.group_size
-    policy = z.params("policy")
-    need_ref = a.loss.kl_coef > 0 or (a.advantage_estimator == "reinforce_pp" and a.reward_kl_coef > 0)
-    need_old = a.epochs * a.num_minibatches > 1 or need_ref
-    micro = z.rows(rows // a.num_minibatches // a.num_micro_batches)
-    t = {"params": policy, "input_params": policy, "reference": policy if need_ref else 0,
-         "optimizer": _opt_bytes(s.optimizer, policy), "gradients": _grad_bytes(policy, a.num_micro_batches),
-         "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
-    t.update(_rollout_terms(rows, int(s.prompts_per_iter), p, n, z, s))
-    if need_old:  # the log-prob forwards run over the update's micro-batches in turn (grpo.make_logprob_fn)
-        t.update(_score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk, z))
-    return t | _eval_terms(cfg, s, z)
+    def score_terms(self, rows: int, t: int, n: int, chunk: int) -> dict[str, int]:
+        """A no-grad forward over `rows` rows of length t (log-probs of n positions, `chunk` at a time)."""
+        rd = self.rows(rows)
+        return {"score_work": self.forward_work(rd, t, t), "score_logits": self.logits(rd, max(1, min(chunk, n)), 1)}
 
 
-def _ppo(cfg, s, z: _Sizes) -> dict[str, int]:
-    from jaxrl_llm.algos.ppo import PPOConfig
-    from jaxrl_llm.train.config import to_dataclass
-    a = to_dataclass(PPOConfig, s.algo, "algo")
-    p, n = int(s.max_prompt_len), int(s.sampling.max_new_tokens)
-    rows = int(s.prompts_per_iter) * int(s.samples_per_prompt)
-    policy = z.params("policy")
-    need_ref = a.kl.init_coef > 0 or a.kl.kind == "adaptive" or a.loss.kl_coef > 0
-    if a.shared_backbone:
-        trained, value, opt = z.params("policy_value"), 0, _opt_bytes(s.optimizer, z.params("policy_value"))
-    else:
-        value = z.params("value")
-        trained, opt = policy + value, _opt_bytes(s.optimizer, policy) + _opt_bytes(s.value_optimizer, value)
-    uses_rm = s.get("reward", {}).get("source", "task") == "reward_model"
-    micro = z.rows(rows // a.num_minibatches // a.num_micro_batches)
-    backbones = 1 if a.shared_backbone else 2
-    t = {"params": trained - value, "input_params": policy, "reference": policy if need_ref else 0,
-         "value": value, "reward_model": z.params("reward") if uses_rm else 0, "optimizer": opt,
-         "gradients": _grad_bytes(trained, a.num_micro_batches),
-         "activations": backbones * z.activations(micro, p + n),
-         "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
-    t.update(_rollout_terms(rows, int(s.prompts_per_iter), p, n, z, s))
-    # old log-probs, values, reference and reward-model scores run over the update's micro-batches in turn
-    t.update(_score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk, z))
-    return t | _eval_terms(cfg, s, z)
-
-
-def _sft(cfg, s, z: _Sizes) -> dict[str, int]:
-    from jaxrl_llm.algos.sft import SFTConfig
-    p, n, num_micro = int(s.max_prompt_len), int(s.max_response_len), int(s.num_micro_batches)
-    policy = z.params("policy")
-    micro = z.rows(int(s.batch_size) // num_micro)
-    t = {"params": policy, "input_params": policy, "optimizer": _opt_bytes(s.optimizer, policy),
-         "gradients": _grad_bytes(policy, num_micro), "activations": z.activations(micro, p + n),
-         "logprob_chunks": z.head(micro, n, SFTConfig().logprob_chunk, True)}
-    return t | _eval_terms(cfg, s, z)
-
-
-def _dpo(cfg, s, z: _Sizes) -> dict[str, int]:
-    from jaxrl_llm.algos.dpo import DPOConfig
-    from jaxrl_llm.train.config import to_dataclass
-    a = to_dataclass(DPOConfig, s.algo, "algo")
-    p, n, num_micro = int(s.max_prompt_len), int(s.max_response_len), int(s.num_micro_batches)
-    rows = 2 * int(s.batch_size)  # chosen and rejected rows in one forward
-    policy = z.params("policy")
-    micro = z.rows(rows // num_micro)
-    t = {"params": policy, "input_params": policy, "reference": policy if a.needs_reference else 0,
-         "optimizer": _opt_bytes(s.optimizer, policy), "gradients": _grad_bytes(policy, num_micro),
-         "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, False)}
-    if a.needs_reference:  # over the step's micro-batches of pairs in turn (dpo.make_reference_logps_fn)
-        t.update(_score_terms(rows // num_micro, p + n, n, a.logprob_chunk, z))
-    return t | _eval_terms(cfg, s, z)
-
-
-def _reward_model(cfg, s, z: _Sizes) -> dict[str, int]:
-    p, n, num_micro = int(s.max_prompt_len), int(s.max_response_len), int(s.num_micro_batches)
-    rm = z.params("reward")
-    micro = z.rows(2 * int(s.batch_size) // num_micro)
-    return {"params": rm, "input_params": z.params("policy"), "optimizer": _opt_bytes(s.optimizer, rm),
-            "gradients": _grad_bytes(rm, num_micro), "activations": z.activations(micro, p + n)}
-
-
-_STAGE_FNS = {"sft": _sft, "grpo": _grpo, "ppo": _ppo, "dpo": _dpo, "reward_model": _reward_model}
-
-# The config key that splits a stage's update into micro-batches (exact gradient accumulation) and the
-# key of its log-prob chunk, by stage kind.
-MICRO_BATCH_KEY = {"sft": "num_micro_batches", "dpo": "num_micro_batches", "reward_model": "num_micro_batches",
-                   "grpo": "algo.num_micro_batches", "ppo": "algo.num_micro_batches"}
-LOGPROB_CHUNK_KEY = {"grpo": "algo.logprob_chunk", "ppo": "algo.logprob_chunk", "dpo": "algo.logprob_chunk"}
+def stage_kinds():
+    """The registry of stage kinds (`train.stages.STAGE_KINDS`)."""
+    from jaxrl_llm.train.stages import STAGE_KINDS
+    return STAGE_KINDS
 
 
 def estimate_memory(cfg, model_cfg: ModelConfig, mesh_axes: Mapping[str, int],
-                    rules: Rules = DEFAULT_RULES) -> MemoryEstimate:
-    """Bytes per device of every stage in `cfg.stages` on a mesh of `mesh_axes` (sizes resolved, no -1)."""
+                    rules: Rules | None = None) -> MemoryEstimate:
+    """Bytes per device of every stage in `cfg.stages` on a mesh of `mesh_axes` (sizes resolved, no -1).
+
+    rules: the logical-axis rules (default: the run's, `mesh.rules`, as `build` places the parameters)."""
     axes = dict(mesh_axes)
     if any(not isinstance(v, int) or v < 1 for v in axes.values()):
         raise ValueError(f"estimate_memory: mesh axes {axes} must be resolved sizes >= 1 "
                          "(resolve -1 with sharding.resolve_axis_sizes(axes, num_devices))")
-    z = _Sizes(model_cfg, axes, normalize_rules(rules))
+    if rules is None:
+        from jaxrl_llm.train.config import mesh_rules
+        rules = mesh_rules(cfg)
+    z = Sizes(model_cfg, axes, normalize_rules(rules))
+    kinds = stage_kinds()
     stages = []
     for name in cfg.stages:
         s = cfg[name]
         kind = s.get("kind")
-        if kind not in _STAGE_FNS:
-            raise ValueError(f"estimate_memory: config.{name}.kind={kind!r}; expected one of {tuple(_STAGE_FNS)}")
-        terms = {term: 0 for term, _, _ in TERMS} | _STAGE_FNS[kind](cfg, s, z)
+        if kind not in kinds:
+            raise ValueError(f"estimate_memory: config.{name}.kind={kind!r}; expected one of {tuple(kinds)}")
+        terms = {term: 0 for term, _, _ in TERMS} | kinds[kind].memory(cfg, s, z)
         stages.append(StageMemory(name, kind, terms))
     return MemoryEstimate(axes, tuple(stages))
 
@@ -571,7 +502,7 @@ def check_memory(cfg, model_cfg: ModelConfig, mesh_axes: Mapping[str, int],
     else:
         lines.append("No change tried here fits (mesh shapes, micro-batches, remat, log-prob chunk, bfloat16 "
                      "params): use more devices, a smaller model or shorter sequences.")
-    lines.append("The full table: jaxrl_llm.sharding.memory.estimate_memory(cfg, model_cfg, axes).table(); skip the "
+    lines.append("The full table: jaxrl_llm.train.memory.estimate_memory(cfg, model_cfg, axes).table(); skip the "
                  "check with --set mesh.check_memory=False.")
     raise MemoryBudgetError("\n".join(lines), est, suggestions)
 
@@ -621,14 +552,17 @@ def _mesh_candidates(cfg, axes: Mapping[str, int]) -> list[tuple[tuple[str, Any]
     return out
 
 
+def _get_dotted(section, key: str) -> Any:
+    for part in key.split("."):
+        section = section[part]
+    return section
+
+
 def _micro_options(cfg, stage: StageMemory, limit: int = 64) -> list[tuple[str, int]]:
     """(key, count) for more micro-batches in a stage: multiples of the current count that divide its rows."""
-    s, key = cfg[stage.name], MICRO_BATCH_KEY[stage.kind]
-    if stage.kind in ("grpo", "ppo"):
-        per = s.algo.group_size if stage.kind == "grpo" else s.samples_per_prompt
-        rows, current = int(s.prompts_per_iter) * int(per) // int(s.algo.num_minibatches), int(s.algo.num_micro_batches)
-    else:
-        rows, current = int(s.batch_size), int(s.num_micro_batches)
+    kind = stage_kinds()[stage.kind]
+    s, key = cfg[stage.name], kind.micro_batch_key
+    rows, current = kind.update_rows(s), int(_get_dotted(s, key))
     counts = (current * 2 ** k for k in range(1, 8))
     return [(f"{stage.name}.{key}", m) for m in counts if m <= min(rows, limit) and rows % m == 0]
 
@@ -654,8 +588,8 @@ def suggest_fixes(cfg, model_cfg: ModelConfig, est: MemoryEstimate, max_suggesti
     # each family: its levels, mildest first; a level is a list of overrides
     micro = [_micro_options(cfg, st) for st in over]
     depth = max((len(o) for o in micro), default=0)
-    chunks = {f"{st.name}.{LOGPROB_CHUNK_KEY[st.kind]}": int(cfg[st.name].algo.logprob_chunk)
-              for st in over if st.kind in LOGPROB_CHUNK_KEY}
+    chunk_keys = {st.name: stage_kinds()[st.kind].logprob_chunk_key for st in over}
+    chunks = {f"{name}.{key}": int(_get_dotted(cfg[name], key)) for name, key in chunk_keys.items() if key}
     families = {
         "mesh": [list(o) for o in _mesh_candidates(cfg, axes)],
         "micro": [[o[min(i, len(o) - 1)] for o in micro if o] for i in range(depth)] if all(micro) else [],

@@ -8,7 +8,7 @@ DPOStage: `dpo.make_dpo_step` with `DPOConfig.loss_type` sigmoid | ipo | hinge |
   The reference is the frozen copy of the params the stage starts from (kept in the checkpoint as
   "ref_params"); its summed log-probs are computed per batch, just before the step, with
   `make_reference_logps_fn`. SimPO and ORPO have no reference: no copy, no reference forward.
-  Evaluation: held-out task accuracy (`build.Evaluator`, greedy) and preference accuracy on held-out
+  Evaluation: held-out task accuracy (`eval.Evaluator`, greedy) and preference accuracy on held-out
   pairs: the fraction whose implicit reward (beta * log-ratio to the reference; average log-prob for
   SimPO/ORPO) is higher for the chosen response ("eval/pref_accuracy", "eval/pref_margin").
 
@@ -30,20 +30,58 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ml_collections as mc
+
 from jaxrl_llm.algos import dpo
 from jaxrl_llm.algos.reward_model import RewardModelConfig, make_reward_model_step, pair_rewards
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update
 from jaxrl_llm.data.loaders import encode_preferences
 from jaxrl_llm.models import init_fn_for, reward_model
-from jaxrl_llm.sharding.params import param_shardings
 from jaxrl_llm.sharding import multihost
-from jaxrl_llm.train.build import Components, Evaluator, jnp_tree_copy, prompt_iterator
+from jaxrl_llm.sharding.params import param_shardings
+from jaxrl_llm.train.build import Components, jnp_tree_copy, make_evaluator, prompt_iterator
 from jaxrl_llm.train.checkpoint import Checkpointer, abstract_like
-from jaxrl_llm.train.config import to_dataclass
+from jaxrl_llm.train.config import from_dataclass, optimizer_config, to_dataclass
 from jaxrl_llm.train.pref_data import stage_pairs
-from jaxrl_llm.train.stage import Stage
+from jaxrl_llm.train.stage import Stage, StageKind
 
 EVAL_CHUNK = 256  # held-out pairs per forward (the last chunk is padded: one compile)
+
+
+def preference_data() -> mc.ConfigDict:
+    """Where DPO and reward-model stages get pairs: generated from the task (train split; held-out pairs from
+    its test split), or a preference file (source="jsonl", path; eval_path, or `eval_pairs` held out of it)."""
+    return mc.ConfigDict(dict(source="task", path="", eval_path="", num_pairs=20000, eval_pairs=256))
+
+
+def dpo_stage(loss_type: str = "sigmoid", steps: int = 200, batch_size: int = 32, learning_rate: float = 1e-6,
+              max_prompt_len: int = 16, max_response_len: int = 16, **algo_kw) -> mc.ConfigDict:
+    """A DPO-family stage: `loss_type` sigmoid | ipo | hinge | robust | simpo | orpo; `algo_kw` sets other
+    `dpo.DPOConfig` fields (beta, label_smoothing, simpo_gamma, orpo_lambda, ...)."""
+    return mc.ConfigDict(dict(
+        kind="dpo", steps=steps, batch_size=batch_size, max_prompt_len=max_prompt_len,
+        max_response_len=max_response_len, num_micro_batches=1,
+        algo=from_dataclass(dpo.DPOConfig(loss_type=loss_type, **algo_kw)),
+        data=preference_data(), optimizer=optimizer_config(learning_rate)))
+
+
+def reward_model_stage(steps: int = 200, batch_size: int = 32, learning_rate: float = 1e-5,
+                       max_prompt_len: int = 16, max_response_len: int = 16, **algo_kw) -> mc.ConfigDict:
+    """A Bradley-Terry reward-model stage. Its params are a ScalarHeadModel tree, not a policy: the next
+    stage gets the policy this stage started from; a PPO stage reads them by stage name."""
+    return mc.ConfigDict(dict(
+        kind="reward_model", steps=steps, batch_size=batch_size, max_prompt_len=max_prompt_len,
+        max_response_len=max_response_len, num_micro_batches=1,
+        algo=from_dataclass(RewardModelConfig(**algo_kw)),
+        data=preference_data(), optimizer=optimizer_config(learning_rate)))
+
+
+def dpo_algo(s: mc.ConfigDict, where: str) -> dpo.DPOConfig:
+    return to_dataclass(dpo.DPOConfig, s.algo, f"{where}.algo")
+
+
+def reward_model_algo(s: mc.ConfigDict, where: str) -> RewardModelConfig:
+    return to_dataclass(RewardModelConfig, s.algo, f"{where}.algo")
 
 
 def scalar_head_params(policy_params: Any, comp: Components, shardings: Any) -> Any:
@@ -124,7 +162,7 @@ class DPOStage(_PairStage):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         s, comp = self.section, self.comp
-        self.algo = to_dataclass(dpo.DPOConfig, s.algo, f"{self.where}.algo")
+        self.algo = dpo_algo(s, self.where)
         self.step_fn = dpo.make_dpo_step(comp.module, comp.model_cfg, self.algo, int(s.num_micro_batches))
         chunk = self.algo.logprob_chunk
         self.ref_fn = (_in_env(comp, dpo.make_reference_logps_fn(comp.module, comp.model_cfg, chunk,
@@ -135,7 +173,7 @@ class DPOStage(_PairStage):
             lc, lr = dpo.pair_logprobs(comp.module, params, comp.model_cfg, batch, chunk)
             return lc.sum(-1), lr.sum(-1)
         self.sums_fn = _in_env(comp, sums)
-        self.evaluator = Evaluator(comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
+        self.evaluator = make_evaluator(comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
         self.ref = None
 
     def init(self, params) -> None:
@@ -207,7 +245,7 @@ class RewardModelStage(_PairStage):
         s, comp = self.section, self.comp
         self.module = reward_model(comp.model_cfg)
         _, self.shardings = param_shardings(init_fn_for(self.module), comp.env)
-        self.algo = to_dataclass(RewardModelConfig, s.algo, f"{self.where}.algo")
+        self.algo = reward_model_algo(s, self.where)
         self.step_fn = make_reward_model_step(self.module, comp.model_cfg, self.algo, int(s.num_micro_batches))
         self.eval_fn = _in_env(comp, lambda p, b: pair_rewards(self.module, p, b))
 
@@ -262,3 +300,32 @@ def load_reward_params(comp: Components, run, stage_name: str, stages: tuple[str
         raise ValueError(f"reward model stage {stage_name!r} did not finish (latest checkpoint {directory}/{step} "
                          "is not final)")
     return tree["reward_params"]
+
+
+def dpo_memory(cfg, s, z) -> dict[str, int]:
+    a = dpo_algo(s, "algo")
+    p, n, num_micro = int(s.max_prompt_len), int(s.max_response_len), int(s.num_micro_batches)
+    rows = 2 * int(s.batch_size)  # chosen and rejected rows in one forward
+    policy = z.params("policy")
+    micro = z.rows(rows // num_micro)
+    t = {"params": policy, "input_params": policy, "reference": policy if a.needs_reference else 0,
+         "optimizer": z.optimizer(s.optimizer, policy), "gradients": z.gradients(policy, num_micro),
+         "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, False)}
+    if a.needs_reference:  # over the step's micro-batches of pairs in turn (dpo.make_reference_logps_fn)
+        t.update(z.score_terms(rows // num_micro, p + n, n, a.logprob_chunk))
+    return t | z.eval_terms(cfg, s)
+
+
+def reward_model_memory(cfg, s, z) -> dict[str, int]:
+    p, n, num_micro = int(s.max_prompt_len), int(s.max_response_len), int(s.num_micro_batches)
+    rm = z.params("reward")
+    micro = z.rows(2 * int(s.batch_size) // num_micro)
+    return {"params": rm, "input_params": z.params("policy"), "optimizer": z.optimizer(s.optimizer, rm),
+            "gradients": z.gradients(rm, num_micro), "activations": z.activations(micro, p + n)}
+
+
+DPO_KIND = StageKind("dpo", DPOStage, dpo_stage, dpo_memory, update_rows=lambda s: int(s.batch_size),
+                     micro_batch_key="num_micro_batches", logprob_chunk_key="algo.logprob_chunk", algo=dpo_algo)
+REWARD_MODEL_KIND = StageKind("reward_model", RewardModelStage, reward_model_stage, reward_model_memory,
+                              update_rows=lambda s: int(s.batch_size), micro_batch_key="num_micro_batches",
+                              algo=reward_model_algo)

@@ -1,0 +1,13 @@
+"""Kernels the model calls: backend-specific ways of computing a standard operation.
+
+    from jaxrl_llm.kernels import dense
+    y = nn.Dense(..., dot_general=dense.dot_general(op_dtype))(x)
+
+`dense`: the matmul of the dense layers, with a backward written for XLA:CPU's fast matmul kernels and
+optional low-precision operands. The model code names what it computes; how it is computed on each
+backend lives here.
+"""
+
+from jaxrl_llm.kernels import dense
+
+__all__ = ["dense"]

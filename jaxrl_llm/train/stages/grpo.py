@@ -1,0 +1,167 @@
+"""RL stage for the GRPO family: sample groups, score them, compute advantages, update.
+
+One iteration:
+  prompts -> rollout (group_size completions per prompt) -> rewards   (train.experience.collect)
+  -> old / reference log-probs when the variant needs them (algo.needs_old_logprobs / needs_reference)
+  -> advantages on the whole batch (grpo.compute_advantages)
+  -> update: epochs x minibatches of the GRPO step (one jitted scan, state donated)   (GRPOLearner)
+
+`GRPOLearner` is the model side of an iteration; bench/ours_grpo.py times the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections as mc
+
+from jaxrl_llm.algos import grpo
+from jaxrl_llm.algos.aggregation import NORM_MODES
+from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
+from jaxrl_llm.train.build import jnp_tree_copy
+from jaxrl_llm.train.config import ConfigError, from_dataclass, nearest, optimizer_config, to_dataclass
+from jaxrl_llm.train.experience import Experience, step_metrics
+from jaxrl_llm.train.stage import StageKind
+from jaxrl_llm.train.stages.rl import (RLStage, optional_temperature, resolve_temperature, reward_section,
+                                       sampling_section)
+
+
+def grpo_stage(variant: str = "grpo", iterations: int = 200, prompts_per_iter: int = 32, group_size: int = 8,
+               learning_rate: float = 1e-6, max_new_tokens: int = 16, **variant_kw) -> mc.ConfigDict:
+    """An RL stage of the GRPO family; `variant` picks the paper's settings (grpo.VARIANTS).
+
+    The algorithm's temperature is the sampler's (`sampling.temperature`; `algo.temperature` stays unset).
+    Dr. GRPO's `algo.loss.norm_length` stays unset too: the stage uses `sampling.max_new_tokens`, whatever
+    it is set to later (an explicit value wins)."""
+    if variant not in grpo.VARIANTS:
+        raise ConfigError(f"grpo_stage(variant={variant!r}){nearest(variant, grpo.VARIANTS)}")
+    if variant == "dr_grpo":
+        algo = grpo.dr_grpo(max_new_tokens, group_size=group_size, **variant_kw)
+        algo = algo.replace(loss=dataclasses.replace(algo.loss, norm_length=None))
+    else:
+        algo = grpo.VARIANTS[variant](group_size=group_size, **variant_kw)
+    return mc.ConfigDict(dict(
+        kind="grpo", variant=variant, iterations=iterations, prompts_per_iter=prompts_per_iter,
+        max_prompt_len=16, sampling=sampling_section(max_new_tokens),
+        algo=optional_temperature(from_dataclass(algo)),
+        optimizer=optimizer_config(learning_rate), reward=reward_section()))
+
+
+def algo_config(s: mc.ConfigDict, where: str) -> grpo.GRPOConfig:
+    """The stage's GRPOConfig: its `algo` section with the sampler's temperature and, for the *-norm loss
+    aggregations, `norm_length` = sampling.max_new_tokens unless set."""
+    data, temperature = resolve_temperature(s.algo, s, where)
+    algo = to_dataclass(grpo.GRPOConfig, data, f"{where}.algo").replace(temperature=temperature)
+    if algo.loss.loss_agg in NORM_MODES and algo.loss.norm_length is None:
+        algo = algo.replace(loss=dataclasses.replace(algo.loss, norm_length=float(s.sampling.max_new_tokens)))
+    return algo
+
+
+class GRPOLearner:
+    """The model side of a GRPO-family iteration: old / reference log-probs, advantages, the update.
+
+    old_logprobs: force (True) or skip (False) the old-policy forward; None: as the algorithm needs it
+    (several updates per rollout, or a KL folded into the rewards). One update per rollout is on-policy:
+    the step uses stop_gradient(new log-probs) as the old ones (ratio exactly 1).
+    """
+
+    def __init__(self, module: Any, model_cfg, algo: grpo.GRPOConfig, env, old_logprobs: bool | None = None):
+        self.algo, self.env = algo, env
+        self.need_old = algo.needs_old_logprobs if old_logprobs is None else bool(old_logprobs)
+        self.logp_fn = jax.jit(grpo.make_logprob_fn(module, model_cfg, algo.temperature, algo.logprob_chunk,
+                                                    num_micro=algo.num_minibatches * algo.num_micro_batches))
+        self.step_fn = make_epoch_runner(grpo.make_grpo_step(module, model_cfg, algo), algo.num_minibatches,
+                                         algo.epochs)
+        self.update = None
+
+    def __call__(self, state: TrainState, ref_params, exp: Experience, key: jax.Array,
+                 on_phase: Callable[[str, Any], None] | None = None) -> tuple[TrainState, dict]:
+        """(new state, metrics of the update) from one scored rollout; `ref_params` when algo.needs_reference."""
+        phase = on_phase or (lambda name, value: None)
+        batch = dict(exp.batch)
+        if self.need_old:
+            batch["old_logprobs"] = self.logp_fn(state.params, batch)
+        phase("old", batch.get("old_logprobs"))
+        if self.algo.needs_reference:
+            batch["ref_logprobs"] = self.logp_fn(ref_params, batch)
+        phase("reference", batch.get("ref_logprobs"))
+        batch["advantages"] = grpo.compute_advantages(
+            self.algo, exp.rewards, batch["completion_mask"], old_logprobs_bn=batch.get("old_logprobs"),
+            ref_logprobs_bn=batch.get("ref_logprobs"))
+        if self.update is None:
+            self.update = jit_update(self.step_fn, state, batch, self.env)
+        state, stacked = self.update(state, batch, key)
+        metrics = step_metrics(stacked)
+        phase("update", (state.params, metrics))
+        return state, metrics
+
+
+class GRPOStage(RLStage):
+    kind = "grpo"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.opt_cfg = to_dataclass(OptimizerConfig, self.section.optimizer, f"config.{self.name}.optimizer")
+        self.learner = GRPOLearner(self.comp.module, self.comp.model_cfg, self.algo, self.comp.env)
+        self.ref = None
+
+    def algo_config(self) -> grpo.GRPOConfig:
+        return algo_config(self.section, f"config.{self.name}")
+
+    def samples_per_prompt(self) -> int:
+        return self.algo.group_size
+
+    def init(self, params) -> None:
+        self.state = TrainState.create(jnp_tree_copy(params), self.opt_cfg)
+        self.ref = jnp_tree_copy(params) if self.algo.needs_reference else None
+
+    def step(self, i: int) -> dict:
+        exp = self.experience(i, self.state.params, keep_groups_with_signal=self.algo.filter_zero_std_groups)
+        self.state, metrics = self.learner(self.state, self.ref, exp, self.update_key(i))
+        return self.iteration_metrics(i, exp, metrics)
+
+    def params(self):
+        return self.state.params
+
+    def tree(self) -> dict:
+        tree = {"params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
+        if self.ref is not None:
+            tree["ref_params"] = self.ref
+        return tree
+
+    def meta(self) -> dict:
+        return {"iterator": self.iterator.state()}
+
+    def restore(self, tree: dict, meta: dict) -> None:
+        self.state = self.state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
+        if "ref_params" in tree:
+            self.ref = tree["ref_params"]
+        self.iterator.restore(meta["iterator"])
+
+    def evaluate(self) -> dict:
+        return self.evaluator(self.state.params) if self.evaluator else {}
+
+
+def memory(cfg, s, z) -> dict[str, int]:
+    a = algo_config(s, "algo")
+    p, n = int(s.max_prompt_len), int(s.sampling.max_new_tokens)
+    rows = int(s.prompts_per_iter) * a.group_size
+    policy = z.params("policy")
+    micro = z.rows(rows // a.num_minibatches // a.num_micro_batches)
+    t = {"params": policy, "input_params": policy, "reference": policy if a.needs_reference else 0,
+         "optimizer": z.optimizer(s.optimizer, policy), "gradients": z.gradients(policy, a.num_micro_batches),
+         "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
+    t.update(z.rollout_terms(rows, int(s.prompts_per_iter), p, n, s.sampling))
+    if a.needs_old_logprobs or a.needs_reference:  # over the update's micro-batches in turn (grpo.make_logprob_fn)
+        t.update(z.score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk))
+    return t | z.eval_terms(cfg, s)
+
+
+def _update_rows(s) -> int:
+    return int(s.prompts_per_iter) * int(s.algo.group_size) // int(s.algo.num_minibatches)
+
+
+KIND = StageKind("grpo", GRPOStage, grpo_stage, memory, update_rows=_update_rows,
+                 micro_batch_key="algo.num_micro_batches", logprob_chunk_key="algo.logprob_chunk", algo=algo_config)
