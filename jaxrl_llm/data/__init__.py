@@ -7,13 +7,12 @@
     batch = next_prompt_batch(it, tok, max_prompt_len=128, overlong="drop")
 """
 
-# records first: it needs nothing else, and tasks that read files (imported via jaxrl_llm.tasks while the
-# modules below load) may then import DataError / read_records from this package mid-import.
-from jaxrl_llm.data.records import DataError, read_records  # noqa: I001
 from jaxrl_llm.data.iterator import PromptIterator, TokenizedPrompts, next_prompt_batch, tokenize_batch
 from jaxrl_llm.data.loaders import (PreferencePair, PreferenceStats, encode_preferences, load_preferences,
                                     load_prompt_answer)
 from jaxrl_llm.data.tfds_tasks import TaskSource, build_task_dataset, load_task_split
+# The file reader is a bottom-layer module (tasks use it too); re-exported here for data users.
+from jaxrl_llm.records import DataError, read_records
 
 __all__ = ["DataError", "PreferencePair", "PreferenceStats", "PromptIterator", "TaskSource", "TokenizedPrompts",
            "build_task_dataset", "encode_preferences", "load_preferences", "load_prompt_answer", "load_task_split",

@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from jaxrl_llm.data.records import DataError
+from jaxrl_llm.records import DataError
 from jaxrl_llm.tasks.base import Example
 from jaxrl_llm.tokenizer import encode_prompts
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jaxrl_llm.data.records import DataError, json_type, read_records
+from jaxrl_llm.records import DataError, json_type, read_records
 from jaxrl_llm.tasks.base import Example, Prompt
 from jaxrl_llm.tokenizer import tokenizer_info
 

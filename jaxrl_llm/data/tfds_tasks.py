@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxrl_llm.data.records import DataError
+from jaxrl_llm.records import DataError
 from jaxrl_llm.tasks.base import Example, get_task
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm.tasks.base import Example, RewardInputs, RewardOutput, register_task
+from jaxrl_llm.tasks.wrong_answers import wrong_number
 
 _OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
                                                "*": lambda a, b: a * b}
@@ -139,6 +140,12 @@ class ArithmeticTask:
         scores = np.where(correct, self.correct_score, self.wrong_score).astype(np.float32)
         return RewardOutput(scores=scores, components={"answer": scores}, correct=correct)
 
+    # ------------------------------------------------------------------ preference pairs
+
+    def preference_pair(self, example: Example, rng: random.Random) -> tuple[str, str]:
+        """(gold answer, `wrong_arithmetic_answer`): a near miss written in the task's answer format."""
+        return example.answer, wrong_arithmetic_answer(self, example.answer, rng)
+
     # ------------------------------------------------------------------ inside jit
 
     def encode_targets(self, examples: Sequence[Example], max_bytes: int | None = None):
@@ -169,6 +176,22 @@ class ArithmeticTask:
             return jnp.where(match(completion_tokens, completion_mask, target_bytes, target_len), hi, lo
                              ).astype(jnp.float32)
         return reward
+
+
+def wrong_arithmetic_answer(task: ArithmeticTask, answer: str, rng: random.Random) -> str:
+    """`wrong_number` in the task's answer format (spaced digits; reversed, zero-padded digits)."""
+    text = answer.replace(" ", "") if task.spaced else answer
+    if task.reverse_answer:  # "540" is 45 written least-significant digit first, zero-padded to 3 places
+        width = len(text)
+        value = int(text[::-1])
+        while True:
+            wrong = int(wrong_number(str(value), rng))
+            if 0 <= wrong < 10 ** width and wrong != value:
+                break
+        text = f"{wrong:0{width}d}"[::-1]
+    else:
+        text = wrong_number(text, rng)
+    return _spaced(text) if task.spaced else text
 
 
 def _byte_level_alphabet() -> dict[int, str]:

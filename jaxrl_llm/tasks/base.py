@@ -9,12 +9,24 @@ Rewards computed on the host take a `RewardInputs` (decoded completions, the
 examples they answer, token lengths, whether each emitted EOS) and return
 float32 scores [B]; `rewards.combine` builds weighted sums of such functions
 and `rewards.HostRewardRunner` calls them in batches with a time limit.
-Tasks whose reward can run inside jit (arithmetic) also expose `jax_reward`.
+
+A task may have abilities beyond `Task`, each an explicit protocol that
+callers test with `isinstance` rather than by the task's name:
+
+* `InJitRewardTask` (arithmetic): its reward also runs inside jit, so a
+  whole RL iteration can stay on the device;
+* `PreferencePairTask` (arithmetic, knights_knaves, math with integer
+  answers): it makes a (chosen, rejected) completion pair from one of its
+  examples, for DPO-family and reward-model stages.
+
+Layering: this package imports only `jaxrl_llm.records` (file reading) and
+`jaxrl_llm.tokenizer` below it, never data/, rewards/, eval/ or train/.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -131,17 +143,50 @@ class Task(Protocol):
     def is_correct(self, completion: str, example: Example) -> bool: ...
 
 
+# A jittable reward: (completion_tokens int [B, N], completion_mask [B, N], targets [B, L], target_lengths
+# int32 [B]) -> float32 rewards [B]; targets and lengths come from the task's `encode_targets`.
+JaxRewardFn = Callable[[Any, Any, Any, Any], Any]
+
+
 @runtime_checkable
 class InJitRewardTask(Protocol):
-    """A task whose reward can run inside jit (e.g. arithmetic): `jax_reward(tokenizer, vocab_size, eos_ids)`
-    returns (tokens, mask, targets, target_lengths) -> rewards [B]; `encode_targets(examples)` gives the
-    targets and their lengths; a reward >= `correct_score` counts as correct."""
+    """Ability: the task's reward can also run inside jit, on token ids, with no host round trip.
+
+    correct_score: the reward of a correct completion; a completion counts as correct (for accuracy)
+        when its in-jit reward is >= correct_score.
+    encode_targets(examples) -> (targets, lengths): host arrays, one row per example, that the jitted
+        reward compares completions with (arithmetic: the answer's bytes [B, L] padded with -1, lengths [B]).
+    jax_reward(tokenizer, vocab_size, eos_ids) -> JaxRewardFn: built once per run; vocab_size is the
+        model's (padded) vocabulary, eos_ids the tokens that end a completion (None: the tokenizer's).
+        It must score a completion exactly as the task's host `reward` does.
+
+    GRPO and PPO stages use the in-jit reward when the task has this ability and `reward.in_jit` is set,
+    else the host reward.
+    """
 
     correct_score: float
 
-    def jax_reward(self, tokenizer, vocab_size: int, eos_ids) -> Callable: ...
+    def encode_targets(self, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def encode_targets(self, examples: Sequence[Example]): ...
+    def jax_reward(self, tokenizer, vocab_size: int | None = None,
+                   eos_ids: Sequence[int] | None = None) -> JaxRewardFn: ...
+
+
+@runtime_checkable
+class PreferencePairTask(Protocol):
+    """Ability: the task can make a (chosen, rejected) pair from one of its examples.
+
+    preference_pair(example, rng) -> (chosen, rejected): completion texts as the policy would write them
+        after the example's prompt (for a chat prompt, the assistant message's content); chosen is
+        correct, rejected is a plausible wrong completion in the same format. Deterministic in `rng`
+        (a `random.Random` the caller seeds per example); raises ValueError naming the example when
+        this example cannot make a pair.
+
+    `train/pref_data.py` builds generated preference data (`data.source="task"`) from this; a task
+    without it needs pairs from a file (`data.source="jsonl"`).
+    """
+
+    def preference_pair(self, example: Example, rng: random.Random) -> tuple[str, str]: ...
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}

@@ -67,6 +67,10 @@ TEXT_PROMPT = ("The User asks a question, and the Assistant solves it. The Assis
                "<answer> </answer> tags, i.e., <answer> (1) Zoey is a knight\n(2) Oliver is a knave </answer>."
                "\n\nUser: {quiz}\nAssistant:")
 
+# The reasoning of generated preference pairs: the same for chosen and rejected, so a pair differs only in
+# its answer block.
+KK_REASONING = "<think> Each statement is checked against the assignment. </think>\n"
+
 
 # ---------------------------------------------------------------------------------------------- generation
 
@@ -350,6 +354,20 @@ class KnightsKnavesTask:
         k = len(self.n_people)
         per_n = [self._draw(split, num // k + (j < num % k), seed, n) for j, n in enumerate(self.n_people)]
         return [per_n[i % k][i // k] for i in range(num)]
+
+    # ------------------------------------------------------------------ preference pairs
+
+    def _completion(self, answer: str) -> str:
+        text = f"{KK_REASONING}<answer>\n{answer}\n</answer>"
+        return text[len("<think>"):] if self.prefill_think else text  # the prompt already ends with <think>
+
+    def preference_pair(self, example: Example, rng: random.Random) -> tuple[str, str]:
+        """(gold assignment, the gold assignment with one person's role flipped), both inside Logic-RL's
+        <think></think><answer></answer> format: chosen scores +3 and rejected -0.5 under the default reward."""
+        solution = list(example.meta["solution"])
+        k = rng.randrange(len(solution))
+        flipped = solution[:k] + [not solution[k]] + solution[k + 1:]
+        return self._completion(example.answer), self._completion(format_answer(example.meta["names"], flipped))
 
     # ------------------------------------------------------------------ verification
 

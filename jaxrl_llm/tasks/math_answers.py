@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 import re
 import threading
 from collections.abc import Sequence
@@ -29,8 +30,9 @@ from typing import Literal
 
 import numpy as np
 
-from jaxrl_llm.data.records import DataError, json_type, read_records
+from jaxrl_llm.records import DataError, json_type, read_records
 from jaxrl_llm.tasks.base import Example, RewardInputs, RewardOutput, register_task
+from jaxrl_llm.tasks.wrong_answers import wrong_number
 
 PercentMode = Literal["lenient", "value", "strip"]
 DEFAULT_TEMPLATE = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -386,6 +388,17 @@ class MathTask:
         exs = self._splits[split]
         order = np.random.default_rng(seed).permutation(len(exs))
         return [exs[i] for i in order[:num]]
+
+    def preference_pair(self, example: Example, rng: random.Random) -> tuple[str, str]:
+        """(\\boxed{gold}, \\boxed{`wrong_number`(gold)}) for an integer gold answer; ValueError otherwise."""
+        try:
+            wrong = wrong_number(example.answer, rng)
+        except ValueError:
+            at = f" ({example.meta['where']})" if example.meta.get("where") else ""
+            raise ValueError(f"preference pairs cannot be generated for task {self.name!r}: its gold answer "
+                             f"{example.answer!r}{at} is not an integer (generated math pairs need integer "
+                             "gold answers); give pairs in a file with data.source='jsonl' and data.path=...") from None
+        return f"\\boxed{{{example.answer}}}", f"\\boxed{{{wrong}}}"
 
     def extract_answer(self, completion: str) -> str | None:
         """The final answer in canonical form (see `canonical_answer`), None when there is none."""
