@@ -317,7 +317,7 @@ def detail(o: Ours, repeats: int) -> dict:
                 advantages=grpo.compute_advantages(o.algo, jnp.linspace(-1, 0, rows), ro.mask))
     if o.need_old:
         full["old_logprobs"] = o.logp_fn(params, batch)
-    from jaxrl_llm.algos.aggregation import token_mean_weights, token_weights
+    from jaxrl_llm.algos.aggregation import token_mean_weights
     from jaxrl_llm.algos.policy_loss import policy_loss
     lc = o.algo.loss
 
@@ -326,7 +326,7 @@ def detail(o: Ours, repeats: int) -> dict:
                                          chunk=o.algo.logprob_chunk, with_entropy=True)
         old = mb.get("old_logprobs", jax.lax.stop_gradient(logp))
         m = mb["completion_mask"]
-        loss, _ = policy_loss(lc, logp, old, mb["advantages"], token_weights(m, lc.loss_agg, lc.norm_length),
+        loss, _ = policy_loss(lc, logp, old, mb["advantages"], lc.token_weights(m),
                               token_mean_weights(m), ref_logp_bt=mb["ref_logprobs"], entropy_bt=ent,
                               sampler_logp_bt=mb["sampler_logprobs"], mask_bt=m)
         return loss

@@ -289,6 +289,9 @@ def np_agg(per_token, mask, mode, norm_length=None):
     if mode == "token-mean":
         n = sum(1 for b in range(n_rows) for t in range(t_len) if mask[b, t])
         return sum(per_token[b][t] for b in range(n_rows) for t in range(t_len) if mask[b, t]) / max(n, 1)
+    if mode == "token-sum-norm":  # no division by the number of rows (verl's "seq-mean-token-sum-norm")
+        return sum(per_token[b][t] for b in range(n_rows) for t in range(t_len) if mask[b, t]) / (
+            t_len if norm_length is None else norm_length)
     total = 0.0
     for b in range(n_rows):
         idx = real(mask[b])

@@ -87,6 +87,20 @@ def _check_groups(rewards_b: jax.Array, group_size: int, min_size: int, who: str
                          "(expected [B] with B a multiple of group_size; prompt i owns rows i*G .. i*G+G-1)")
 
 
+def _zero_constant_groups(r_gk: jax.Array, adv_gk: jax.Array) -> jax.Array:
+    """adv_gk with every group whose rewards are all equal (max == min) set to exactly 0.
+
+    In float32 the mean of G equal rewards can be rounding steps away
+    from them (G = 3, r = 0.1), and so can the leave-one-out baseline; the
+    tiny centred value divided by a tiny std (+ eps) is then far from 0
+    (about -7e-3 for that example with eps = 1e-6). Such a group carries
+    no signal, so its advantage is exactly 0 whatever the rounding. Only a
+    select: every other group keeps its value bit for bit.
+    """
+    constant = jnp.max(r_gk, axis=-1, keepdims=True) == jnp.min(r_gk, axis=-1, keepdims=True)
+    return jnp.where(constant, 0.0, adv_gk)
+
+
 def group_advantages(rewards_b: jax.Array, group_size: int, scale_by_std: bool = True, std_over: str = "group",
                      eps: float = 1e-6, std_ddof: int = 1) -> jax.Array:
     """Group-relative advantages [B]: (r_i - mean_group) / (std + eps).
@@ -97,9 +111,10 @@ def group_advantages(rewards_b: jax.Array, group_size: int, scale_by_std: bool =
     the std of all B rewards (TRL's `scale_rewards="batch"`, the "LitePPO"
     recipe). `std_ddof=1` is the unbiased std (torch.std, which TRL and verl
     both use); `std_ddof=0` the population std. eps is added to the std
-    (TRL 1e-4, verl 1e-6). A group of identical rewards gets advantage 0.
-    group_size must be >= 2: with G = 1 the group mean is the reward itself
-    and every advantage would silently be 0.
+    (TRL 1e-4, verl 1e-6). A group of identical rewards gets advantage
+    exactly 0 (`_zero_constant_groups`). group_size must be >= 2: with G = 1
+    the group mean is the reward itself and every advantage would silently
+    be 0.
     """
     r = _f32(rewards_b)
     _check_groups(r, group_size, 2, "group_advantages")
@@ -110,12 +125,12 @@ def group_advantages(rewards_b: jax.Array, group_size: int, scale_by_std: bool =
     r_gk = r.reshape(-1, group_size)
     centred = r_gk - jnp.mean(r_gk, axis=-1, keepdims=True)
     if not scale_by_std:
-        return centred.reshape(-1)
+        return _zero_constant_groups(r_gk, centred).reshape(-1)
     if std_over == "group":
         std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=-1, keepdims=True) / (group_size - std_ddof))
     else:
         std = jnp.sqrt(jnp.sum(jnp.square(r - jnp.mean(r))) / (r.shape[0] - std_ddof))
-    return (centred / (std + eps)).reshape(-1)
+    return _zero_constant_groups(r_gk, centred / (std + eps)).reshape(-1)
 
 
 def nonzero_std_groups(rewards_b: jax.Array, group_size: int) -> jax.Array:
@@ -130,13 +145,14 @@ def rloo_advantages(rewards_b: jax.Array, group_size: int) -> jax.Array:
 
     Kool et al. 2019 ("Buy 4 REINFORCE samples, get a baseline for free");
     Ahmadian et al. 2024 (arXiv 2402.14740, eq. 6). Equals G/(G-1) times the
-    group-mean-centred reward. Needs G >= 2.
+    group-mean-centred reward. A group of identical rewards gets exactly 0.
+    Needs G >= 2.
     """
     r = _f32(rewards_b)
     _check_groups(r, group_size, 2, "rloo_advantages")
     r_gk = r.reshape(-1, group_size)
     baseline = (jnp.sum(r_gk, axis=-1, keepdims=True) - r_gk) / (group_size - 1)
-    return (r_gk - baseline).reshape(-1)
+    return _zero_constant_groups(r_gk, r_gk - baseline).reshape(-1)
 
 
 def reinforce_pp_returns(token_rewards_bt: jax.Array, mask_bt: jax.Array, gamma: float = 1.0) -> jax.Array:

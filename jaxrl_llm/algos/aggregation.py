@@ -13,9 +13,14 @@ shipped).
 | seq-mean-token-mean | 1/G sum_i (sum_t m l / sum_t m) | GRPO paper, TRL "grpo" |
 | seq-mean-token-sum | 1/G sum_i sum_t m l | verl "seq-mean-token-sum" |
 | seq-mean-token-sum-norm | 1/G sum_i sum_t m l / L_const | Dr. GRPO (L_const = max generation length) |
+| token-sum-norm | sum_{i,t} m l / L_const | verl "seq-mean-token-sum-norm" (L_const = its loss_scale_factor) |
 
-(G is the number of sequences in the batch; rows with an empty mask count
-in G but add nothing — they never produce NaN.)
+G is the number of sequences in the batch. By default rows with an empty
+mask count in G but add nothing (they never produce NaN); with
+`exclude_empty_rows=True` the three seq-mean modes count only rows with at
+least one real token (verl >= 0.6.1). token-mean and token-sum-norm have no
+row count, so the option does not change them. docs/algorithms.md maps each
+verl `loss_agg_mode` and version onto these settings.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-NORM_MODES = ("seq-mean-token-sum-norm",)  # the modes that divide by a constant length (norm_length)
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+                  "token-sum-norm")
+# modes that divide by a constant length (`norm_length`, default the padded length T)
+NORM_MODES = ("seq-mean-token-sum-norm", "token-sum-norm")
 
 
 def check_loss_agg(mode: str) -> str:
@@ -36,22 +43,42 @@ def check_loss_agg(mode: str) -> str:
     return mode
 
 
-def token_weights(mask_bt: jax.Array, mode: str, norm_length: float | None = None) -> jax.Array:
+def check_exclude_empty_rows(value: object, where: str) -> None:
+    """`where.exclude_empty_rows` must be a Python bool: it picks a branch when the weights are traced."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}.exclude_empty_rows={value!r} must be True or False (True: the seq-mean modes "
+                         "count only rows with at least one real token, as verl >= 0.6.1)")
+
+
+def _row_count(m_bt: jax.Array, exclude_empty_rows: bool) -> jax.Array | int:
+    """G of the seq-mean modes: every row, or the rows with a real token (at least 1, so never 0/0)."""
+    if not exclude_empty_rows:
+        return m_bt.shape[0]
+    return jnp.maximum(jnp.sum(jnp.any(m_bt > 0, axis=-1).astype(jnp.float32)), 1.0)
+
+
+def token_weights(mask_bt: jax.Array, mode: str, norm_length: float | None = None,
+                  exclude_empty_rows: bool = False) -> jax.Array:
     """float32 [B, T] weights w with loss = sum(w * loss_bt), for the whole batch given.
 
-    `norm_length` is the constant L_const of "seq-mean-token-sum-norm"
-    (default: T, the padded generation length).
+    `norm_length` is the constant L_const of the modes in `NORM_MODES`
+    (default: T, the padded generation length). `exclude_empty_rows`
+    makes G of the seq-mean modes the number of rows with at least one
+    real token instead of B.
     """
     check_loss_agg(mode)
+    check_exclude_empty_rows(exclude_empty_rows, "token_weights")
     m = mask_bt.astype(jnp.float32)
-    n_seq = m.shape[0]
     if mode == "token-mean":
         return m / jnp.maximum(jnp.sum(m), 1.0)
+    length = float(m.shape[1] if norm_length is None else norm_length)
+    if mode == "token-sum-norm":
+        return m / length
+    n_seq = _row_count(m, exclude_empty_rows)
     if mode == "seq-mean-token-mean":
         return m / jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0) / n_seq
     if mode == "seq-mean-token-sum":
         return m / n_seq
-    length = float(m.shape[1] if norm_length is None else norm_length)
     return m / (n_seq * length)
 
 
@@ -65,6 +92,7 @@ def token_mean_weights(mask_bt: jax.Array) -> jax.Array:
     return token_weights(mask_bt, "token-mean")
 
 
-def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, mode: str, norm_length: float | None = None) -> jax.Array:
+def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, mode: str, norm_length: float | None = None,
+              exclude_empty_rows: bool = False) -> jax.Array:
     """Convenience for a batch that is not split: sum(token_weights * loss)."""
-    return jnp.sum(token_weights(mask_bt, mode, norm_length) * loss_bt)
+    return jnp.sum(token_weights(mask_bt, mode, norm_length, exclude_empty_rows) * loss_bt)

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxrl_llm.algos.aggregation import check_loss_agg, sequence_weights, token_weights
+from jaxrl_llm.algos.aggregation import check_exclude_empty_rows, check_loss_agg, sequence_weights, token_weights
 from jaxrl_llm.algos.logprobs import completion_logprobs, rollout_forward_fn
 from jaxrl_llm.algos.preference import (DPO_LOSS_TYPES, PAIR_KEYS, check_batch_keys, check_choice,
                                         check_label_smoothing, concat_pairs, dpo_loss, orpo_loss, pad_pairs,
@@ -72,8 +72,9 @@ class DPOConfig:
     nll_coef: adds nll_coef * NLL(chosen) to the DPO/IPO/hinge/robust/SimPO
         loss (RPO, Pang et al. 2024 = TRL rpo_alpha; CPO/TRL cpo_alpha;
         OpenRLHF nll_loss_coef). ORPO always has its NLL with weight 1.
-    loss_agg / norm_length: aggregation of that NLL over tokens (default
-        token-mean over the chosen tokens of the batch, as TRL).
+    loss_agg / norm_length / exclude_empty_rows: aggregation of that NLL
+        over tokens (default token-mean over the chosen tokens of the batch,
+        as TRL; see `aggregation`).
     """
 
     loss_type: str = "sigmoid"
@@ -86,6 +87,7 @@ class DPOConfig:
     loss_agg: str = "token-mean"
     norm_length: float | None = None
     logprob_chunk: int = 128
+    exclude_empty_rows: bool = False
 
     def __post_init__(self):
         check_choice("dpo.loss_type", self.loss_type, LOSS_TYPES)
@@ -103,12 +105,17 @@ class DPOConfig:
         check_loss_agg(self.loss_agg)
         if self.norm_length is not None and not self.norm_length > 0:
             raise ValueError(f"dpo.norm_length={self.norm_length} must be > 0")
+        check_exclude_empty_rows(self.exclude_empty_rows, "dpo")
         if self.logprob_chunk < 1:
             raise ValueError(f"dpo.logprob_chunk={self.logprob_chunk} must be >= 1")
 
     @property
     def needs_reference(self) -> bool:
         return self.loss_type in DPO_LOSS_TYPES
+
+    def token_weights(self, mask_bt: jax.Array) -> jax.Array:
+        """float32 [B, N] weights of the NLL term; call it on the chosen mask of the whole batch."""
+        return token_weights(mask_bt, self.loss_agg, self.norm_length, self.exclude_empty_rows)
 
 
 def pair_logprobs(module: Any, params: Any, model_cfg: ModelConfig, batch: dict,
@@ -204,7 +211,7 @@ def make_dpo_step(module: Any, model_cfg: ModelConfig, cfg: DPOConfig = DPOConfi
         check_batch_keys(batch, keys, f"dpo step (loss_type={cfg.loss_type!r})", hint)
         batch = pad_pairs({k: batch[k] for k in keys})
         batch["seq_w"] = sequence_weights(batch["chosen_mask"])
-        batch["nll_w"] = token_weights(batch["chosen_mask"], cfg.loss_agg, cfg.norm_length)
+        batch["nll_w"] = cfg.token_weights(batch["chosen_mask"])
         grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches)
         return apply_gradients(state, grads, metrics)
 

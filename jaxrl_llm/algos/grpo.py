@@ -223,7 +223,7 @@ def make_grpo_step(module: Any, model_cfg: ModelConfig, cfg: GRPOConfig) -> Call
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
         mask = batch["completion_mask"]
-        batch = dict(batch, weights=token_weights(mask, lc.loss_agg, lc.norm_length),
+        batch = dict(batch, weights=lc.token_weights(mask),
                      metric_weights=token_mean_weights(mask))
         grads, metrics = accumulate(loss_fn, state.params, batch, rng, cfg.num_micro_batches)
         m = mask.astype(jnp.float32)

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxrl_llm.algos.aggregation import check_loss_agg
+from jaxrl_llm.algos.aggregation import check_exclude_empty_rows, check_loss_agg, token_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_estimate
 
 RATIO_LEVELS = ("token", "sequence")
@@ -41,8 +41,9 @@ class PolicyLossConfig:
     dual_clip: c > 1 caps the loss of a token with A < 0 at c * |A|
         (Ye et al. 2020, "Mastering complex control in MOBA games", eq. 5).
     ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO-token, arXiv 2507.18071).
-    loss_agg / norm_length: the aggregation mode the caller's weights are
-        built with (`aggregation.token_weights(mask, loss_agg, norm_length)`).
+    loss_agg / norm_length / exclude_empty_rows: the aggregation the
+        caller's weights are built with (`cfg.token_weights(mask)` of the
+        whole minibatch; see `aggregation`).
     entropy_coef: the loss gets `- entropy_coef * entropy_t` (needs `entropy_bt`).
     kl_coef, kl_estimator, kl_clamp: the loss gets `kl_coef * kl_estimate(logp,
         ref_logp, kl_estimator, kl_clamp)` (GRPO's beta; needs `ref_logp_bt`).
@@ -62,6 +63,7 @@ class PolicyLossConfig:
     kl_estimator: str = "k3"
     kl_clamp: float | None = None
     tis_cap: float | None = None
+    exclude_empty_rows: bool = False
 
     def __post_init__(self):
         def bad(field: str, why: str):
@@ -78,6 +80,7 @@ class PolicyLossConfig:
         check_loss_agg(self.loss_agg)
         if self.norm_length is not None and not self.norm_length > 0:
             bad("norm_length", "must be None (the padded length) or > 0")
+        check_exclude_empty_rows(self.exclude_empty_rows, "PolicyLossConfig")
         if not self.entropy_coef >= 0.0:
             bad("entropy_coef", "must be >= 0 (the loss subtracts entropy_coef * entropy)")
         if not self.kl_coef >= 0.0:
@@ -88,6 +91,10 @@ class PolicyLossConfig:
             bad("kl_clamp", "must be None or > 0")
         if self.tis_cap is not None and not self.tis_cap > 0:
             bad("tis_cap", "must be None (off) or > 0 (verl uses 2.0)")
+
+    def token_weights(self, mask_bt: jax.Array) -> jax.Array:
+        """float32 [B, T] loss weights of this config's aggregation; call it on the whole minibatch."""
+        return token_weights(mask_bt, self.loss_agg, self.norm_length, self.exclude_empty_rows)
 
 
 def _check_shapes(who: str, **arrays: jax.Array | None) -> None:

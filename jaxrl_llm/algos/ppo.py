@@ -32,8 +32,8 @@ Parameters: {"policy": CausalLM params, "value": ScalarHeadModel(per_token=True)
 params} for separate models, or one `PolicyValueModel` tree when
 `shared_backbone`. One optimiser over the whole tree (a single TrainState);
 `separate_optimizers` gives the value model its own learning rate.
-See docs/algorithms_ppo.md for every knob, the implementation details and
-the peers' defaults.
+See docs/algorithms.md, section "PPO for language models", for every knob,
+the implementation details and the peers' defaults.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_llm.algos import advantages as adv_lib
-from jaxrl_llm.algos.aggregation import token_mean_weights, token_weights
+from jaxrl_llm.algos.aggregation import token_mean_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, KLControllerConfig, kl_coef_update, kl_estimate, kl_penalty_rewards
 from jaxrl_llm.algos.logprobs import completion_logprobs, logprobs_from_hidden, rollout_forward_fn
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss, value_loss
@@ -60,7 +60,7 @@ REQUIRED_KEYS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completio
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-    """PPO-for-LMs hyper-parameters (defaults follow TRL's PPOTrainer; see docs/algorithms_ppo.md).
+    """PPO-for-LMs hyper-parameters (defaults follow TRL's PPOTrainer; docs/algorithms.md, "PPOConfig").
 
     gamma, lam: GAE discount and lambda.
     kl: the KL-in-reward coefficient and its controller (fixed / adaptive).
@@ -346,7 +346,7 @@ def make_ppo_step(policy_module: Any, value_module: Any, model_cfg: ModelConfig,
     """Pure `(state, batch, rng) -> (state, metrics)`: one optimiser step on one minibatch.
 
     loss = policy_loss + vf_coef * value_loss, both weighted by
-    `token_weights(mask, cfg.loss.loss_agg)` of the whole minibatch (so
+    `cfg.loss.token_weights(mask)` of the whole minibatch (so
     accumulation and sharding are exact). One forward per model per
     micro-batch (one in all when `shared_backbone`; `value_module` may then
     be None). Metrics: everything `policy_loss` and `value_loss` report,
@@ -400,7 +400,7 @@ def make_ppo_step(policy_module: Any, value_module: Any, model_cfg: ModelConfig,
             raise ValueError(f"PPO batch is missing {missing}; see jaxrl_llm/algos/ppo.py for the batch layout "
                              "(old_logprobs/old_values from make_rollout_fn, advantages/returns from compute_targets)")
         mask = batch["completion_mask"]
-        batch = dict(batch, weights=token_weights(mask, lc.loss_agg, lc.norm_length),
+        batch = dict(batch, weights=lc.token_weights(mask),
                      metric_weights=token_mean_weights(mask))
         grads, metrics = accumulate(loss_fn, state.params, batch, rng, cfg.num_micro_batches)
         r, r2, d, d2 = (metrics.pop(k) for k in ("_ev_r", "_ev_r2", "_ev_d", "_ev_d2"))

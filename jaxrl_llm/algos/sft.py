@@ -2,7 +2,7 @@
 
     loss = -sum_{i,t} w_{i,t} log pi(y_{i,t} | x_i, y_{i,<t})
 
-with w = `aggregation.token_weights(completion_mask, loss_agg)` computed on
+with w = `SFTConfig.token_weights(completion_mask)` computed on
 the whole batch before it is split into micro-batches, so accumulation and
 data parallelism give exactly the un-accumulated step. The default
 "token-mean" is the mean over all completion tokens of the batch (what TRL
@@ -29,7 +29,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxrl_llm.algos.aggregation import check_loss_agg, token_mean_weights, token_weights
+from jaxrl_llm.algos.aggregation import (NORM_MODES, check_exclude_empty_rows, check_loss_agg, token_mean_weights,
+                                         token_weights)
 from jaxrl_llm.algos.logprobs import completion_logprobs
 from jaxrl_llm.algos.preference import check_batch_keys, sft_nll
 from jaxrl_llm.algos.train_state import Metrics, TrainState, accumulate, apply_gradients
@@ -45,23 +46,32 @@ class SFTConfig:
     loss_agg: how token losses are averaged (see `aggregation`): "token-mean"
         (default), "seq-mean-token-mean", "seq-mean-token-sum",
         "seq-mean-token-sum-norm" (divide each sequence's sum by `norm_length`,
-        default: the padded completion length N).
+        default: the padded completion length N), "token-sum-norm" (the sum
+        over the batch divided by `norm_length`; no division by B).
+    exclude_empty_rows: the seq-mean modes count only rows with at least one
+        completion token (default False: every row counts).
     logprob_chunk: positions per LM-head chunk (memory vs speed; not numerics).
     """
 
     loss_agg: str = "token-mean"
     norm_length: float | None = None
     logprob_chunk: int = 128
+    exclude_empty_rows: bool = False
 
     def __post_init__(self):
         check_loss_agg(self.loss_agg)
+        check_exclude_empty_rows(self.exclude_empty_rows, "sft")
         if self.norm_length is not None and not self.norm_length > 0:
             raise ValueError(f"sft.norm_length={self.norm_length} must be > 0 (or None for the padded length)")
-        if self.norm_length is not None and self.loss_agg != "seq-mean-token-sum-norm":
-            raise ValueError(f"sft.norm_length is only used by loss_agg='seq-mean-token-sum-norm', "
+        if self.norm_length is not None and self.loss_agg not in NORM_MODES:
+            raise ValueError(f"sft.norm_length is only used by loss_agg in {NORM_MODES}, "
                              f"not {self.loss_agg!r}; remove it or change loss_agg")
         if self.logprob_chunk < 1:
             raise ValueError(f"sft.logprob_chunk={self.logprob_chunk} must be >= 1")
+
+    def token_weights(self, mask_bt: jax.Array) -> jax.Array:
+        """float32 [B, N] loss weights of this config's aggregation; call it on the whole batch."""
+        return token_weights(mask_bt, self.loss_agg, self.norm_length, self.exclude_empty_rows)
 
 
 def make_sft_step(module: Any, model_cfg: ModelConfig, cfg: SFTConfig = SFTConfig(),
@@ -91,7 +101,7 @@ def make_sft_step(module: Any, model_cfg: ModelConfig, cfg: SFTConfig = SFTConfi
         check_batch_keys(batch, SFT_KEYS, "sft step")
         mask = batch["completion_mask"]
         batch = {k: batch[k] for k in SFT_KEYS}
-        batch["loss_w"] = token_weights(mask, cfg.loss_agg, cfg.norm_length)
+        batch["loss_w"] = cfg.token_weights(mask)
         batch["token_mean_w"] = token_mean_weights(mask)
         grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches)
         return apply_gradients(state, grads, metrics)
