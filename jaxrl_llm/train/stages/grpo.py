@@ -18,14 +18,13 @@ import jax
 import ml_collections as mc
 
 from jaxrl_llm.algos import grpo
-from jaxrl_llm.algos.aggregation import NORM_MODES
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
 from jaxrl_llm.train.build import jnp_tree_copy
 from jaxrl_llm.train.config import ConfigError, from_dataclass, nearest, optimizer_config, to_dataclass
 from jaxrl_llm.train.experience import Experience, step_metrics
 from jaxrl_llm.train.stage import StageKind
 from jaxrl_llm.train.stages.rl import (RLStage, optional_temperature, resolve_temperature, reward_section,
-                                       sampling_section)
+                                       sampling_section, with_norm_length)
 
 
 def grpo_stage(variant: str = "grpo", iterations: int = 200, prompts_per_iter: int = 32, group_size: int = 8,
@@ -53,10 +52,8 @@ def algo_config(s: mc.ConfigDict, where: str) -> grpo.GRPOConfig:
     """The stage's GRPOConfig: its `algo` section with the sampler's temperature and, for the *-norm loss
     aggregations, `norm_length` = sampling.max_new_tokens unless set."""
     data, temperature = resolve_temperature(s.algo, s, where)
-    algo = to_dataclass(grpo.GRPOConfig, data, f"{where}.algo").replace(temperature=temperature)
-    if algo.loss.loss_agg in NORM_MODES and algo.loss.norm_length is None:
-        algo = algo.replace(loss=dataclasses.replace(algo.loss, norm_length=float(s.sampling.max_new_tokens)))
-    return algo
+    algo = to_dataclass(grpo.GRPOConfig, data, f"{where}.algo")
+    return algo.replace(temperature=temperature, loss=with_norm_length(algo.loss, s))
 
 
 class GRPOLearner:

@@ -46,7 +46,7 @@ from jaxrl_llm.train.experience import step_metrics
 from jaxrl_llm.train.stage import StageKind
 from jaxrl_llm.train.stages.preference import load_reward_params, scalar_head_params
 from jaxrl_llm.train.stages.rl import (RLStage, optional_temperature, resolve_temperature, reward_section,
-                                       sampling_section)
+                                       sampling_section, with_norm_length)
 
 
 def ppo_stage(iterations: int = 200, prompts_per_iter: int = 32, samples_per_prompt: int = 1,
@@ -70,9 +70,10 @@ def ppo_stage(iterations: int = 200, prompts_per_iter: int = 32, samples_per_pro
 
 
 def algo_config(s: mc.ConfigDict, where: str) -> ppo.PPOConfig:
-    """The stage's PPOConfig: its `algo` section with the sampler's temperature."""
+    """The stage's PPOConfig: its `algo` section with the sampler's temperature (and norm_length as GRPO's)."""
     data, temperature = resolve_temperature(s.algo, s, where)
-    return to_dataclass(ppo.PPOConfig, data, f"{where}.algo").replace(temperature=temperature)
+    algo = to_dataclass(ppo.PPOConfig, data, f"{where}.algo")
+    return algo.replace(temperature=temperature, loss=with_norm_length(algo.loss, s))
 
 
 class _RewardModelScores:

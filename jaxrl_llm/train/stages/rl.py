@@ -13,11 +13,13 @@ algorithm config that sets another temperature is an error (`resolve_temperature
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import ml_collections as mc
 
+from jaxrl_llm.algos.aggregation import NORM_MODES
 from jaxrl_llm.rewards.rollout import RolloutScorer
 from jaxrl_llm.train.build import make_evaluator, prompt_iterator, stage_sampler
 from jaxrl_llm.train.config import ConfigError
@@ -49,6 +51,15 @@ def resolve_temperature(algo_section: mc.ConfigDict, s: mc.ConfigDict, where: st
                           f"forward divides logits by the sampling temperature; set {where}.sampling.temperature "
                           f"only (leave {where}.algo.temperature unset)")
     return data, t
+
+
+def with_norm_length(loss, s: mc.ConfigDict):
+    """`loss` (a PolicyLossConfig) with norm_length = sampling.max_new_tokens for the aggregations that divide
+    by a constant length (`aggregation.NORM_MODES`) when it is unset: derived when the stage is built, so
+    `--set <stage>.sampling.max_new_tokens=...` moves it too (an explicit value wins)."""
+    if loss.loss_agg in NORM_MODES and loss.norm_length is None:
+        return dataclasses.replace(loss, norm_length=float(s.sampling.max_new_tokens))
+    return loss
 
 
 def optional_temperature(algo: mc.ConfigDict) -> mc.ConfigDict:

@@ -18,6 +18,8 @@ def sft_stage(steps: int = 200, batch_size: int = 64, learning_rate: float = 1e-
     """An SFT stage: `steps` steps of `batch_size` (prompt, answer) pairs; `kw` sets other section keys."""
     s = mc.ConfigDict(dict(kind="sft", steps=steps, batch_size=batch_size, max_prompt_len=16,
                            max_response_len=16, num_micro_batches=1, loss_agg="token-mean",
+                           norm_length=mc.FieldReference(None, field_type=float),  # the *-norm modes' constant
+                           exclude_empty_rows=False,
                            data=mc.ConfigDict(dict(source="task", path="", num_examples=20000)),
                            optimizer=optimizer_config(learning_rate)))
     s.update(kw)
@@ -33,10 +35,12 @@ def addition_warm_start() -> mc.ConfigDict:
 
 
 def algo_config(s: mc.ConfigDict, where: str) -> sft.SFTConfig:
+    """The stage's SFTConfig from its loss_agg / norm_length / exclude_empty_rows keys."""
     try:
-        return sft.SFTConfig(loss_agg=s.loss_agg)
+        return sft.SFTConfig(loss_agg=s.loss_agg, norm_length=s.get("norm_length"),
+                             exclude_empty_rows=bool(s.get("exclude_empty_rows", False)))
     except ValueError as e:
-        raise ConfigError(f"{where}.loss_agg: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
 class SFTStage(Stage):
