@@ -192,7 +192,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
     """`jnp.argmax(x, axis=-1)` (the first maximum; x without NaNs) as a max and a min reduction, int32.
 
     XLA:CPU runs argmax's paired (value, index) reduction element by element; two plain reductions
-    vectorise: about 3x faster over a [64, 512] decode step's scores.
+    vectorise.
     """
     top = jnp.max(x, axis=-1, keepdims=True)
     index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)

@@ -17,7 +17,7 @@ def set_cpu_devices(n: int) -> None:
 
     On a CPU-only machine the default mesh (data: -1) then shards the batch over the `n` devices: with one
     device per core, each core runs its own rows' ops instead of every small op being split across the
-    cores (the tiny model's decode: 0.21 -> 0.16 s on 2 cores, docs/performance.md). Accelerator backends
+    cores (docs/performance.md has the measurements). Accelerator backends
     are unaffected. Runs stay deterministic for a given `n`; different `n` reduce in a different order.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

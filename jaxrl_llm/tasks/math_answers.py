@@ -37,7 +37,7 @@ from jaxrl_llm.tasks.wrong_answers import wrong_number
 PercentMode = Literal["lenient", "value", "strip"]
 DEFAULT_TEMPLATE = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 _MAX_ANSWER_CHARS = 400   # longer "answers" are compared as strings: a sympy parse of them is slow and never needed
-_MAX_DIGITS = 1e5         # a number with more decimal digits than this is not evaluated (2^100000 takes 0.1 s)
+_MAX_DIGITS = 1e5         # a number with more decimal digits than this is not evaluated (larger ones are slow to evaluate)
 
 
 # ---------------------------------------------------------------------------------------------- extraction

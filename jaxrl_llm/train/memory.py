@@ -106,9 +106,7 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
   plus the hidden states the head reads, 2 x rows_dev x N x E x b. The
   reward model has no LM head: 0.
 
-Compared with XLA's own accounting (`compiled.memory_analysis().temp_size_in_bytes` of the jitted GRPO
-update and log-prob forward, XLA:CPU, float32, a 4-layer 512-wide model): the update phase came out 0-10%
-above it with remat "none", 19-24% above with "dots" and "full", the score phase 20-23% above.
+How the approximate terms compare with XLA's own accounting: docs/scaling.md.
 
 Rows are global: prompts_per_iter and batch_size count every process's rows together.
 

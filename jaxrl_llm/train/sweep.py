@@ -315,8 +315,7 @@ def sweep(spec: str, grid: Mapping[str, Sequence], seeds: int | str | Sequence[i
     runs = list(queue)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if compile_cache and not child_env.get("JAX_COMPILATION_CACHE_DIR"):
-        # Runs of a sweep compile the same programs (a seed is a runtime input); on CPU a cache hit
-        # cuts a smoke run from ~45 s to ~20 s.
+        # Runs of a sweep compile the same programs (a seed is a runtime input): each compiles once.
         child_env["JAX_COMPILATION_CACHE_DIR"] = str(root / ".jax_cache")
         child_env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     say(f"sweep {name}: {len(variant_list)} variant(s) x {len(seed_list)} seed(s) = {len(runs)} runs, "
