@@ -90,6 +90,13 @@ class Stage:
 
     # --- to implement -------------------------------------------------------------------------
     total_steps: int
+    # What the defaults of tree / meta / restore / params / evaluate read: a TrainState of the policy, a frozen
+    # reference policy (kept in checkpoints as "ref_params"; None: the stage has none), the data iterator and
+    # the held-out evaluator. A stage with other state overrides them.
+    state: Any = None
+    ref: Any = None
+    iterator: Any = None
+    evaluator: Any = None
 
     def init(self, params) -> None:
         """Fresh start from `params` (the previous stage's result or the initial model); also called
@@ -101,21 +108,30 @@ class Stage:
         raise NotImplementedError
 
     def tree(self) -> dict:
-        """The pytrees a checkpoint holds (e.g. {"params": ..., "opt_state": ..., "step": ...})."""
-        raise NotImplementedError
+        """The pytrees a checkpoint holds: params, opt_state, step (and ref_params with a reference)."""
+        tree = {"params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
+        if self.ref is not None:
+            tree["ref_params"] = self.ref
+        return tree
 
     def meta(self) -> dict:
-        """JSON-able state: data position, counters."""
-        raise NotImplementedError
+        """JSON-able state: the data position (and a stage's own counters)."""
+        return {"iterator": self.iterator.state()} if self.iterator is not None else {}
 
     def restore(self, tree: dict, meta: dict) -> None:
-        raise NotImplementedError
+        """Continues from a checkpoint's `tree` and `meta` (what `tree()` and `meta()` wrote)."""
+        self.state = self.state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
+        if "ref_params" in tree:
+            self.ref = tree["ref_params"]
+        if self.iterator is not None:
+            self.iterator.restore(meta["iterator"])
 
     def evaluate(self) -> dict:
-        return {}
+        return self.evaluator(self.params()) if self.evaluator is not None else {}
 
     def params(self):
-        raise NotImplementedError
+        """The policy the stage has trained so far (what the next stage starts from)."""
+        return self.state.params
 
     def close(self) -> None:
         """Releases what the stage holds beyond device memory (reward worker pools)."""

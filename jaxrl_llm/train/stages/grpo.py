@@ -119,26 +119,6 @@ class GRPOStage(RLStage):
         self.state, metrics = self.learner(self.state, self.ref, exp, self.update_key(i))
         return self.iteration_metrics(i, exp, metrics)
 
-    def params(self):
-        return self.state.params
-
-    def tree(self) -> dict:
-        tree = {"params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
-        if self.ref is not None:
-            tree["ref_params"] = self.ref
-        return tree
-
-    def meta(self) -> dict:
-        return {"iterator": self.iterator.state()}
-
-    def restore(self, tree: dict, meta: dict) -> None:
-        self.state = self.state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
-        if "ref_params" in tree:
-            self.ref = tree["ref_params"]
-        self.iterator.restore(meta["iterator"])
-
-    def evaluate(self) -> dict:
-        return self.evaluator(self.state.params) if self.evaluator else {}
 
 
 def memory(cfg, s, z) -> dict[str, int]:

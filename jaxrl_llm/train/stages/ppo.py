@@ -216,9 +216,6 @@ class PPOStage(RLStage):
                                           "score_mean", "missing_eos_frac")})
         return self.iteration_metrics(i, exp, metrics)
 
-    def evaluate(self) -> dict:
-        return self.evaluator(self.policy()) if self.evaluator else {}
-
 
 def memory(cfg, s, z) -> dict[str, int]:
     a = algo_config(s, "algo")

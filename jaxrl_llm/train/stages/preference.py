@@ -148,12 +148,6 @@ class _PairStage(Stage):
         self.state, metrics = self.update(self.state, batch, jax.random.fold_in(self.key, i))
         return metrics
 
-    def meta(self) -> dict:
-        return {"iterator": self.iterator.state()} if self.iterator is not None else {}
-
-    def _restore_iterator(self, meta: dict) -> None:
-        if self.iterator is not None:
-            self.iterator.restore(meta["iterator"])
 
 
 class DPOStage(_PairStage):
@@ -187,21 +181,9 @@ class DPOStage(_PairStage):
             batch.update(self.ref_fn(self.ref, batch))
         return self._train(i, batch)
 
-    def params(self):
-        return self.state.params
-
-    def tree(self) -> dict:
-        tree = {"params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
-        if self.ref is not None:
-            tree["ref_params"] = self.ref
-        return tree
-
     def restore(self, tree: dict, meta: dict) -> None:
-        self.state = self.state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
-        if "ref_params" in tree:
-            self.ref = tree["ref_params"]
+        super().restore(tree, meta)
         self._eval_ref = None
-        self._restore_iterator(meta)
 
     def _held_out_sums(self, params) -> tuple[np.ndarray, np.ndarray]:
         c, r = [], []
@@ -227,7 +209,7 @@ class DPOStage(_PairStage):
         return a.beta * (c - ref_c), a.beta * (r - ref_r)
 
     def evaluate(self) -> dict:
-        out = self.evaluator(self.state.params) if self.evaluator else {}
+        out = super().evaluate()
         if self.eval_arrays is not None:
             rc, rr = self._implicit_rewards(*self._held_out_sums(self.state.params))
             acc = float(np.mean(rc > rr))
@@ -260,16 +242,12 @@ class RewardModelStage(_PairStage):
     def step(self, i: int) -> dict:
         return self._train(i, self._batch())
 
-    def params(self):
-        return self.state.params
-
-    def tree(self) -> dict:
+    def tree(self) -> dict:  # its params are a reward model, not a policy: saved under their own name
         return {"reward_params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
 
     def restore(self, tree: dict, meta: dict) -> None:
-        self.state = self.state.replace(params=tree["reward_params"], opt_state=tree["opt_state"],
-                                        step=tree["step"])
-        self._restore_iterator(meta)
+        super().restore({"params": tree["reward_params"], "opt_state": tree["opt_state"], "step": tree["step"]},
+                        meta)
 
     def evaluate(self) -> dict:
         if self.eval_arrays is None:

@@ -81,22 +81,6 @@ class SFTStage(Stage):
         self.state, metrics = self.update(self.state, batch, jax.random.fold_in(self.key, i))
         return metrics
 
-    def params(self):
-        return self.state.params
-
-    def tree(self) -> dict:
-        return {"params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
-
-    def meta(self) -> dict:
-        return {"iterator": self.iterator.state()}
-
-    def restore(self, tree: dict, meta: dict) -> None:
-        self.state = TrainState.create(tree["params"], self.opt_cfg).replace(opt_state=tree["opt_state"],
-                                                                              step=tree["step"])
-        self.iterator.restore(meta["iterator"])
-
-    def evaluate(self) -> dict:
-        return self.evaluator(self.state.params) if self.evaluator else {}
 
 
 def memory(cfg, s, z) -> dict[str, int]:
