@@ -270,8 +270,8 @@ def _axes_tuple(axes) -> tuple[str, ...]:
 
 
 def mesh_rules(cfg: mc.ConfigDict):
-    """The run's logical-axis rules from `mesh.rules` ({logical axis: mesh axes}; () = never sharded), in
-    DEFAULT_RULES' order then any new axes; checked: every value a tuple of mesh-axis names."""
+    """The run's logical-axis rules from `mesh.rules` ({logical axis: mesh axes}; () = never sharded; the
+    default rules when a config has no such section); every value must be mesh-axis names."""
     from jaxrl_llm.sharding.rules import DEFAULT_RULES, normalize_rules
     section = (cfg.get("mesh") or {}).get("rules")
     if section is None:
