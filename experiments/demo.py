@@ -37,7 +37,8 @@ def get_config(preset=None):
     c.eval.every = 20
     c.log.every = 10
     c.checkpoint.every = 100
-    if preset == "smoke":
+    if preset == "smoke":  # a few steps of each stage, on the 2-layer dummy model
+        c.model.preset = "dummy"
         c.sft.steps, c.rl.iterations = 4, 4
         c.rl.prompts_per_iter = 4
         c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 2, 2

@@ -24,7 +24,8 @@ def get_config(preset=None):
     c.orpo = dpo_stage("orpo", steps=300, batch_size=128, learning_rate=1e-3, max_prompt_len=12,
                        max_response_len=6, orpo_lambda=0.1)
     c.orpo.optimizer.update(dict(warmup_steps=30, schedule="cosine", total_steps=300))
-    if preset == "smoke":  # a few steps
+    if preset == "smoke":  # a few steps, on the 2-layer dummy model
+        c.model.preset = "dummy"
         c.orpo.steps, c.orpo.batch_size, c.orpo.data.num_pairs, c.orpo.data.eval_pairs = 2, 8, 64, 16
         c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 0
     return c

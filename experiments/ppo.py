@@ -25,7 +25,8 @@ def get_config(preset=None):
     c.rl = ppo_stage(iterations=100, prompts_per_iter=64, samples_per_prompt=4, learning_rate=1e-4,
                      value_learning_rate=3e-4, max_new_tokens=6, kl_coef=0.02, epochs=2, num_minibatches=2)
     c.rl.max_prompt_len = 12
-    if preset == "smoke":  # a few steps of each stage
+    if preset == "smoke":  # a few steps of each stage, on the 2-layer dummy model
+        c.model.preset = "dummy"
         c.sft.steps, c.rl.iterations, c.rl.prompts_per_iter = 2, 2, 4
         c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 0
     return c

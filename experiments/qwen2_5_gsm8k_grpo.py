@@ -37,8 +37,8 @@ def get_config(preset=None):
     c.rl.max_prompt_len = 384
     c.rl.reward.in_jit = False
     c.checkpoint.every, c.log.every = 50, 1
-    if preset == "smoke":  # the tiny model and tokenizer (prompts are cut to their last 32 tokens)
-        c.model.preset, c.model.dtype, c.model.remat = "tiny", "float32", "none"
+    if preset == "smoke":  # the dummy model, the tiny tokenizer (prompts are cut to their last 32 tokens)
+        c.model.preset, c.model.dtype, c.model.remat = "dummy", "float32", "none"
         c.rl.iterations, c.rl.prompts_per_iter, c.rl.algo.group_size = 2, 2, 4
         c.rl.algo.num_minibatches, c.rl.algo.num_micro_batches = 1, 1
         c.rl.max_prompt_len, c.rl.sampling.max_new_tokens = 32, 8

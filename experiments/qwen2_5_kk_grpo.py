@@ -2,7 +2,7 @@
 
     jaxrl-llm train experiments/qwen2_5_kk_grpo.py --set model.path=/path/to/Qwen2.5-1.5B-Instruct
     jaxrl-llm train experiments/qwen2_5_kk_grpo.py --set model.path=/path/to/Qwen2.5-0.5B-Instruct
-    jaxrl-llm train experiments/qwen2_5_kk_grpo.py:smoke   # tiny model + tiny tokenizer, a few steps (tests)
+    jaxrl-llm train experiments/qwen2_5_kk_grpo.py:smoke   # dummy model + tiny tokenizer, a few steps (tests)
 
 Weights and tokenizer (its chat template) come from a local Hugging Face directory given with --set
 model.path=...; nothing is downloaded, and an empty model.path stops the run with a message naming it.
@@ -39,8 +39,8 @@ def get_config(preset=None):
     c.rl.max_prompt_len = 512
     c.rl.reward.in_jit = False
     c.checkpoint.every, c.log.every = 50, 1
-    if preset == "smoke":  # the tiny model and tokenizer (prompts are cut to their last 32 tokens)
-        c.model.preset, c.model.dtype, c.model.remat = "tiny", "float32", "none"
+    if preset == "smoke":  # the dummy model, the tiny tokenizer (prompts are cut to their last 32 tokens)
+        c.model.preset, c.model.dtype, c.model.remat = "dummy", "float32", "none"
         c.task.kwargs.n_people = (3,)
         c.rl.iterations, c.rl.prompts_per_iter, c.rl.algo.group_size = 2, 2, 4
         c.rl.algo.num_micro_batches, c.rl.max_prompt_len, c.rl.sampling.max_new_tokens = 1, 32, 8

@@ -25,7 +25,8 @@ def get_config(preset=None):
     c.rl = grpo_stage("reinforce_pp", iterations=100, prompts_per_iter=32, group_size=8, learning_rate=3e-4,
                       max_new_tokens=6, kl_coef=0.01)
     c.rl.max_prompt_len = 12
-    if preset == "smoke":  # a few steps of each stage
+    if preset == "smoke":  # a few steps of each stage, on the 2-layer dummy model
+        c.model.preset = "dummy"
         c.sft.steps, c.rl.iterations, c.rl.prompts_per_iter = 2, 2, 4
         c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 0
     return c

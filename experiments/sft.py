@@ -23,7 +23,8 @@ def get_config(preset=None):
     c.sft = sft_stage(steps=300, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
     c.sft.optimizer.update(dict(warmup_steps=30, schedule="cosine", total_steps=300))
     c.checkpoint.every = 100
-    if preset == "smoke":  # a few steps, with a mid-run checkpoint
+    if preset == "smoke":  # a few steps, with a mid-run checkpoint, on the 2-layer dummy model
+        c.model.preset = "dummy"
         c.sft.steps = 4
         c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 2
     return c

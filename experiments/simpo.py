@@ -25,7 +25,8 @@ def get_config(preset=None):
     c.sft = addition_warm_start()
     c.pref = dpo_stage("simpo", steps=200, batch_size=64, learning_rate=3e-4, max_prompt_len=12,
                        max_response_len=6, beta=2.0, simpo_gamma=1.0)
-    if preset == "smoke":  # a few steps of each stage
+    if preset == "smoke":  # a few steps of each stage, on the 2-layer dummy model
+        c.model.preset = "dummy"
         c.sft.steps, c.pref.steps, c.pref.batch_size, c.pref.data.num_pairs = 2, 2, 8, 64
         c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 0
         c.pref.data.eval_pairs = 16

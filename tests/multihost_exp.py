@@ -1,5 +1,5 @@
 """The experiment the multi-process tests run: a few GRPO iterations (host rewards: each process scores its
-own rollouts) then a few DPO steps, on the tiny model, with checkpoints every 2 steps and an evaluation at
+own rollouts) then a few DPO steps, on the dummy model, with checkpoints every 2 steps and an evaluation at
 the start and end of each stage. Mesh: batch over data x fsdp, parameters over fsdp (2).
 
     python -m jaxrl_llm.cli train tests/multihost_exp.py --coordinator localhost:PORT --num-processes 2 \\
@@ -35,6 +35,7 @@ if "arithmetic_length" not in registered_tasks():
 def get_config(preset=None):
     c = base_config()
     c.name = "multihost"
+    c.model.preset = "dummy"  # what is compared is the processes' arithmetic, not what the model learns
     c.mesh.axes = mc.ConfigDict({"data": -1, "fsdp": 2, "tensor": 1})
     c.task.name = "arithmetic_length"
     c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,

@@ -33,6 +33,7 @@ from jaxrl_llm.train.config import base_config, ppo_stage, reward_model_stage
 
 def get_config():
     c = base_config()
+    c.model.preset = "dummy"
     c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True,
                                        pad_operands=True, reverse_answer=True))
     c.eval.num_examples, c.eval.max_new_tokens, c.eval.every, c.log.every, c.checkpoint.every = 16, 6, 2, 1, 0
@@ -85,9 +86,10 @@ def smoke(tmp_path_factory):
     extra = {"qwen2_5_gsm8k_grpo": _gsm8k_files(data)}
     jobs = [[f"{EXP_DIR / n}.py:smoke", extra.get(n, []), n] for n in EXPERIMENTS]
     jobs.append([str(base / "rm_then_ppo.py"), [], "rm_then_ppo"])
-    # One CPU device; LLVM optimisations off: a smoke run executes a few steps, so compiling is most of its
-    # time, and these flags cut it by ~40%.
-    xla = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    # One CPU device, compiled with this process's compile-fast flags (conftest): a smoke run executes a few
+    # steps, so compiling is most of its time.
+    xla = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_force_host_platform_device_count"))
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla, JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                TOKENIZERS_PARALLELISM="false")

@@ -35,12 +35,13 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    # LLVM optimisations off, as the experiments' smoke runs: these runs take a few steps, so compiling is most
-    # of their time; every run compared here is compiled with the same flags.
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
-                        "--xla_llvm_disable_expensive_passes=true")
+    # This process's compile-fast flags (conftest): these runs take a few steps, so compiling is most of their
+    # time; every run compared here is compiled with the same flags.
+    fast = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *fast])
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".pytest_cache" / "jax_cache_multihost")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program: later runs skip compiling
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
     return env

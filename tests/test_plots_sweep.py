@@ -23,11 +23,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def child_env(tmp_path_factory) -> dict[str, str]:
-    """One CPU device per run, one compilation cache for every sweep of this module, and LLVM optimisations
-    off (a few steps per run: compiling is most of their time)."""
-    flags = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split()
-                      if not f.startswith("--xla_force_host_platform_device_count")]
-                     + ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"])
+    """One CPU device per run, one compilation cache for every sweep of this module, and this process's
+    compile-fast flags (conftest; a few steps per run: compiling is most of their time)."""
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
     return {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
 

@@ -31,9 +31,13 @@ def _cmd(run_root):
 
 def _env():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
+    # One CPU device, as a user's run, compiled with this process's compile-fast flags (conftest); every run
+    # compared here is compiled with the same flags. Every program goes to the cache: later runs skip compiling.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".pytest_cache" / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 

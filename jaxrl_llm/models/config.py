@@ -137,6 +137,9 @@ def _llama3_scaling(factor: float) -> dict:
 PRESETS: dict[str, ModelConfig] = {
     # The embedded default: the tiny-qwen2 shape of bench/BENCHMARK_WORKLOAD (4,067,584 params).
     "tiny": ModelConfig(qkv_bias=True, family="qwen2", scan_unroll=4),
+    # The tiny shape cut to 2 narrow layers (the tiny tokenizer's 512 ids kept): a model that compiles in a
+    # fraction of tiny's time, for runs that check the machinery, not what a model learns (smoke runs, tests).
+    "dummy": ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, qkv_bias=True, family="qwen2"),
     "qwen2.5-0.5b": ModelConfig(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
         num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True,
