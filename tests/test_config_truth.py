@@ -140,14 +140,15 @@ def test_sharding_rules_come_from_the_config(devices):
 def test_replication_check_is_on_and_names_real_keys(devices):
     from jaxrl_llm.train.build import build
     nothing_sharded = [f"mesh.rules.{a}=()" for a in ("vocab", "embed", "heads", "kv_heads", "mlp")]
-    cfg = load_experiment("experiments/grpo.py:smoke", ["mesh.axes.data=1", "mesh.axes.fsdp=8", *nothing_sharded])
+    cfg = load_experiment("experiments/grpo.py:smoke", ["model.preset=dummy", "mesh.axes.data=1", "mesh.axes.fsdp=8",
+                                                        *nothing_sharded])
     with pytest.raises(ConfigError, match=r"100.0% of parameter bytes are fully replicated") as e:
         build(cfg)
     keys = set(flat_keys(base_config()))
     named = set(re.findall(r"\b(mesh\.[a-z_]+)", str(e.value)))
     assert named and named <= keys, f"{named - keys} are not config keys"
     # a pure data-parallel mesh replicates every parameter by design: nothing to check
-    build(load_experiment("experiments/grpo.py:smoke", ["mesh.axes.data=8"]))
+    build(load_experiment("experiments/grpo.py:smoke", ["model.preset=dummy", "mesh.axes.data=8"]))
 
 
 # ----------------------------------------------------------------------------- docs the library points at
