@@ -27,15 +27,13 @@ def devices():
     return devs
 
 
-# The files that take longest (seconds on the 2-core development VM, `pytest --durations=0`, 2026-11-22):
-# test_experiments 275, test_multihost 271, test_grpo_step 242, test_plots_sweep 146, test_sampler 145,
-# test_ppo_step 140, test_model 123, test_trainer 107; every other file under 90. `make test` hands whole
-# files to 2 workers in collection order (`--dist loadfile --no-loadscope-reorder`; each worker starts with
-# two files): the heavy files go first, so the light ones fill both workers' ends instead of one worker
-# finishing a heavy file alone. test_multihost comes third so that it runs after test_experiments on the
-# same worker: both start several processes of their own.
-HEAVY_FILES_FIRST = ("test_experiments.py", "test_grpo_step.py", "test_multihost.py", "test_plots_sweep.py",
-                     "test_sampler.py", "test_ppo_step.py", "test_model.py", "test_trainer.py")
+# `make test` hands whole files to 2 workers in collection order (`--dist loadfile --no-loadscope-reorder`): the
+# files that take longest go first, so the short ones fill both workers' ends instead of one worker finishing a
+# long file alone. The first four start processes of their own (smoke runs, several processes, SIGKILL and
+# resume, sweeps); the in-process files after them compile the most programs.
+HEAVY_FILES_FIRST = ("test_experiments.py", "test_multihost.py", "test_trainer.py", "test_plots_sweep.py",
+                     "test_ppo_step.py", "test_grpo_step.py", "test_model.py", "test_checkpoint.py",
+                     "test_sampler.py", "test_sft_rm_dpo_steps.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,7 +2,7 @@
 partial writes are never restored; keep-last-K; donation safety; sharded restore; clear mismatch errors.
 
 The toy run (tests/ckpt_toy_run.py) runs in subprocesses on 2 CPU devices with a persistent compilation
-cache shared by all of them, so only the first one compiles (about 10 s; later ones about 3 s).
+cache shared by all of them (and the test process's compile-fast flags), so only the first one compiles.
 """
 
 import os
@@ -30,7 +30,8 @@ STEPS = 20  # the toy checkpoints every 3 steps and keeps the last 2
 @pytest.fixture(scope="module")
 def toy_env(tmp_path_factory):
     env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    fast = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env.update(XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=2", *fast]), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env

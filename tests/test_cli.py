@@ -19,7 +19,7 @@ def test_demo_samples_from_tiny_model(capsys):
 
 
 def test_sample_is_deterministic_for_a_seed(capsys):
-    argv = ["sample", "--model", "tiny", "--prompt", "1+2=", "--n", "3", "--max-new-tokens", "5",
+    argv = ["sample", "--model", "dummy", "--prompt", "1+2=", "--n", "3", "--max-new-tokens", "5",
             "--temperature", "0.8", "--top-k", "20", "--seed", "3"]
     main(argv)
     first = capsys.readouterr().out.split("\n\nmodel")[0]

@@ -52,6 +52,16 @@ def _run(module, params, batch, cfg, env=None, opt=SGD):
     return jax.device_get(new.params), jax.device_get(metrics)
 
 
+_SINGLE: dict = {}  # single-device SGD steps on the setup batch, shared by the tests that compare with one
+
+
+def _single(module, params, batch, cfg):
+    """`_run` on one device, computed once per GRPO config (the setup's batch with cfg's advantages)."""
+    if cfg not in _SINGLE:
+        _SINGLE[cfg] = _run(module, params, batch, cfg)
+    return _SINGLE[cfg]
+
+
 def _with_adv(cfg, batch, rewards):
     adv = grpo.compute_advantages(cfg, rewards, batch["completion_mask"], old_logprobs_bn=batch["old_logprobs"],
                                   ref_logprobs_bn=batch["ref_logprobs"])
@@ -89,7 +99,7 @@ def test_sharded_update_equals_single_device(setup, axes):
     module, params, batch, rewards = setup
     cfg = grpo.grpo(G)
     b = _with_adv(cfg, batch, rewards)
-    ref_p, ref_m = _run(module, params, b, cfg)
+    ref_p, ref_m = _single(module, params, b, cfg)
     env = _env(axes)
     from jaxrl_llm.sharding.params import param_shardings
     from jaxrl_llm.models import init_fn_for
@@ -213,12 +223,13 @@ def test_data_parallel_micro_batches_all_reduce_once(setup, axes):
     module, params, batch, rewards = setup
     cfg = grpo.grpo(G).replace(num_micro_batches=2)
     b = _with_adv(cfg, batch, rewards)
-    ref_p, ref_m = _run(module, params, b, cfg)
+    ref_p, ref_m = _single(module, params, b, cfg)
     env = _env(axes)
     state = TrainState.create(jax.tree.map(jnp.copy, params), SGD)
     step = jit_update(grpo.make_grpo_step(module, CFG, cfg), state, b, env)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, b, jax.random.key(2)))
-    comps = _computations(step.jitted.lower(*shapes).compile().as_text())
+    compiled = step.jitted.lower(*shapes).compile()
+    comps = _computations(compiled.as_text())
     inside, todo = set(), [c for text in comps.values() for c in re.findall(r"body=%?([\w.\-]+)", text)]
     while todo:  # every computation a while body runs, transitively
         c = todo.pop()
@@ -228,7 +239,9 @@ def test_data_parallel_micro_batches_all_reduce_once(setup, axes):
     assert inside, "expected the micro-batch loop"
     assert any(" all-reduce(" in t for t in comps.values())
     assert not [c for c in inside if " all-reduce(" in comps[c]], "an all-reduce inside the micro-batch loop"
-    p, m = _run(module, params, b, cfg, env=env)
+    # The program inspected above is the one that runs: its inputs placed as the update places them.
+    new, m = compiled(*jax.device_put((state, b, jax.random.key(2)), compiled.input_shardings[0]))
+    p, m = jax.device_get(new.params), jax.device_get(m)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=2e-6), p, ref_p)
     for k in ("loss", "grad_norm", "clip_frac"):
         if k in ref_m:
