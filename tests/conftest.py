@@ -5,12 +5,16 @@ The flag must be set before jax is imported anywhere.
 
 import os
 
-# Compile fast: the tests run small programs a few times each, so compiling is most of their time. LLVM's
-# optimisations off and XLA's classic CPU fusion emitters cut compile times about 3x; subprocesses that tests
-# start inherit these flags (tests that compare results compare runs compiled with the same flags).
+# Compile fast: the tests run small programs a few times each, so compiling is most of their time; LLVM's
+# optimisations off and XLA's classic CPU fusion emitters compile much faster. Subprocesses that tests start
+# inherit these flags (tests that compare results compare runs compiled with the same flags).
 COMPILE_FAST = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                 "--xla_cpu_use_fusion_emitters=false")
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), COMPILE_FAST,
+# On 2 busy cores one fake device's thread can reach a collective long after its peers: wait for it instead of
+# aborting the process after XLA's default 40 s (a real hang still ends at the tests' own time limits).
+PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), COMPILE_FAST, PATIENT_COLLECTIVES,
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -27,11 +31,13 @@ def devices():
     return devs
 
 
-# `make test` hands whole files to 2 workers in collection order (`--dist loadfile --no-loadscope-reorder`): the
-# files that take longest go first, so the short ones fill both workers' ends instead of one worker finishing a
-# long file alone. The first four start processes of their own (smoke runs, several processes, SIGKILL and
-# resume, sweeps); the in-process files after them compile the most programs.
-HEAVY_FILES_FIRST = ("test_experiments.py", "test_multihost.py", "test_trainer.py", "test_plots_sweep.py",
+# `make test` hands whole files to 2 workers in collection order (`--dist loadfile --no-loadscope-reorder`; each
+# worker starts with two files): the files that take longest go first, so the short ones fill both workers' ends
+# instead of one worker finishing a long file alone. The first four start processes of their own (smoke runs,
+# several processes, SIGKILL and resume, sweeps); test_multihost comes third so that it runs after
+# test_experiments on the same worker, not beside its two smoke processes. The in-process files after them
+# compile the most programs.
+HEAVY_FILES_FIRST = ("test_experiments.py", "test_trainer.py", "test_multihost.py", "test_plots_sweep.py",
                      "test_ppo_step.py", "test_grpo_step.py", "test_model.py", "test_checkpoint.py",
                      "test_sampler.py", "test_sft_rm_dpo_steps.py")
 
