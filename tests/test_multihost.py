@@ -146,11 +146,14 @@ def test_two_processes_compute_what_one_process_computes(reference_runs):
 def _kill_when(procs, path: pathlib.Path, timeout=TIMEOUT) -> None:
     t0 = time.time()
     while not path.exists():
-        if any(p.poll() is not None for p in procs) or time.time() - t0 > timeout:
+        ended = [p.poll() for p in procs]
+        if any(rc is not None for rc in ended) or time.time() - t0 > timeout:
             for p in procs:
                 p.kill()
-            out = procs[0].communicate()[0]
-            pytest.fail(f"the run ended (or hung) before {path} appeared:\n{out[-3000:]}")
+            outs = [f"process {i} ({'exit ' + str(rc) if rc is not None else 'still running'}):\n"
+                    f"{p.communicate()[0][-3000:]}" for i, (p, rc) in enumerate(zip(procs, ended))]
+            pytest.fail(f"the run ended (or hung) before {path} appeared after {time.time() - t0:.0f} s:\n"
+                        + "\n".join(outs))
         time.sleep(0.05)
     for p in procs:
         p.send_signal(signal.SIGKILL)
