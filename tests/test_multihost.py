@@ -40,6 +40,7 @@ def _env(devices: int) -> dict:
     fast = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *fast])
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONFAULTHANDLER"] = "1"  # a process stopped with SIGABRT prints where each thread was
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".pytest_cache" / "jax_cache_multihost")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program: later runs skip compiling
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
@@ -61,6 +62,24 @@ def _start(run_root, processes: int, sets=()) -> list[subprocess.Popen]:
                              stderr=subprocess.STDOUT, text=True) for c in cmds]
 
 
+def _stop_with_tracebacks(procs) -> str:
+    """Stops the processes; those still running first print every thread's Python stack (faulthandler)."""
+    running = [p.poll() is None for p in procs]
+    for p, alive in zip(procs, running):
+        if alive:
+            p.send_signal(signal.SIGABRT)
+    parts = []
+    for i, (p, alive) in enumerate(zip(procs, running)):
+        try:
+            out = p.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out = p.communicate()[0]
+        state = "was still running" if alive else f"had ended with exit {p.returncode}"
+        parts.append(f"process {i} {state}:\n{out[-6000:]}")
+    return "\n".join(parts)
+
+
 def _finish(procs, timeout=TIMEOUT) -> list[str]:
     outs = []
     deadline = time.time() + timeout
@@ -68,9 +87,8 @@ def _finish(procs, timeout=TIMEOUT) -> list[str]:
         try:
             out, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"multi-process run did not finish in {timeout} s")
+            pytest.fail(f"multi-process run did not finish in {timeout} s; where each process was:\n"
+                        + _stop_with_tracebacks(procs))
         outs.append(out)
     for p, out in zip(procs, outs):
         assert p.returncode == 0, f"process failed (exit {p.returncode}):\n{out[-4000:]}"
@@ -146,14 +164,9 @@ def test_two_processes_compute_what_one_process_computes(reference_runs):
 def _kill_when(procs, path: pathlib.Path, timeout=TIMEOUT) -> None:
     t0 = time.time()
     while not path.exists():
-        ended = [p.poll() for p in procs]
-        if any(rc is not None for rc in ended) or time.time() - t0 > timeout:
-            for p in procs:
-                p.kill()
-            outs = [f"process {i} ({'exit ' + str(rc) if rc is not None else 'still running'}):\n"
-                    f"{p.communicate()[0][-3000:]}" for i, (p, rc) in enumerate(zip(procs, ended))]
+        if any(p.poll() is not None for p in procs) or time.time() - t0 > timeout:
             pytest.fail(f"the run ended (or hung) before {path} appeared after {time.time() - t0:.0f} s:\n"
-                        + "\n".join(outs))
+                        + _stop_with_tracebacks(procs))
         time.sleep(0.05)
     for p in procs:
         p.send_signal(signal.SIGKILL)
