@@ -244,6 +244,25 @@ def test_initialize_modes_and_flag_errors(clean_env):
         multihost.initialize("on", coordinator="localhost:1")
 
 
+def test_cpu_client_gets_more_threads_than_local_devices(clean_env):
+    """2 devices per process on 2 cores: XLA's CPU thread pool (NPROC) gets 4 threads per device, so parts of
+    two programs waiting in cross-process collectives cannot take every thread; a user's NPROC is kept."""
+    from jaxrl_llm.sharding import multihost
+    clean_env.setenv("NPROC", "")  # restored after the test, whatever the helper sets
+    clean_env.delenv("PORTABLE_NPROC", raising=False)
+    clean_env.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    clean_env.setattr(os, "cpu_count", lambda: 2)
+    multihost._cpu_thread_headroom()
+    assert os.environ["NPROC"] == "8"
+    clean_env.setenv("NPROC", "3")
+    multihost._cpu_thread_headroom()
+    assert os.environ["NPROC"] == "3"
+    clean_env.setenv("NPROC", "")
+    clean_env.setattr(os, "cpu_count", lambda: 64)  # enough cores: nothing to add
+    multihost._cpu_thread_headroom()
+    assert os.environ["NPROC"] == ""
+
+
 def test_cli_coordinator_without_count_is_a_clear_error():
     out = subprocess.run([sys.executable, "-m", "jaxrl_llm.cli", "train", EXP, "--coordinator", "localhost:1"],
                          capture_output=True, text=True, cwd=ROOT, env=_env(1))

@@ -97,6 +97,7 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id {process_id} must be in [0, --num-processes={num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    _cpu_thread_headroom()
     kwargs: dict[str, Any] = {}
     if coordinator is not None:
         kwargs["coordinator_address"] = coordinator
@@ -118,6 +119,37 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
             "(see docs/scaling.md, 'Troubleshooting hangs')") from e
     _INITIALIZED_BY_US = True
     return jax.process_count() > 1
+
+
+def _local_cpu_devices() -> int:
+    """CPU devices this process will have (jax_num_cpu_devices, XLA_FLAGS'
+    --xla_force_host_platform_device_count, or 1)."""
+    if jax.config.jax_num_cpu_devices > 0:
+        return jax.config.jax_num_cpu_devices
+    n = 1
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith("--xla_force_host_platform_device_count="):
+            try:
+                n = int(flag.split("=", 1)[1])
+            except ValueError:
+                pass
+    return max(n, 1)
+
+
+def _cpu_thread_headroom() -> None:
+    """Gives XLA's CPU client more threads than local devices, before the backend starts.
+
+    The CPU client runs each local device's part of a program on a thread pool of max(cores, local devices)
+    threads, and a part that reaches a cross-process collective holds its thread until every process
+    arrives. With as many threads as devices, one program's parts blocked in a collective while the next
+    program's parts wait for a thread is a deadlock across processes (seen with 2 processes x 2 devices on
+    2 cores). XLA sizes the pool from NPROC when it is set; a value the user set is kept.
+    """
+    if os.environ.get("NPROC") or os.environ.get("PORTABLE_NPROC"):
+        return
+    want = 4 * _local_cpu_devices()
+    if (os.cpu_count() or 1) < want:
+        os.environ["NPROC"] = str(want)
 
 
 def is_multiprocess() -> bool:
