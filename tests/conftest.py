@@ -31,12 +31,11 @@ def devices():
     return devs
 
 
-# `make test` hands whole files to 2 workers in collection order (`--dist loadfile --no-loadscope-reorder`; each
-# worker starts with two files): the files that take longest go first, so the short ones fill both workers' ends
-# instead of one worker finishing a long file alone. The first four start processes of their own (smoke runs,
-# several processes, SIGKILL and resume, sweeps); test_multihost comes third so that it runs after
-# test_experiments on the same worker, not beside its two smoke processes. The in-process files after them
-# compile the most programs.
+# `make test` hands whole files to 2 workers in collection order (`--dist loadfile --no-loadscope-reorder`): each
+# worker takes the next file when it has two tests or fewer left of its own. The files that take longest go
+# first, so the short ones fill both workers' ends instead of one worker finishing a long file alone. The first
+# four start processes of their own (smoke runs, several processes, SIGKILL and resume, sweeps); the
+# in-process files after them compile the most programs.
 HEAVY_FILES_FIRST = ("test_experiments.py", "test_trainer.py", "test_multihost.py", "test_plots_sweep.py",
                      "test_ppo_step.py", "test_grpo_step.py", "test_model.py", "test_checkpoint.py",
                      "test_sampler.py", "test_sft_rm_dpo_steps.py")
