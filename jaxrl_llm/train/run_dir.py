@@ -7,6 +7,11 @@
                 checkpoints/<stage>/<step>/   orbax checkpoints
                 plots/*.png      written by `jaxrl-llm plot` and at the end of a run
                 summary.json     final metrics (and before/after accuracy of RL stages)
+                .jaxrl_llm_run   the marker that says this directory is a run written here
+
+Only a directory that holds the marker is ever deleted (`--fresh`); an existing directory without it is
+written into only when it is empty or holds this very run's config.json (a run from before the marker).
+Anything else is refused with a message, and nothing in it is touched.
 
 Only process 0 writes. On resume the log files are cut back to the step of
 the checkpoint the run continues from, so a resumed run's logs equal those
@@ -25,6 +30,9 @@ import jax
 import ml_collections as mc
 
 from jaxrl_llm.sharding import multihost
+from jaxrl_llm.train.config import ConfigError
+
+MARKER = ".jaxrl_llm_run"
 
 
 def _jsonable(v: Any) -> Any:
@@ -46,21 +54,22 @@ class RunDir:
         self.tensorboard = bool(config.log.get("tensorboard", True))
         resolved = json.loads(config.to_json())
         cfg_file = self.path / "config.json"
-        if cfg_file.exists() and not fresh:
-            saved = json.loads(cfg_file.read_text())
-            if saved != resolved:
-                diff = sorted(k for k in set(_flat(saved)) | set(_flat(resolved))
-                              if _flat(saved).get(k) != _flat(resolved).get(k))
-                raise ValueError(
-                    f"{self.path} holds a run with a different config (differs at: {', '.join(diff[:8])}); "
-                    "resume it with the same config, pick another name (--set name=...), or pass --fresh to "
-                    "start over in that directory")
+        saved = _saved_config(cfg_file)
+        _check_ours(self.path, fresh, saved == resolved)
+        if saved is not None and not fresh and saved != resolved:
+            diff = sorted(k for k in set(_flat(saved)) | set(_flat(resolved))
+                          if _flat(saved).get(k) != _flat(resolved).get(k))
+            raise ConfigError(
+                f"{self.path} holds a run with a different config (differs at: {', '.join(diff[:8])}); "
+                "resume it with the same config, pick another name (--set name=...), or pass --fresh to "
+                "start over in that directory")
         multihost.barrier("run_dir:checked")  # every process has read the saved config before it is rewritten
         if self.writer:
-            if fresh and self.path.exists():
+            if fresh and (self.path / MARKER).is_file():
                 import shutil
                 shutil.rmtree(self.path)
             (self.path / "plots").mkdir(parents=True, exist_ok=True)
+            (self.path / MARKER).write_text(json.dumps({"name": name, "created": time.time()}) + "\n")
             cfg_file.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
         multihost.barrier("run_dir:ready")  # ... and nobody writes into it before process 0 has set it up
 
@@ -158,3 +167,31 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _saved_config(cfg_file: pathlib.Path) -> dict | None:
+    if not cfg_file.is_file():
+        return None
+    try:
+        return json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return None  # not a config this library wrote: _check_ours decides what that directory is
+
+
+def _check_ours(path: pathlib.Path, fresh: bool, same_config: bool) -> None:
+    """Refuses a directory this library cannot prove it wrote (see the module docstring)."""
+    if not path.exists() or (path / MARKER).is_file():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a directory; pick another name (--set name=...) or "
+                          "run_root (--set run_root=...)")
+    if not any(path.iterdir()):
+        return  # an empty directory: nothing to lose
+    if same_config and not fresh:
+        return  # this very run, written before runs carried the marker: resume it (the marker is added)
+    fix = ("Pick another name (--set name=...) or run_root (--set run_root=...), or move that folder away")
+    if fresh:
+        raise ConfigError(f"{path} exists and is not a run directory written by jaxrl-llm (no {MARKER} marker), "
+                          f"so --fresh will not delete it; nothing in it was touched. {fix}")
+    raise ConfigError(f"{path} exists, is not empty and is not a run directory written by jaxrl-llm (no {MARKER} "
+                      f"marker); nothing in it was touched. {fix}")

@@ -1,0 +1,86 @@
+"""The run directory never deletes or writes into a folder it cannot prove is one of its runs."""
+
+import json
+import pathlib
+
+import pytest
+
+from jaxrl_llm import cli
+from jaxrl_llm.train.config import ConfigError, load_experiment
+from jaxrl_llm.train.run_dir import MARKER, RunDir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "experiments" / "demo.py")
+
+
+def _cfg(root, name="exp", *sets):
+    return load_experiment(DEMO + ":smoke", [f"run_root={root}", f"name={name}", "log.tensorboard=False", *sets])
+
+
+def _user_folder(root: pathlib.Path) -> dict:
+    folder = root / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    (folder / "sub" / "notes.txt").write_text("mine\n")
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _contents(folder: pathlib.Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_folder_that_is_not_a_run_is_never_deleted_or_written(tmp_path, fresh):
+    before = _user_folder(tmp_path)
+    with pytest.raises(ConfigError, match=rf"data exists.*not a run directory written by jaxrl-llm \(no "
+                                          rf"\{MARKER} marker\).*nothing in it was touched.*--set name="):
+        RunDir(tmp_path, "data", _cfg(tmp_path, "data"), fresh=fresh)
+    assert _contents(tmp_path / "data") == before
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["sub", "train.jsonl"]
+
+
+def test_the_cli_says_so_in_one_line(tmp_path, capsys):
+    before = _user_folder(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", DEMO + ":smoke", "--set", f"run_root={tmp_path}", "--set", "name=data", "--fresh"])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "will not delete it" in message
+    assert _contents(tmp_path / "data") == before
+
+
+def test_runs_carry_the_marker_and_fresh_deletes_only_them(tmp_path):
+    run = RunDir(tmp_path, "exp", _cfg(tmp_path))
+    assert (run.path / MARKER).is_file() and (run.path / "config.json").is_file()
+    (run.path / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
+    RunDir(tmp_path, "exp", _cfg(tmp_path))  # resumed: kept
+    assert (run.path / "metrics.jsonl").exists()
+    RunDir(tmp_path, "exp", _cfg(tmp_path), fresh=True)  # a run of ours: deleted and started over
+    assert not (run.path / "metrics.jsonl").exists() and (run.path / MARKER).is_file()
+
+
+def test_an_empty_folder_is_adopted(tmp_path):
+    (tmp_path / "exp").mkdir()
+    run = RunDir(tmp_path, "exp", _cfg(tmp_path), fresh=True)
+    assert (run.path / MARKER).is_file() and (run.path / "config.json").is_file()
+
+
+def test_a_run_from_before_the_marker_resumes_but_is_not_deleted(tmp_path):
+    run = RunDir(tmp_path, "exp", _cfg(tmp_path))
+    (run.path / MARKER).unlink()
+    (run.path / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
+    RunDir(tmp_path, "exp", _cfg(tmp_path))  # its own config.json: this very run, resumed; the marker is added
+    assert (run.path / MARKER).is_file() and (run.path / "metrics.jsonl").exists()
+    (run.path / MARKER).unlink()
+    with pytest.raises(ConfigError, match="will not delete it"):
+        RunDir(tmp_path, "exp", _cfg(tmp_path), fresh=True)
+    assert (run.path / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError, match="not a run directory"):  # another config in a folder not proven ours
+        RunDir(tmp_path, "exp", _cfg(tmp_path, "exp", "seed=7"))
+    assert json.loads((run.path / "config.json").read_text())["seed"] != 7
+
+
+def test_a_file_where_the_run_goes_is_refused(tmp_path):
+    (tmp_path / "exp").write_text("not a folder\n")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        RunDir(tmp_path, "exp", _cfg(tmp_path))
+    assert (tmp_path / "exp").read_text() == "not a folder\n"
