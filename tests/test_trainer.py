@@ -111,11 +111,15 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
 def test_finished_run_is_skipped_on_restart(tmp_path):
     cfg = load_experiment(DEMO + ":smoke", ARGS + [f"run_root={tmp_path}", "sft.steps=2", "rl.iterations=2"])
     first = train(cfg)
+    written = (pathlib.Path(first["run_dir"]) / "summary.json").read_bytes()
     t0 = time.time()
     again = train(load_experiment(DEMO + ":smoke", ARGS + [f"run_root={tmp_path}", "sft.steps=2",
                                                             "rl.iterations=2"]))
     assert time.time() - t0 < first["wall_time_s"]
     assert len(_metrics(tmp_path)) == 4  # 2 SFT + 2 RL log records, not duplicated
+    # the no-op run leaves the finished run's summary as it was, and returns it
+    assert (pathlib.Path(first["run_dir"]) / "summary.json").read_bytes() == written
+    assert again == json.loads(written) and again["wall_time_s"] == first["wall_time_s"]
     with pytest.raises(ValueError, match="holds a run with a different config .*differs at: rl.iterations"):
         train(load_experiment(DEMO + ":smoke", ARGS + [f"run_root={tmp_path}", "sft.steps=2", "rl.iterations=3"]))
     del again

@@ -87,6 +87,7 @@ class Stage:
         self.stages_before = stages_before
         self.key = multihost.replicated(comp.env, keys_for(self.cfg.seed, index))  # the same on every process
         self.summary: dict[str, Any] = {}
+        self.finished_before = False  # set by run_stage when the stage's final checkpoint was already there
 
     # --- to implement -------------------------------------------------------------------------
     total_steps: int
@@ -147,6 +148,7 @@ class Stage:
             tree, meta = self._restore_checkpoint(checkpointer, latest)
             self.summary = dict(meta.get("summary", {}))
             if meta.get("done"):
+                self.finished_before = True
                 return self.params()
             start = latest
             self.run.rewind(self.name, start, self.stages_before)
