@@ -396,8 +396,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def config_flags_to_sets(argv: list[str]) -> list[str]:
+    """`--config.key=value` and `--config.key value` (ml_collections' flag spelling) as `--set key=value`."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config.") and len(a) > len("--config."):
+            key = a[len("--config."):]
+            if "=" not in key and i + 1 < len(argv):
+                i += 1
+                key = f"{key}={argv[i]}"
+            out += ["--set", key]
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(config_flags_to_sets(sys.argv[1:] if argv is None else list(argv)))
     return args.func(args)
 
 

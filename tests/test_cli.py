@@ -1,11 +1,13 @@
 """The `jaxrl-llm` console script: demo, sample, presets, and its input errors."""
 
+import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
 
+from jaxrl_llm import cli
 from jaxrl_llm.cli import _parse_mesh, main
 
 
@@ -60,3 +62,15 @@ def test_summary_pairs_each_metric_before_with_its_own_after(capsys):
     assert "pref: held-out preference accuracy 0.922 -> 1.000 (+7.8 points)" in out
     assert "pref: held-out accuracy 0.660 -> 0.117 (-54.3 points)" in out
     assert "0.922 -> 0.117" not in out
+
+
+def test_config_flag_spelling_is_an_override():
+    """docs/experiments.md: `--config.key=value` (or `--config.key value`) is `--set key=value`."""
+    demo = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "demo.py")
+    argv = cli.config_flags_to_sets(["train", demo, "--config.seed=3", "--config.rl.iterations",
+                                     "4", "--set", "log.every=2", "--fresh"])
+    args = cli.build_parser().parse_args(argv)
+    assert args.set == ["seed=3", "rl.iterations=4", "log.every=2"] and args.fresh
+    from jaxrl_llm.train.config import load_experiment
+    cfg = load_experiment(args.experiment, args.set)
+    assert (cfg.seed, cfg.rl.iterations, cfg.log.every) == (3, 4, 2)
