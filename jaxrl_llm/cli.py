@@ -296,6 +296,10 @@ def cmd_eval(args) -> int:
     target = pathlib.Path(args.target)
     if target.is_dir():
         run_dir = target
+    elif not args.target.split(":")[0].endswith(".py"):
+        what = "is not a directory" if target.exists() else "does not exist"
+        raise SystemExit(f"error: {target} {what}; give a run directory (runs/<name>) or the experiment file the "
+                         "run came from (EXP.py[:preset])")
     else:
         from jaxrl_llm.train.config import ConfigError, load_experiment
         try:

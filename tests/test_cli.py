@@ -74,3 +74,8 @@ def test_config_flag_spelling_is_an_override():
     from jaxrl_llm.train.config import load_experiment
     cfg = load_experiment(args.experiment, args.set)
     assert (cfg.seed, cfg.rl.iterations, cfg.log.every) == (3, 4, 2)
+
+
+def test_eval_of_a_missing_run_says_what_to_give(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: .*no_such_run does not exist; give a run directory \(runs/<name>\)"):
+        main(["eval", str(tmp_path / "no_such_run")])
