@@ -51,9 +51,10 @@ def test_the_cli_says_so_in_one_line(tmp_path, capsys):
 def test_runs_carry_the_marker_and_fresh_deletes_only_them(tmp_path):
     run = RunDir(tmp_path, "exp", _cfg(tmp_path))
     assert (run.path / MARKER).is_file() and (run.path / "config.json").is_file()
+    marker = (run.path / MARKER).read_bytes()
     (run.path / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
-    RunDir(tmp_path, "exp", _cfg(tmp_path))  # resumed: kept
-    assert (run.path / "metrics.jsonl").exists()
+    RunDir(tmp_path, "exp", _cfg(tmp_path))  # resumed: kept, the marker as it was written
+    assert (run.path / "metrics.jsonl").exists() and (run.path / MARKER).read_bytes() == marker
     RunDir(tmp_path, "exp", _cfg(tmp_path), fresh=True)  # a run of ours: deleted and started over
     assert not (run.path / "metrics.jsonl").exists() and (run.path / MARKER).is_file()
 

@@ -57,8 +57,8 @@ class RunDir:
         saved = _saved_config(cfg_file)
         _check_ours(self.path, fresh, saved == resolved)
         if saved is not None and not fresh and saved != resolved:
-            diff = sorted(k for k in set(_flat(saved)) | set(_flat(resolved))
-                          if _flat(saved).get(k) != _flat(resolved).get(k))
+            old, new = _flat(saved), _flat(resolved)
+            diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             raise ConfigError(
                 f"{self.path} holds a run with a different config (differs at: {', '.join(diff[:8])}); "
                 "resume it with the same config, pick another name (--set name=...), or pass --fresh to "
@@ -69,7 +69,9 @@ class RunDir:
                 import shutil
                 shutil.rmtree(self.path)
             (self.path / "plots").mkdir(parents=True, exist_ok=True)
-            (self.path / MARKER).write_text(json.dumps({"name": name, "created": time.time()}) + "\n")
+            marker = self.path / MARKER
+            if not marker.is_file():  # written once, when this directory became a run
+                marker.write_text(json.dumps({"name": name, "created": time.time()}) + "\n")
             cfg_file.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
         multihost.barrier("run_dir:ready")  # ... and nobody writes into it before process 0 has set it up
 
