@@ -7,8 +7,8 @@ Every problem a user can cause raises `DataError` saying what is wrong, where
 (file and line, byte offset, row) and how to fix it. Records are read lazily;
 a file that turns out to hold no record raises at the end of iteration.
 
-This module is the bottom layer of the package: it imports nothing from
-jaxrl_llm, so tasks (which read their files with it) and data (which builds
+This module is the bottom layer of the package (with `errors`): it imports only
+jaxrl_llm.errors, so tasks (which read their files with it) and data (which builds
 on tasks) can both use it without importing each other.
 `jaxrl_llm.data.records` re-exports it for older imports.
 """
@@ -20,11 +20,9 @@ import pathlib
 from collections.abc import Iterator
 from typing import Any
 
+from jaxrl_llm.errors import DataError  # re-exported
+
 SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-class DataError(ValueError):
-    """A dataset file or record is malformed; the message names the file, line/row and field."""
 
 
 def json_type(value: Any) -> str:

@@ -23,6 +23,8 @@ from typing import Any, Iterable
 
 import ml_collections as mc
 
+from jaxrl_llm.errors import ConfigError  # re-exported
+
 # The config helpers of the stage kinds live with their stages (`train.stages`); experiment files import
 # them from here as well (module __getattr__ below).
 _STAGE_HELPERS = ("sft_stage", "addition_warm_start", "grpo_stage", "ppo_stage", "dpo_stage",
@@ -37,10 +39,6 @@ def __getattr__(name: str):
         from jaxrl_llm.train.stages import STAGE_KINDS
         return tuple(STAGE_KINDS)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class ConfigError(ValueError):
-    """A config, an experiment file or an override is wrong; the message says where and how to fix it."""
 
 
 # ----------------------------------------------------------------------------- schema
