@@ -7,14 +7,22 @@
     jaxrl-llm plot RUN_DIR [RUN_DIR ...] # plots/<stage>.png per run; with several runs an overlay too
     jaxrl-llm sweep EXP.py[:preset] --grid key=v1,v2 [--grid ...] --seeds 3 [--jobs 2] [--set ...]
     jaxrl-llm eval RUN_DIR_OR_EXP [--split test] [--k 1,4] [--n-samples 4] [--temperature 1.0]
+
+A mistake in what you gave (config, data, model, task, mesh, run directory) prints one `error:` line and
+exits with its kind's code (docs/troubleshooting.md); --debug shows the traceback as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import os
 import pathlib
 import sys
 import time
+
+from jaxrl_llm.errors import ConfigError, ModelPresetError, ResumeError, StorageError, UserError
 
 
 def _parse_mesh(text: str) -> dict[str, int]:
@@ -22,11 +30,11 @@ def _parse_mesh(text: str) -> dict[str, int]:
     for part in filter(None, text.split(",")):
         name, sep, size = part.partition("=")
         if not sep or not name.strip():
-            raise SystemExit(f"--mesh: {part!r} is not NAME=SIZE (example: --mesh data=-1 or fsdp=4,tensor=2)")
+            raise ConfigError(f"--mesh: {part!r} is not NAME=SIZE (example: --mesh data=-1 or fsdp=4,tensor=2)")
         try:
             axes[name.strip()] = int(size)
         except ValueError:
-            raise SystemExit(f"--mesh: size of {name!r} must be an integer, got {size!r}") from None
+            raise ConfigError(f"--mesh: size of {name!r} must be an integer, got {size!r}") from None
     return axes
 
 
@@ -42,8 +50,8 @@ def _load_model(model: str, dtype: str, env, seed: int):
         return cfg, CausalLM(cfg), params
     try:
         cfg = get_preset(model, dtype=dtype)
-    except KeyError as e:
-        raise SystemExit(f"--model {model!r}: not a directory and {e.args[0]}") from None
+    except ModelPresetError as e:
+        raise ModelPresetError(f"--model {model!r}: not a directory and {e}") from None
     module, params, _ = create_model(cfg, jax.random.key(seed), env)
     return cfg, module, params
 
@@ -65,9 +73,15 @@ def cmd_sample(args) -> int:
     if args.chat:
         prompts = [[{"role": "user", "content": p}] for p in prompts]
     enc = encode_prompts(tokenizer, prompts, args.max_prompt_len, chat=args.chat)
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, n_samples=args.n,
-                              eos_token_ids=tuple(info.eos_ids), pad_token_id=info.pad_id)
+    try:
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, n_samples=args.n,
+                                  eos_token_ids=tuple(info.eos_ids), pad_token_id=info.pad_id)
+    except ConfigError as e:  # name the flag, not the dataclass field
+        flags = {"max_new_tokens": "--max-new-tokens", "n_samples": "--n", "top_k": "--top-k", "top_p": "--top-p",
+                 "temperature": "--temperature"}
+        field = str(e).split("=", 1)[0].removeprefix("SamplingConfig.")
+        raise ConfigError(str(e).replace(f"SamplingConfig.{field}", flags.get(field, field), 1)) from None
     sampler = make_sampler(module, cfg, sampling, env=env)
     key = jax.random.key(args.seed)
 
@@ -115,7 +129,7 @@ def start_distributed(args) -> None:
             set_cpu_devices(args.cpu_devices)
         multihost.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ConfigError(str(e)) from None
 
 
 def add_distributed_flags(p) -> None:
@@ -136,14 +150,11 @@ def cmd_train(args) -> int:
     start_distributed(args)
     import jax
 
-    from jaxrl_llm.train.config import ConfigError, load_experiment
+    from jaxrl_llm.train.config import load_experiment
     from jaxrl_llm.train.trainer import train
 
-    try:
-        cfg = load_experiment(args.experiment, args.set)
-        summary = train(cfg, fresh=args.fresh)  # config values checked while building raise ConfigError too
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = load_experiment(args.experiment, args.set)
+    summary = train(cfg, fresh=args.fresh)
     if jax.process_index() == 0:
         print_summary(summary)
     return 0
@@ -178,8 +189,8 @@ def cmd_plot(args) -> int:
     dirs = [pathlib.Path(d) for d in args.run_dirs]
     for d in dirs:
         if not ((d / "metrics.jsonl").is_file() or (d / "results.json").is_file()):
-            raise SystemExit(f"error: {d} has no metrics.jsonl (a run) or results.json (a sweep); give "
-                             "run directories (runs/<name>) or sweep directories")
+            raise ConfigError(f"{d} has no metrics.jsonl (a run) or results.json (a sweep); give "
+                              "run directories (runs/<name>) or sweep directories")
     runs = [d for d in dirs if (d / "metrics.jsonl").is_file()]
     for d in dirs:
         if d not in runs:  # a sweep: its overlay again, variants as groups, seeds averaged
@@ -202,15 +213,11 @@ def cmd_plot(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from jaxrl_llm.train.config import ConfigError
     from jaxrl_llm.train.sweep import parse_grid, sweep
 
-    try:
-        result = sweep(args.experiment, parse_grid(args.grid), args.seeds, args.set, jobs=args.jobs,
-                       run_root=args.run_root, name=args.name, fresh=args.fresh,
-                       compile_cache=not args.no_compile_cache)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    result = sweep(args.experiment, parse_grid(args.grid), args.seeds, args.set, jobs=args.jobs,
+                   run_root=args.run_root, name=args.name, fresh=args.fresh,
+                   compile_cache=not args.no_compile_cache)
     return 1 if result.failed else 0
 
 
@@ -218,9 +225,9 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(int(k) for k in text.split(",") if k.strip())
     except ValueError:
-        raise SystemExit(f"--k {text!r}: give comma-separated integers, e.g. --k 1,4") from None
+        raise ConfigError(f"--k {text!r}: give comma-separated integers, e.g. --k 1,4") from None
     if not ks or min(ks) < 1:
-        raise SystemExit(f"--k {text!r}: every k must be >= 1")
+        raise ConfigError(f"--k {text!r}: every k must be >= 1")
     return ks
 
 
@@ -253,16 +260,16 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.json").is_file():
-        raise SystemExit(f"error: {run_dir} has no config.json; give a run directory or the experiment it ran")
+        raise ConfigError(f"{run_dir} has no config.json; give a run directory or the experiment it ran")
     cfg = _run_config(run_dir)
     stages = tuple(cfg.stages)
     name = stages[-1]
     ck_dir = run_dir / "checkpoints" / name
     if not ck_dir.is_dir():
-        raise SystemExit(f"error: {run_dir} has no checkpoints of its last stage {name!r} ({ck_dir})")
+        raise ResumeError(f"{run_dir} has no checkpoints of its last stage {name!r} ({ck_dir})")
     n = n_samples or max(ks)
     if n < max(ks):
-        raise SystemExit(f"error: --k {max(ks)} needs --n-samples >= {max(ks)} (got {n})")
+        raise ConfigError(f"--k {max(ks)} needs --n-samples >= {max(ks)} (got {n})")
 
     comp, params = build(cfg)
     # The checkpoint holds the stage's whole state (optimizer, reference params): restore into its structure.
@@ -271,7 +278,7 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
     with Checkpointer(ck_dir, max_to_keep=None, async_save=False) as ck:
         step = ck.latest_step()
         if step is None:
-            raise SystemExit(f"error: no complete checkpoint in {ck_dir}")
+            raise ResumeError(f"no complete checkpoint in {ck_dir}")
         tree, meta = ck.restore(step, abstract_like(stage.tree()))
     params = tree["params"]
     stage.close()
@@ -298,14 +305,11 @@ def cmd_eval(args) -> int:
         run_dir = target
     elif not args.target.split(":")[0].endswith(".py"):
         what = "is not a directory" if target.exists() else "does not exist"
-        raise SystemExit(f"error: {target} {what}; give a run directory (runs/<name>) or the experiment file the "
-                         "run came from (EXP.py[:preset])")
+        raise ConfigError(f"{target} {what}; give a run directory (runs/<name>) or the experiment file the "
+                          "run came from (EXP.py[:preset])")
     else:
-        from jaxrl_llm.train.config import ConfigError, load_experiment
-        try:
-            cfg = load_experiment(args.target, args.set)
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}") from None
+        from jaxrl_llm.train.config import load_experiment
+        cfg = load_experiment(args.target, args.set)
         run_dir = pathlib.Path(cfg.run_root) / cfg.name
     result, info = evaluate_run(run_dir, args.split, _parse_ks(args.k), args.n_samples, args.temperature,
                                 args.num_examples, args.max_new_tokens, args.batch_size, args.seed)
@@ -328,6 +332,8 @@ def cmd_presets(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxrl-llm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--debug", action="store_true", help=f"show the traceback of a user error too (anywhere on the "
+                    f"command line; or set {DEBUG_ENV}=1)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="run or resume an experiment file")
@@ -417,9 +423,59 @@ def config_flags_to_sets(argv: list[str]) -> list[str]:
     return out
 
 
+DEBUG_ENV = "JAXRL_LLM_DEBUG"
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def report(e: BaseException) -> int:
+    """Prints a user error as one `error:` line (a message may add a few lines of context) on stderr and
+    returns its exit code (jaxrl_llm.errors); see docs/troubleshooting.md."""
+    if isinstance(e, OSError) and not isinstance(e, UserError):
+        e = StorageError(f"cannot write {e.filename or 'a file'}: {e.strerror}; free some space (or pick another "
+                         "run_root with --set run_root=...) and run the same command again to resume")
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return e.exit_code
+
+
+class _NoBackgroundTracebacks(logging.Filter):
+    """Drops the error records (with tracebacks) that orbax's writing threads log: the same error is raised
+    again in the main thread, where it is reported once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_unraisable(unraisable) -> None:
+    """After a failed checkpoint write, tensorstore's callbacks of the writes still pending reach orbax's
+    closed event loop, each printing a traceback; the write's own error is reported once instead."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(config_flags_to_sets(sys.argv[1:] if argv is None else list(argv)))
-    return args.func(args)
+    argv = config_flags_to_sets(sys.argv[1:] if argv is None else list(argv))
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    if not debug:
+        from absl import logging as absl_logging  # orbax logs through absl's own logger object
+        absl_logging.get_absl_logger().addFilter(_NoBackgroundTracebacks())
+        sys.unraisablehook = _quiet_unraisable
+    try:
+        return args.func(args)
+    except UserError as e:
+        if debug:
+            raise
+        return report(e)
+    except OSError as e:
+        if debug or e.errno not in FULL_DISK:
+            raise
+        return report(e)
+    except KeyboardInterrupt:  # outside a training loop (which saves a checkpoint and raises Interrupted)
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

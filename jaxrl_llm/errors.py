@@ -47,6 +47,10 @@ class ModelNotFoundError(ModelError, FileNotFoundError):
     """A model or tokenizer path, or a file it needs, does not exist."""
 
 
+class ModelPresetError(ModelError, KeyError):
+    """An unknown model preset name (config.model.preset, --model)."""
+
+
 class TaskError(UserError, KeyError):
     """An unknown task name, or task arguments the task does not accept."""
 

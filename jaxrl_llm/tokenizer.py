@@ -29,6 +29,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from jaxrl_llm.errors import ModelError, ModelNotFoundError
+
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
@@ -79,10 +81,10 @@ def _resolve(path_or_name: str | pathlib.Path) -> pathlib.Path:
         "(e.g. a downloaded model or tokenizer directory; hub names are not fetched)"
     )
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist or is not a directory; {expected}")
+        raise ModelNotFoundError(f"tokenizer directory {str(path)!r} does not exist or is not a directory; {expected}")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         found = sorted(p.name for p in path.iterdir())[:20]
-        raise FileNotFoundError(f"no tokenizer files in {str(path)!r} (found: {found}); {expected}")
+        raise ModelNotFoundError(f"no tokenizer files in {str(path)!r} (found: {found}); {expected}")
     return path
 
 
@@ -95,12 +97,12 @@ def _eos_ids(tokenizer, path: pathlib.Path) -> tuple[int, ...]:
         try:
             extra = json.loads(gen_config.read_text()).get("eos_token_id")
         except json.JSONDecodeError as e:
-            raise ValueError(f"{gen_config}: invalid JSON ({e}); fix or remove the file") from e
+            raise ModelError(f"{gen_config}: invalid JSON ({e}); fix or remove the file") from e
         for i in [extra] if isinstance(extra, int) else (extra or []):
             if int(i) not in ids:
                 ids.append(int(i))
     if not ids:
-        raise ValueError(
+        raise ModelError(
             f"tokenizer in {str(path)!r} has no eos_token and generation_config.json names no eos_token_id; "
             "rollouts could never stop. Set eos_token in tokenizer_config.json."
         )
@@ -140,7 +142,11 @@ def load_tokenizer(path_or_name: str | pathlib.Path = TINY, *, vocab_size: int |
     from transformers import AutoTokenizer
 
     path = _resolve(path_or_name)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except Exception as e:  # transformers/tokenizers raise many types for unreadable files
+        raise ModelError(f"tokenizer in {str(path)!r} cannot be loaded ({type(e).__name__}: {str(e)[:300]}); check "
+                         "tokenizer.json / tokenizer_config.json there (a truncated or hand-edited file?)") from e
     tokenizer.padding_side = "left"
     eos_ids = _eos_ids(tokenizer, path)
 
@@ -174,7 +180,7 @@ def load_tokenizer(path_or_name: str | pathlib.Path = TINY, *, vocab_size: int |
         for what, i in [("pad", info.pad_id)] + [("eos", i) for i in eos_ids]:
             if i >= vocab_size:
                 hint = " (it was added because no unused special token exists)" if what == "pad" and pad_added else ""
-                raise ValueError(
+                raise ModelError(
                     f"tokenizer {str(path)!r}: {what} id {i}{hint} is >= the model's vocab_size {vocab_size}; "
                     "resize the model's embedding to cover it, or set an existing unused token as pad_token "
                     "in tokenizer_config.json"

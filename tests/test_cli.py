@@ -9,6 +9,7 @@ import pytest
 
 from jaxrl_llm import cli
 from jaxrl_llm.cli import _parse_mesh, main
+from jaxrl_llm.errors import ConfigError, ModelError
 
 
 def test_demo_samples_from_tiny_model(capsys):
@@ -37,14 +38,15 @@ def test_presets_lists_param_counts(capsys):
     assert re.search(r"llama-3.1-8b\s+llama\s+8,030,261,248", out)
 
 
-def test_input_errors():
+def test_input_errors(capsys):
     assert _parse_mesh("fsdp=4,tensor=2") == {"fsdp": 4, "tensor": 2}
-    with pytest.raises(SystemExit, match="is not NAME=SIZE"):
+    with pytest.raises(ConfigError, match="is not NAME=SIZE"):
         _parse_mesh("fsdp4")
-    with pytest.raises(SystemExit, match="size of 'data' must be an integer"):
+    with pytest.raises(ConfigError, match="size of 'data' must be an integer"):
         _parse_mesh("data=x")
-    with pytest.raises(SystemExit, match=r"--model 'qwen-0.5b': not a directory and unknown model preset"):
-        main(["sample", "--model", "qwen-0.5b", "--prompt", "x"])
+    assert main(["sample", "--model", "qwen-0.5b", "--prompt", "x"]) == ModelError.exit_code
+    assert re.fullmatch(r"error: --model 'qwen-0.5b': not a directory and unknown model preset .*Did you mean "
+                        r"'qwen2.5-0.5b'\?.*\n", capsys.readouterr().err)
 
 
 def test_console_script_entry_point():
@@ -76,6 +78,7 @@ def test_config_flag_spelling_is_an_override():
     assert (cfg.seed, cfg.rl.iterations, cfg.log.every) == (3, 4, 2)
 
 
-def test_eval_of_a_missing_run_says_what_to_give(tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: .*no_such_run does not exist; give a run directory \(runs/<name>\)"):
-        main(["eval", str(tmp_path / "no_such_run")])
+def test_eval_of_a_missing_run_says_what_to_give(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "no_such_run")]) == ConfigError.exit_code
+    assert re.match(r"error: .*no_such_run does not exist; give a run directory \(runs/<name>\)",
+                    capsys.readouterr().err)

@@ -73,7 +73,7 @@ def test_mean_std_over_seeds_aligns_by_step():
 # ----------------------------------------------------------------------------- grid parsing
 
 
-def test_grid_and_seed_parsing():
+def test_grid_and_seed_parsing(capsys):
     grid = parse_grid(["rl.algo.loss.clip_eps_high=0.2,0.28", "model.dtype=bfloat16,'float32'",
                        "eval.ks=(1,4),(1,)"])
     assert grid == {"rl.algo.loss.clip_eps_high": [0.2, 0.28], "model.dtype": ["bfloat16", "float32"],
@@ -95,8 +95,8 @@ def test_grid_and_seed_parsing():
     for bad, msg in [("0", ">= 1"), ("x", "give a count"), ("1,1", "distinct"), ("-1,2", "distinct")]:
         with pytest.raises(GridError, match=msg):
             parse_seeds(bad)
-    with pytest.raises(SystemExit, match="--grid 'oops' is not KEY=V1,V2"):
-        main(["sweep", DEMO_SMOKE, "--grid", "oops"])
+    assert main(["sweep", DEMO_SMOKE, "--grid", "oops"]) == GridError.exit_code
+    assert "--grid 'oops' is not KEY=V1,V2" in capsys.readouterr().err
     # a misspelt key fails before any run starts, naming the variant and the nearest key
     with pytest.raises(ConfigError, match=r"variant 'clip_eps_hig=0.2'.*did you mean"):
         sweep(DEMO_SMOKE, {"rl.algo.loss.clip_eps_hig": [0.2]}, seeds=1, quiet=True)

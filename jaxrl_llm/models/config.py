@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from jaxrl_llm.errors import ModelPresetError
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPE_NAMES = tuple(sorted(_DTYPES))  # what a config's dtype fields accept
 REMAT_POLICIES = ("none", "full", "dots")
@@ -182,5 +184,5 @@ def get_preset(name: str, **overrides) -> ModelConfig:
         import difflib
         near = difflib.get_close_matches(key, PRESETS, n=1)
         hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise KeyError(f"unknown model preset {name!r}.{hint} Available: {', '.join(PRESETS)}")
+        raise ModelPresetError(f"unknown model preset {name!r}.{hint} Available: {', '.join(PRESETS)}")
     return PRESETS[key].replace(**overrides) if overrides else PRESETS[key]

@@ -28,10 +28,11 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxrl_llm.errors import ModelError, ModelNotFoundError
 from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import ModelConfig, dtype_of
-from jaxrl_llm.models.hf_config import (SUPPORTED_ARCHITECTURES, _dtype_name, config_from_hf, config_to_hf,
-                                        read_hf_config)
+from jaxrl_llm.models.hf_config import (SUPPORTED_ARCHITECTURES, _dtype_name, config_at, config_from_hf,
+                                        config_to_hf, read_hf_config)
 from jaxrl_llm.models.transformer import CausalLM
 from jaxrl_llm.sharding.params import abstract_params, param_shardings
 from jaxrl_llm.sharding.rules import ShardingEnv
@@ -44,7 +45,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint's tensors do not match its config.json (missing, extra, wrong shape or dtype)."""
 
 
@@ -155,28 +156,31 @@ class _Checkpoint:
     def __init__(self, path: Path):
         single, index = path / "model.safetensors", path / "model.safetensors.index.json"
         if single.is_file():
-            self.where = {name: single for name in safe_open(single, framework="numpy").keys()}
+            self.where = {name: single for name in _open_safetensors(single).keys()}
             self.searched = str(single)
         elif index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ModelError(f"{index} is not a JSON object with a 'weight_map' ({e})") from None
             if not isinstance(weight_map, dict):
-                raise ValueError(f"{index} has no 'weight_map' object")
+                raise ModelError(f"{index} has no 'weight_map' object")
             self.where = {name: path / f for name, f in weight_map.items()}
             files = sorted(set(self.where.values()))
             absent = [f.name for f in files if not f.is_file()]
             if absent:
-                raise FileNotFoundError(f"{index} lists shard files missing from {path}: {absent}")
+                raise ModelNotFoundError(f"{index} lists shard files missing from {path}: {absent}")
             self.searched = f"{index} (shards {', '.join(f.name for f in files)})"
         else:
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
             if pickles:
-                raise ValueError(
+                raise ModelError(
                     f"{path} holds only pickle-based weights ({', '.join(pickles)}); jaxrl_llm never "
                     "unpickles checkpoints (unpickling can run arbitrary code). Convert them to "
                     "safetensors first, e.g. in a trusted environment: AutoModelForCausalLM."
                     "from_pretrained(path).save_pretrained(out_dir, safe_serialization=True)")
             others = sorted(p.name for p in path.glob("*.safetensors"))
-            raise FileNotFoundError(
+            raise ModelNotFoundError(
                 f"no weights found in {path}: expected model.safetensors or model.safetensors.index.json"
                 + (f" (found {others}; rename or add an index.json)" if others else ""))
         self._open: dict[Path, Any] = {}
@@ -184,7 +188,7 @@ class _Checkpoint:
     def slice(self, name: str):
         file = self.where[name]
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="numpy")
+            self._open[file] = _open_safetensors(file)
         try:
             return self._open[file].get_slice(name)
         except Exception as e:  # the index points at a file that lacks the tensor
@@ -214,6 +218,14 @@ class _Checkpoint:
                                   "the model")
 
 
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # safetensors' own error type: header too short, incomplete data, not safetensors
+        raise ModelError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or "
+                         "corrupt: copy or download it again") from None
+
+
 def _few(names: list[str], k: int = 5) -> str:
     return ", ".join(map(repr, names[:k])) + (f" and {len(names) - k} more" if len(names) > k else "")
 
@@ -228,8 +240,9 @@ def load_hf(path: str | os.PathLike, env: ShardingEnv, *, dtype: Any = None, par
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    cfg = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, **config_overrides)
+        raise ModelNotFoundError(f"model directory {path} does not exist (config.model.path); give a local Hugging "
+                                 "Face directory (config.json + *.safetensors)")
+    cfg = config_at(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     ckpt, specs = _Checkpoint(path), _tensor_specs(cfg)
     ckpt.validate(specs, cfg)
     shapes, shardings = param_shardings(init_fn_for(CausalLM(cfg)), env)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxrl_llm.errors import ModelError, ModelNotFoundError
 from jaxrl_llm.models.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -37,12 +38,12 @@ def _family_of(c: Mapping[str, Any]) -> str:
         for arch in archs:
             if arch in SUPPORTED_ARCHITECTURES:
                 return SUPPORTED_ARCHITECTURES[arch]
-        raise ValueError(f"unsupported architecture {', '.join(map(str, archs))}; "
+        raise ModelError(f"unsupported architecture {', '.join(map(str, archs))}; "
                          f"supported architectures: {supported}")
     model_type = c.get("model_type")
     if model_type in _FAMILY_DEFAULTS:
         return model_type
-    raise ValueError(f"unsupported model_type {model_type!r} (config has no 'architectures'); "
+    raise ModelError(f"unsupported model_type {model_type!r} (config has no 'architectures'); "
                      f"supported: model_type llama, qwen2, qwen3 / architectures {supported}")
 
 
@@ -52,16 +53,16 @@ def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, dict | None]:
     key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
     sc = dict(c.get(key) or {})
     if any(isinstance(v, Mapping) for v in sc.values()):
-        raise ValueError(f"config.json {key} is nested per layer type; only one global RoPE is supported")
+        raise ModelError(f"config.json {key} is nested per layer type; only one global RoPE is supported")
     theta = float(sc.pop("rope_theta", c.get("rope_theta", 10000.0)))
     rope_type = sc.pop("rope_type", None) or sc.pop("type", None) or "default"
     partial = sc.pop("partial_rotary_factor", c.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
-        raise ValueError(f"config.json partial_rotary_factor={partial} is not supported (only 1.0)")
+        raise ModelError(f"config.json partial_rotary_factor={partial} is not supported (only 1.0)")
     if rope_type == "default":
         return theta, None
     if rope_type not in ("linear", "llama3"):
-        raise ValueError(f"config.json {key}: rope type {rope_type!r} is not supported; "
+        raise ModelError(f"config.json {key}: rope type {rope_type!r} is not supported; "
                          "supported rope types: default, llama3, linear")
     needed = ("factor",) if rope_type == "linear" else (
         "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -70,7 +71,7 @@ def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, dict | None]:
             "original_max_position_embeddings", c.get("max_position_embeddings"))
     missing = [k for k in needed if sc.get(k) is None]
     if missing:
-        raise ValueError(f"config.json {key} with rope_type {rope_type!r} lacks {missing}")
+        raise ModelError(f"config.json {key} with rope_type {rope_type!r} lacks {missing}")
     return theta, {"rope_type": rope_type, **{k: float(sc[k]) for k in needed}}
 
 
@@ -79,28 +80,28 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> ModelConfig:
 
     `overrides` replace fields afterwards (e.g. `param_dtype="bfloat16"`,
     `remat="full"`; dtypes may be names or numpy/jnp dtypes). Configurations
-    the model cannot reproduce exactly raise a `ValueError` that says why.
+    the model cannot reproduce exactly raise a `ModelError` that says why.
     Numerics default to float32 whatever `torch_dtype` the checkpoint records.
     """
     c = dict(hf_config)
     family = _family_of(c)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if c.get(key) is None:
-            raise ValueError(f"config.json lacks the required key {key!r}")
+            raise ModelError(f"config.json lacks the required key {key!r}")
     act = c.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise ValueError(f"config.json hidden_act={act!r} is not supported; only 'silu' (SwiGLU) is")
+        raise ModelError(f"config.json hidden_act={act!r} is not supported; only 'silu' (SwiGLU) is")
     if c.get("mlp_bias"):
-        raise ValueError("config.json mlp_bias=true is not supported (the MLP has no biases)")
+        raise ModelError("config.json mlp_bias=true is not supported (the MLP has no biases)")
     if family in ("llama", "qwen3") and c.get("attention_bias"):
-        raise ValueError(f"config.json attention_bias=true is not supported for {family}: HF then also "
+        raise ModelError(f"config.json attention_bias=true is not supported for {family}: HF then also "
                          "biases o_proj, which this model does not have")
     if c.get("use_sliding_window"):
-        raise ValueError("config.json use_sliding_window=true is not supported (sliding-window attention "
+        raise ModelError("config.json use_sliding_window=true is not supported (sliding-window attention "
                          "is not implemented); full attention would silently change the model")
     layer_types = set(c.get("layer_types") or ()) - {"full_attention"}
     if layer_types:
-        raise ValueError(f"config.json layer_types {sorted(layer_types)} are not supported; "
+        raise ModelError(f"config.json layer_types {sorted(layer_types)} are not supported; "
                          "only full_attention")
     heads = c["num_attention_heads"]
     head_dim = c["head_dim"] if "head_dim" in c else _FAMILY_DEFAULTS[family]["head_dim"]
@@ -168,8 +169,17 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed `config.json` of a checkpoint directory (clear errors when absent or invalid)."""
     file = Path(path) / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"no config.json in {Path(path)} (expected a Hugging Face model directory)")
+        raise ModelNotFoundError(f"no config.json in {Path(path)} (expected a Hugging Face model directory)")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: line {e.lineno}: {e.msg}") from None
+        raise ModelError(f"{file} is not valid JSON: line {e.lineno}: {e.msg}") from None
+
+
+def config_at(path: str | os.PathLike, **overrides) -> ModelConfig:
+    """`config_from_hf(read_hf_config(path), **overrides)`; an error names the directory's config.json."""
+    hf = read_hf_config(path)
+    try:
+        return config_from_hf(hf, **overrides)
+    except ValueError as e:  # ours, or ModelConfig's own checks (head counts that do not divide, ...)
+        raise ModelError(f"{Path(path) / 'config.json'}: {str(e).removeprefix('config.json ')}") from None

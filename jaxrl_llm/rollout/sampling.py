@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.errors import ConfigError
+
 
 # A cache segment shorter than this saves little attention reading for its extra compiled loop.
 MIN_SEGMENT_STEPS = 16
@@ -61,39 +63,39 @@ class SamplingConfig:
             return isinstance(x, int) and not isinstance(x, bool)
 
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
         if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
                 or not math.isfinite(self.temperature) or self.temperature < 0):
-            raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: must be a finite number >= 0 "
+            raise ConfigError(f"SamplingConfig.temperature={self.temperature!r}: must be a finite number >= 0 "
                              "(0.0 = greedy)")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
+            raise ConfigError(f"SamplingConfig.top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
         if (not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool)
                 or not 0.0 < self.top_p <= 1.0):
-            raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: must be in (0, 1] (1.0 = off)")
+            raise ConfigError(f"SamplingConfig.top_p={self.top_p!r}: must be in (0, 1] (1.0 = off)")
         if not _is_int(self.n_samples) or self.n_samples < 1:
-            raise ValueError(f"SamplingConfig.n_samples={self.n_samples!r}: must be an integer >= 1")
+            raise ConfigError(f"SamplingConfig.n_samples={self.n_samples!r}: must be an integer >= 1")
         eos = self.eos_token_ids
         if _is_int(eos):
             eos = (eos,)
         try:
             eos = tuple(eos)
         except TypeError:
-            raise ValueError(f"SamplingConfig.eos_token_ids={self.eos_token_ids!r}: must be a tuple of "
+            raise ConfigError(f"SamplingConfig.eos_token_ids={self.eos_token_ids!r}: must be a tuple of "
                              "token ids >= 0") from None
         if not all(_is_int(e) and e >= 0 for e in eos):
-            raise ValueError(f"SamplingConfig.eos_token_ids={self.eos_token_ids!r}: must be a tuple of "
+            raise ConfigError(f"SamplingConfig.eos_token_ids={self.eos_token_ids!r}: must be a tuple of "
                              "token ids >= 0")
         # A list from a JSON config would make the config unhashable; store a tuple.
         object.__setattr__(self, "eos_token_ids", eos)
         if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
-            raise ValueError(f"SamplingConfig.pad_token_id={self.pad_token_id!r}: must be an integer >= 0")
+            raise ConfigError(f"SamplingConfig.pad_token_id={self.pad_token_id!r}: must be an integer >= 0")
         if not isinstance(self.split_layer_weights, bool):
-            raise ValueError(f"SamplingConfig.split_layer_weights={self.split_layer_weights!r}: must be True or "
+            raise ConfigError(f"SamplingConfig.split_layer_weights={self.split_layer_weights!r}: must be True or "
                              "False")
         if not _is_int(self.cache_segments) or self.cache_segments < 1:
-            raise ValueError(f"SamplingConfig.cache_segments={self.cache_segments!r}: must be an integer >= 1 "
+            raise ConfigError(f"SamplingConfig.cache_segments={self.cache_segments!r}: must be an integer >= 1 "
                              "(1 = one KV-cache buffer for the whole rollout)")
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
@@ -116,10 +118,10 @@ class SamplingConfig:
         """Raises if an EOS or pad id does not exist in a vocabulary of `vocab_size` tokens."""
         bad = [e for e in self.eos_token_ids if e >= vocab_size]
         if bad:
-            raise ValueError(f"SamplingConfig.eos_token_ids={self.eos_token_ids}: ids {bad} are >= the "
+            raise ConfigError(f"SamplingConfig.eos_token_ids={self.eos_token_ids}: ids {bad} are >= the "
                              f"model's vocab_size={vocab_size}")
         if self.pad_token_id >= vocab_size:
-            raise ValueError(f"SamplingConfig.pad_token_id={self.pad_token_id} is >= the model's "
+            raise ConfigError(f"SamplingConfig.pad_token_id={self.pad_token_id} is >= the model's "
                              f"vocab_size={vocab_size}")
 
 

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from jaxrl_llm.errors import ConfigError, MeshError
+
 DEFAULT_AXES: dict[str, int] = {"data": -1, "fsdp": 1, "tensor": 1}
 
 
@@ -21,7 +23,7 @@ def set_cpu_devices(n: int) -> None:
     are unaffected. Runs stay deterministic for a given `n`; different `n` reduce in a different order.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"--cpu-devices (set_cpu_devices): the CPU device count must be an integer >= 1, got {n!r}")
+        raise ConfigError(f"--cpu-devices (set_cpu_devices): the CPU device count must be an integer >= 1, got {n!r}")
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError as e:
@@ -35,22 +37,22 @@ def resolve_axis_sizes(axes: Mapping[str, int], num_devices: int) -> dict[str, i
     """Fills in the one -1 axis and checks that the sizes multiply to `num_devices`."""
     axes = dict(axes)
     if not axes:
-        raise ValueError("mesh.axes is empty; give at least one named axis, e.g. {'data': -1}")
+        raise MeshError("mesh.axes is empty; give at least one named axis, e.g. {'data': -1}")
     auto = [k for k, v in axes.items() if v == -1]
     for k, v in axes.items():
         if not isinstance(v, int) or (v < 1 and v != -1):
-            raise ValueError(f"mesh.axes.{k}={v!r}: sizes must be positive integers or -1 (auto)")
+            raise MeshError(f"mesh.axes.{k}={v!r}: sizes must be positive integers or -1 (auto)")
     if len(auto) > 1:
-        raise ValueError(f"mesh.axes: at most one axis may be -1 (auto), got {auto}")
+        raise MeshError(f"mesh.axes: at most one axis may be -1 (auto), got {auto}")
     fixed = math.prod(v for v in axes.values() if v != -1)
     if auto:
         if num_devices % fixed:
-            raise ValueError(
+            raise MeshError(
                 f"mesh.axes={axes}: the fixed sizes multiply to {fixed}, which does not divide the "
                 f"{num_devices} available devices; choose sizes whose product divides {num_devices}")
         axes[auto[0]] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(
+        raise MeshError(
             f"mesh.axes={axes}: sizes multiply to {fixed} but there are {num_devices} devices; "
             "make the product equal the device count or set one axis to -1 (auto)")
     return axes

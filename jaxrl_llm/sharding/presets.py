@@ -35,6 +35,7 @@ import difflib
 import math
 from typing import Any
 
+from jaxrl_llm.errors import MeshError
 from jaxrl_llm.sharding.mesh import DEFAULT_AXES
 
 
@@ -101,7 +102,7 @@ def get_mesh_preset(name: str) -> MeshPreset:
         known = list(MESH_PRESETS) + list(ALIASES)
         near = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown mesh.preset {name!r}{hint} (presets: {', '.join(known)})")
+        raise MeshError(f"unknown mesh.preset {name!r}{hint} (presets: {', '.join(known)})")
     return MESH_PRESETS[key]
 
 
@@ -122,11 +123,11 @@ def mesh_axes_for(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
         return axes
     preset = get_mesh_preset(name)
     if axes != DEFAULT_AXES:
-        raise ValueError(f"mesh.preset={name!r} and mesh.axes={axes} are both given; give one or the other: "
+        raise MeshError(f"mesh.preset={name!r} and mesh.axes={axes} are both given; give one or the other: "
                          f"the preset alone (its axes are {preset.axes_dict}), or mesh.axes with mesh.preset=''")
     if preset.num_devices != num_devices:
         listing = ", ".join(f"{p.name} ({p.num_devices})" for p in MESH_PRESETS.values())
-        raise ValueError(f"mesh.preset={name!r} is for {preset.num_devices} devices but {num_devices} are present; "
+        raise MeshError(f"mesh.preset={name!r} is for {preset.num_devices} devices but {num_devices} are present; "
                          f"pick the preset of this machine or set mesh.axes (presets and their device counts: "
                          f"{listing})")
     return preset.axes_dict

@@ -19,17 +19,20 @@ callers test with `isinstance` rather than by the task's name:
   answers): it makes a (chosen, rejected) completion pair from one of its
   examples, for DPO-family and reward-model stages.
 
-Layering: this package imports only `jaxrl_llm.records` (file reading) and
+Layering: this package imports only `jaxrl_llm.errors`, `jaxrl_llm.records` (file reading) and
 `jaxrl_llm.tokenizer` below it, never data/, rewards/, eval/ or train/.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from jaxrl_llm.errors import TaskError, UserError
 
 Prompt = str | Sequence[Mapping[str, str]]  # plain text, or chat messages [{"role", "content"}, ...]
 
@@ -209,8 +212,21 @@ def get_task(name: str, **kwargs) -> Task:
         import difflib
         near = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise KeyError(f"unknown task {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)
+        raise TaskError(f"config.task.name: unknown task {name!r}.{hint} Registered: "
+                        f"{', '.join(sorted(_REGISTRY))}")
+    factory = _REGISTRY[name]
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        params = [p for p in inspect.signature(factory).parameters if p not in ("self", "args", "kwargs")]
+        raise TaskError(f"config.task.kwargs of task {name!r}: {e}; it accepts {', '.join(params) or 'no arguments'}"
+                        ) from None
+    try:
+        return factory(**kwargs)
+    except UserError:
+        raise  # a data file's error names the file and line already
+    except (ValueError, TypeError) as e:
+        raise TaskError(f"config.task.kwargs of task {name!r}: {e}") from e
 
 
 def registered_tasks() -> list[str]:

@@ -84,7 +84,7 @@ def model_numerics(m: mc.ConfigDict) -> dict[str, Any]:
 
 def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     """(components, initial params): params from `model.path` (HF directory) or a preset (random init)."""
-    from jaxrl_llm.models.hf_config import config_from_hf, read_hf_config
+    from jaxrl_llm.models.hf_config import config_at
     from jaxrl_llm.sharding import resolve_axis_sizes
     from jaxrl_llm.sharding.presets import mesh_axes_for
     from jaxrl_llm.train.config import mesh_env
@@ -99,7 +99,7 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     if not m.path:
         model_cfg = get_preset(m.preset, **numerics)
     elif (pathlib.Path(m.path) / "config.json").is_file():
-        model_cfg = config_from_hf(read_hf_config(m.path), **numerics)
+        model_cfg = config_at(m.path, **numerics)
     else:
         model_cfg = None  # load_hf says what is missing
     memory = None

@@ -42,11 +42,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxrl_llm.errors import ResumeError
+
 STATE, META = "state", "meta"
 TRASH = "_to_delete"  # orbax renames pruned steps here (todelete_subdir); we delete them
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ResumeError):
     """A checkpoint cannot be written or restored as asked (missing step, other structure, bad meta)."""
 
 

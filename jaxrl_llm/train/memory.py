@@ -128,6 +128,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jaxrl_llm.errors import ConfigError
 from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import CACHE_AXES, CausalLM, PolicyValueModel, reward_model, value_model
@@ -164,7 +165,7 @@ _PHASE_OF = {name: phase for name, phase, _ in TERMS}
 _OPT_MOMENTS = {"adamw": 2, "adam": 2, "lion": 1, "sgd": 0}
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(ConfigError):
     """The estimated per-device peak exceeds the budget; `suggestions` are changes re-estimated to fit."""
 
     def __init__(self, message: str, estimate: "MemoryEstimate", suggestions: tuple["Suggestion", ...] = ()):

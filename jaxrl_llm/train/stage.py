@@ -29,6 +29,7 @@ from typing import Any, Callable
 import jax
 import ml_collections as mc
 
+from jaxrl_llm.errors import DivergedError
 from jaxrl_llm.sharding import multihost
 from jaxrl_llm.train.build import Components, keys_for
 from jaxrl_llm.train.checkpoint import CheckpointError
@@ -45,7 +46,7 @@ def _describe(topo: dict) -> str:
             f"device(s) (mesh {mesh or '?'})")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DivergedError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
@@ -193,12 +194,28 @@ class Stage:
                 checkpointer.save(n, self.tree(), self._checkpoint_meta(done=True))
             elif ck_every > 0 and n % ck_every == 0:
                 checkpointer.save(n, self.tree(), self._checkpoint_meta(done=False))
+            if self.stop is not None and n < self.total_steps and self.stop.now(n):
+                self._stop_at(n, checkpointer, saved=ck_every > 0 and n % ck_every == 0, bar=bar)
         checkpointer.wait()
         if bar is not None:
             bar.close()
         return self.params()
 
     _last_eval: dict = {}
+    stop: Any = None  # train.signals.StopRequests of the run (set by the trainer); None: signals not handled
+
+    def _stop_at(self, n: int, checkpointer, saved: bool, bar) -> None:
+        """A stop signal: checkpoint step `n` (unless just saved), wait for it, and raise Interrupted."""
+        if not saved:
+            checkpointer.save(n, self.tree(), self._checkpoint_meta(done=False))
+        checkpointer.wait()
+        if bar is not None:
+            bar.close()
+        from jaxrl_llm.train.signals import NAMES
+        raise self.stop.error(
+            f"stopped by {NAMES.get(self.stop.signum, 'a signal')} at stage {self.name!r} step {n} of "
+            f"{self.total_steps}; checkpoint {self.run.checkpoint_dir(self.name) / str(n)} saved. Run the same "
+            "command again (without --fresh) to resume from it")
 
     def _checkpoint_meta(self, done: bool) -> dict:
         return {**self.meta(), "done": done, "summary": self.summary, "topology": self._topology()}

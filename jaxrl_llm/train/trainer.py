@@ -10,15 +10,20 @@ interrupted one resumes from its latest complete checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
+import re
+import shutil
 import time
 from typing import Any
 
 import ml_collections as mc
 
+from jaxrl_llm.errors import Interrupted, StorageError
 from jaxrl_llm.train.build import build
 from jaxrl_llm.train.checkpoint import Checkpointer
 from jaxrl_llm.train.run_dir import RunDir
+from jaxrl_llm.train.signals import NAMES, StopRequests
 
 
 def stage_class(kind: str):
@@ -28,9 +33,28 @@ def stage_class(kind: str):
 
 
 def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
-    """Runs (or resumes) every stage of `cfg`; returns the run summary (also written to summary.json)."""
+    """Runs (or resumes) every stage of `cfg`; returns the run summary (also written to summary.json).
+
+    Ctrl-C or SIGTERM stops after the current step with a checkpoint (`errors.Interrupted`); a full disk
+    ends with `errors.StorageError` naming the path and the free space, the last complete checkpoint intact."""
     t0 = time.time()
     run = RunDir(cfg.run_root, cfg.name, cfg, fresh=fresh)
+    try:
+        with StopRequests(every=cfg.log.every) as stop:
+            return _train(cfg, run, stop, t0)
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once
+        raise Interrupted(f"stopped at once by a second Ctrl-C; {run.path} resumes from its last complete "
+                          f"checkpoint{_latest(run, cfg)} when the same command runs again (without --fresh)") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        full = _full_disk(e)
+        if full is None:
+            raise
+        raise StorageError(_disk_message(run, cfg, full)) from e
+    finally:
+        run.close()
+
+
+def _train(cfg: mc.ConfigDict, run: RunDir, stop: StopRequests, t0: float) -> dict[str, Any]:
     comp, params = build(cfg)
     if comp.memory is not None and run.writer:  # the estimate checked before the parameters were created
         table = comp.memory.table()
@@ -40,21 +64,22 @@ def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {"name": cfg.name, "run_dir": str(run.path)}
     stages = tuple(cfg.stages)
     finished_before = []
-    try:
-        for index, name in enumerate(stages):
-            stage = stage_class(cfg[name].kind)(comp, run, name, index, stages[:index])
-            ck = Checkpointer(run.checkpoint_dir(name), max_to_keep=cfg.checkpoint.keep,
-                              async_save=cfg.checkpoint.async_save)
-            try:
-                params = stage.run_stage(params, ck)
-            finally:
-                ck.close()
-                stage.close()
-            finished_before.append(stage.finished_before)
-            for k, v in stage.summary.items():
-                summary[f"{name}/{k}"] = v
-    finally:
-        run.close()
+    for index, name in enumerate(stages):
+        if index and stop.now(0):  # a signal during the last step of the stage before, which is complete
+            raise stop.error(f"stopped by {NAMES.get(stop.signum, 'a signal')} after stage {stages[index - 1]!r} "
+                             f"finished; run the same command again (without --fresh) to go on with {name!r}")
+        stage = stage_class(cfg[name].kind)(comp, run, name, index, stages[:index])
+        stage.stop = stop
+        ck = Checkpointer(run.checkpoint_dir(name), max_to_keep=cfg.checkpoint.keep,
+                          async_save=cfg.checkpoint.async_save)
+        try:
+            params = stage.run_stage(params, ck)
+        finally:
+            ck.close()
+            stage.close()
+        finished_before.append(stage.finished_before)
+        for k, v in stage.summary.items():
+            summary[f"{name}/{k}"] = v
     saved = run.path / "summary.json"
     if all(finished_before) and saved.is_file():
         return json.loads(saved.read_text())  # a finished run, run again: its summary stays the one it wrote
@@ -67,3 +92,44 @@ def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
         except ImportError:
             pass
     return summary
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def _full_disk(e: BaseException) -> BaseException | None:
+    """The error in `e`'s chain that says the disk is full (orbax and tensorstore wrap the OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno in FULL_DISK) or any(t in str(e) for t in _FULL_TEXT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _latest(run: RunDir, cfg: mc.ConfigDict) -> str:
+    """" (<stage dir>/<step>)" of the newest complete checkpoint on disk, or ""."""
+    for name in reversed(tuple(cfg.stages)):
+        d = run.checkpoint_dir(name)
+        steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+        if steps:
+            return f" ({d / str(steps[-1])})"
+    return ""
+
+
+def _disk_message(run: RunDir, cfg: mc.ConfigDict, e: BaseException) -> str:
+    where = getattr(e, "filename", None)
+    if not where:  # tensorstore names the file in its message: say which checkpoint that was
+        paths = re.findall(r'"(/[^"]+)"', str(e))
+        step = re.search(r"^(.*?/\d+)\.orbax-checkpoint-tmp", paths[0]) if paths else None
+        where = f"checkpoint {step.group(1)}" if step else (paths[0] if paths else run.path)
+    try:
+        free = f"{shutil.disk_usage(run.path).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    latest = _latest(run, cfg)
+    kept = (f"the last complete checkpoint{latest} is intact" if latest else "no checkpoint had been completed")
+    return (f"the disk is full writing {where} ({free} on the run directory's file system); {kept}. Free some "
+            "space (or set another run_root) and run the same command again to resume")

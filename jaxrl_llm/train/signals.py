@@ -1,0 +1,67 @@
+"""Stopping a run cleanly: Ctrl-C (SIGINT) and SIGTERM ask the training loop to stop after the step it is
+in, save a checkpoint there and end with `errors.Interrupted` saying where to resume from; a second Ctrl-C
+stops at once (the last complete checkpoint is what a resume starts from).
+
+    with StopRequests() as stop:       # installs the handlers (main thread only), restores them on exit
+        ...
+        if stop.now(step):            # every process agrees (on log steps when there are several)
+            save; raise stop.error(...)
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from jaxrl_llm.errors import Interrupted
+from jaxrl_llm.sharding import multihost
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+
+
+class StopRequests:
+    """The stop signals a run received; the first asks for a clean stop, a second Ctrl-C raises at once."""
+
+    def __init__(self, every: int = 1):
+        self.signum: int | None = None
+        self.every = max(int(every), 1)  # with several processes: agree every `every` steps (log steps)
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if self.signum is None:
+            print(f"\n{NAMES.get(signum, signum)}: stopping after this step and saving a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def now(self, step: int) -> bool:
+        """Whether to stop after `step`: this process's flag alone, or with several processes every
+        `every` steps whether any process got a signal (all of them take the same decision)."""
+        if not multihost.is_multiprocess():
+            return self.requested
+        if step % self.every:
+            return False
+        return multihost.process_sum(1.0 if self.requested else 0.0) > 0
+
+    def error(self, message: str) -> Interrupted:
+        e = Interrupted(message)
+        e.exit_code = 128 + int(self.signum or signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM, as shells do
+        return e
