@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import ml_collections as mc
 
-from jaxrl_llm.errors import DivergedError
+from jaxrl_llm.errors import DivergedError, ResumeError
 from jaxrl_llm.sharding import multihost
 from jaxrl_llm.train.build import Components, keys_for
 from jaxrl_llm.train.checkpoint import CheckpointError
@@ -232,9 +232,14 @@ class Stage:
         try:
             tree, meta = checkpointer.restore(step, _abstract(self.tree()))
             self.restore(tree, meta)
+        except CheckpointError:
+            raise  # another structure: the message lists what differs
         except Exception as e:
             if saved is None or saved == now:
-                raise
+                raise ResumeError(
+                    f"stage {self.name!r}: checkpoint {where} cannot be read ({type(e).__name__}: {str(e)[:300]}); "
+                    "its files were changed or removed after it was written. Delete that step directory to resume "
+                    "from the checkpoint before it, or start the run anew (--fresh)") from e
             raise CheckpointError(
                 f"stage {self.name!r}: checkpoint {where} was written on {_describe(saved)} and cannot be restored "
                 f"on {_describe(now)} ({type(e).__name__}: {e}). Resume on the topology it was written on, or "
