@@ -431,8 +431,10 @@ def report(e: BaseException) -> int:
     """Prints a user error as one `error:` line (a message may add a few lines of context) on stderr and
     returns its exit code (jaxrl_llm.errors); see docs/troubleshooting.md."""
     if isinstance(e, OSError) and not isinstance(e, UserError):
-        e = StorageError(f"cannot write {e.filename or 'a file'}: {e.strerror}; free some space (or pick another "
-                         "run_root with --set run_root=...) and run the same command again to resume")
+        fix = ("write elsewhere (--set run_root=...)" if e.errno == errno.EROFS else
+               "free some space (or pick another run_root with --set run_root=...)")
+        e = StorageError(f"cannot write {e.filename or 'a file'}: {e.strerror}; {fix} and run the same command "
+                         "again to resume")
     print(f"error: {e}", file=sys.stderr, flush=True)
     return e.exit_code
 

@@ -168,3 +168,19 @@ def test_the_cli_refuses_a_second_run_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == RunDirBusyError.exit_code and err.count("\n") == 1 and err.startswith("error: ")
     assert f"in use by process {proc.pid}" in err
+
+
+def test_a_start_that_failed_before_training_does_not_pin_its_config(tmp_path):
+    """A run refused while building (say, a wrong model path) left only its config.json: the corrected
+    config runs without --fresh; once a run has metrics or checkpoints, another config is refused."""
+    from jaxrl_llm.errors import ResumeError
+    _open(tmp_path, "exp", _cfg(tmp_path, "exp", "seed=7"))
+    run = _open(tmp_path, "exp", _cfg(tmp_path))
+    assert json.loads((run.path / "config.json").read_text())["seed"] == 0
+    (run.path / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
+    with pytest.raises(ResumeError, match="holds a run with a different config .*differs at: seed"):
+        RunDir(tmp_path, "exp", _cfg(tmp_path, "exp", "seed=7"))
+    (run.path / "metrics.jsonl").unlink()
+    (run.path / "checkpoints" / "sft" / "2").mkdir(parents=True)
+    with pytest.raises(ResumeError, match="differs at: seed"):
+        RunDir(tmp_path, "exp", _cfg(tmp_path, "exp", "seed=7"))

@@ -240,8 +240,9 @@ def load_hf(path: str | os.PathLike, env: ShardingEnv, *, dtype: Any = None, par
     """
     path = Path(path)
     if not path.is_dir():
-        raise ModelNotFoundError(f"model directory {path} does not exist (config.model.path); give a local Hugging "
-                                 "Face directory (config.json + *.safetensors)")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise ModelNotFoundError(f"model directory {path} {what} (config.model.path); give a local Hugging Face "
+                                 "directory (config.json + *.safetensors)")
     cfg = config_at(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     ckpt, specs = _Checkpoint(path), _tensor_specs(cfg)
     ckpt.validate(specs, cfg)

@@ -16,6 +16,9 @@ directory is refused with a message naming the holder (pid, host, start time, co
 system has no locks (some FUSE mounts), the pid written in the file decides: a dead process's lock is stale
 and taken over. `--fresh` empties the directory but keeps the lock file it holds.
 
+A run directory with a different config.json is resumed only with the same config, unless nothing ran in it
+yet (no metrics, no checkpoint: a start that failed on a bad model path, say), which takes the new config.
+
 Only a directory that holds the marker is ever deleted (`--fresh`); an existing directory without it is
 written into only when it is empty or holds this very run's config.json (a run from before the marker).
 Anything else is refused with a message, and nothing in it is touched.
@@ -150,7 +153,7 @@ class RunDir:
         if multihost.process_sum(1.0 if busy else 0.0):  # every process stops when process 0 cannot lock
             raise RunDirBusyError(busy or f"{self.path} is in use by another run (process 0 says who)")
         try:
-            if saved is not None and not fresh and saved != resolved:
+            if saved is not None and not fresh and saved != resolved and _has_progress(self.path):
                 old, new = _flat(saved), _flat(resolved)
                 diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
                 raise ResumeError(
@@ -266,6 +269,16 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _has_progress(path: pathlib.Path) -> bool:
+    """Whether a run directory holds anything a run produced (metrics or a checkpoint); one that a refused or
+    failed start left (config.json alone) takes another config without --fresh."""
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        return True
+    ck = path / "checkpoints"
+    return ck.is_dir() and any(p.name.isdigit() for stage in ck.iterdir() if stage.is_dir() for p in stage.iterdir())
 
 
 def _empty_run_dir(path: pathlib.Path) -> None:
