@@ -41,7 +41,9 @@ def test_algo_temperature_is_the_samplers(exp):
     cfg = load_experiment(f"experiments/{exp}.py:smoke", ["rl.sampling.temperature=0.7"])
     assert cfg.rl.algo.temperature is None  # unset: the stage takes the sampler's
     assert _algo(cfg).temperature == 0.7
-    greedy = load_experiment(f"experiments/{exp}.py:smoke", ["rl.sampling.temperature=0.0"])
+    one_sample = {"grpo": ["rl.algo.advantage_estimator=reinforce_pp", "rl.algo.group_size=1"],
+                  "ppo": ["rl.samples_per_prompt=1"]}[exp]  # greedy sampling of several per prompt is an error
+    greedy = load_experiment(f"experiments/{exp}.py:smoke", ["rl.sampling.temperature=0.0", *one_sample])
     assert _algo(greedy).temperature == 1.0  # greedy sampling: the training forward's logits are unscaled
     same = load_experiment(f"experiments/{exp}.py:smoke", ["rl.sampling.temperature=0.7", "rl.algo.temperature=0.7"])
     assert _algo(same).temperature == 0.7

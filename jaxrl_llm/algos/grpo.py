@@ -42,6 +42,7 @@ from jaxrl_llm.algos.aggregation import token_mean_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_estimate, kl_penalty_rewards
 from jaxrl_llm.algos.logprobs import completion_logprobs, rollout_forward_fn
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss
+from jaxrl_llm.algos.preference import check_choice
 from jaxrl_llm.algos.train_state import TrainState, accumulate, apply_gradients
 from jaxrl_llm.models.config import ModelConfig
 
@@ -71,14 +72,11 @@ class GRPOConfig:
     def __post_init__(self):
         def bad(field, why):
             raise ValueError(f"GRPOConfig.{field}={getattr(self, field)!r}: {why}")
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            bad("advantage_estimator", f"expected one of {ADVANTAGE_ESTIMATORS}")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            bad("scale_rewards", "expected 'group', 'batch' or 'none'")
+        check_choice("GRPOConfig.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        check_choice("GRPOConfig.scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         if self.group_size < 2 and self.advantage_estimator != "reinforce_pp":
             bad("group_size", "group baselines need at least 2 completions per prompt")
-        if self.reward_kl_estimator not in KL_ESTIMATORS:
-            bad("reward_kl_estimator", f"expected one of {KL_ESTIMATORS}")
+        check_choice("GRPOConfig.reward_kl_estimator", self.reward_kl_estimator, KL_ESTIMATORS)
         if self.temperature <= 0:
             bad("temperature", "must be > 0 (use 1.0 when sampling greedily)")
         for f in ("num_micro_batches", "num_minibatches", "epochs", "logprob_chunk"):

@@ -85,7 +85,10 @@ class KLControllerConfig:
 
     def __post_init__(self):
         if self.kind not in ("fixed", "adaptive"):
-            raise ValueError(f"KLControllerConfig.kind={self.kind!r}; expected 'fixed' or 'adaptive'")
+            import difflib
+            near = difflib.get_close_matches(str(self.kind), ("fixed", "adaptive"), n=1)
+            raise ValueError(f"KLControllerConfig.kind={self.kind!r}{f' (did you mean {near[0]!r}?)' if near else ''}"
+                             "; expected 'fixed' or 'adaptive'")
         if not self.init_coef >= 0:
             raise ValueError(f"KLControllerConfig.init_coef={self.init_coef}: must be >= 0")
         if self.kind == "adaptive":

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.algos.aggregation import check_exclude_empty_rows, check_loss_agg, token_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_estimate
+from jaxrl_llm.algos.preference import check_choice
 
 RATIO_LEVELS = ("token", "sequence")
 
@@ -75,8 +76,7 @@ class PolicyLossConfig:
             bad("clip_eps_high", "must be >= 0")
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             bad("dual_clip", "must be None (off) or a constant c > 1 (3.0 is usual)")
-        if self.ratio_level not in RATIO_LEVELS:
-            bad("ratio_level", f"expected one of {RATIO_LEVELS}")
+        check_choice("PolicyLossConfig.ratio_level", self.ratio_level, RATIO_LEVELS)
         check_loss_agg(self.loss_agg)
         if self.norm_length is not None and not self.norm_length > 0:
             bad("norm_length", "must be None (the padded length) or > 0")
@@ -85,8 +85,7 @@ class PolicyLossConfig:
             bad("entropy_coef", "must be >= 0 (the loss subtracts entropy_coef * entropy)")
         if not self.kl_coef >= 0.0:
             bad("kl_coef", "must be >= 0")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            bad("kl_estimator", f"expected one of {KL_ESTIMATORS}")
+        check_choice("PolicyLossConfig.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         if self.kl_clamp is not None and not self.kl_clamp > 0:
             bad("kl_clamp", "must be None or > 0")
         if self.tis_cap is not None and not self.tis_cap > 0:

@@ -50,6 +50,7 @@ from jaxrl_llm.algos.aggregation import token_mean_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, KLControllerConfig, kl_coef_update, kl_estimate, kl_penalty_rewards
 from jaxrl_llm.algos.logprobs import completion_logprobs, logprobs_from_hidden, rollout_forward_fn
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss, value_loss
+from jaxrl_llm.algos.preference import check_choice
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, accumulate, apply_gradients, make_optimizer
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import PolicyValueModel, ScalarHeadModel, unembedding
@@ -110,8 +111,7 @@ class PPOConfig:
             bad("kl", "must be a KLControllerConfig(kind='fixed'|'adaptive', init_coef, target, horizon)")
         if not isinstance(self.loss, PolicyLossConfig):
             bad("loss", "must be a PolicyLossConfig")
-        if self.reward_kl_estimator not in KL_ESTIMATORS:
-            bad("reward_kl_estimator", f"expected one of {KL_ESTIMATORS}")
+        check_choice("PPOConfig.reward_kl_estimator", self.reward_kl_estimator, KL_ESTIMATORS)
         if self.reward_kl_clamp is not None and not self.reward_kl_clamp > 0:
             bad("reward_kl_clamp", "must be None (off) or > 0")
         if not self.vf_coef >= 0:

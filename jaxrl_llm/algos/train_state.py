@@ -60,14 +60,36 @@ class OptimizerConfig:
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self):
-        if self.name not in ("adamw", "adam", "sgd", "lion"):
-            raise ValueError(f"optimizer.name={self.name!r}; expected adamw, adam, sgd or lion")
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"optimizer.schedule={self.schedule!r}; expected constant, linear or cosine")
+        import difflib
+
+        def near(value, choices):
+            m = difflib.get_close_matches(str(value), choices, n=1)
+            return f" (did you mean {m[0]!r}?)" if m else ""
+        names, schedules = ("adamw", "adam", "sgd", "lion"), ("constant", "linear", "cosine")
+        if self.name not in names:
+            raise ValueError(f"optimizer.name={self.name!r}{near(self.name, names)}; expected adamw, adam, sgd or lion")
+        if self.schedule not in schedules:
+            raise ValueError(f"optimizer.schedule={self.schedule!r}{near(self.schedule, schedules)}; expected "
+                             "constant, linear or cosine")
         if self.schedule != "constant" and not self.total_steps:
             raise ValueError(f"optimizer.schedule={self.schedule!r} needs optimizer.total_steps")
-        if self.learning_rate < 0 or self.warmup_steps < 0:
-            raise ValueError("optimizer.learning_rate and optimizer.warmup_steps must be >= 0")
+        for f in ("learning_rate", "warmup_steps"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"optimizer.{f}={getattr(self, f)}: must be >= 0")
+        for f in ("b1", "b2"):
+            if not 0.0 <= getattr(self, f) < 1.0:
+                raise ValueError(f"optimizer.{f}={getattr(self, f)}: must be in [0, 1) (a moment's decay rate)")
+        if not self.eps >= 0:
+            raise ValueError(f"optimizer.eps={self.eps}: must be >= 0")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"optimizer.weight_decay={self.weight_decay}: must be >= 0")
+        if not 0.0 <= self.end_lr_ratio <= 1.0:
+            raise ValueError(f"optimizer.end_lr_ratio={self.end_lr_ratio}: must be in [0, 1] (the final learning "
+                             "rate as a fraction of learning_rate)")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"optimizer.total_steps={self.total_steps}: must be None or >= 1")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"optimizer.max_grad_norm={self.max_grad_norm}: must be None (no clipping) or > 0")
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:

@@ -124,6 +124,21 @@ def _response(value: Any, field: str, where: str) -> Messages:
 
 
 def _pair(record: Mapping, where: str, prompt_field: str, chosen_field: str, rejected_field: str) -> PreferencePair:
+    pair = _read_pair(record, where, prompt_field, chosen_field, rejected_field)
+    if pair.chosen == pair.rejected:
+        raise DataError(f"{where}: {chosen_field!r} and {rejected_field!r} are the same response "
+                        f"({_describe_response(pair.chosen)}); a pair without a difference carries no preference: "
+                        "fix or remove this record")
+    return pair
+
+
+def _describe_response(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _read_pair(record: Mapping, where: str, prompt_field: str, chosen_field: str,
+               rejected_field: str) -> PreferencePair:
     for field in (chosen_field, rejected_field):
         if not _present(record, field):
             raise DataError(f"{where}: missing field {field!r} (has {sorted(record)}); expected a string "

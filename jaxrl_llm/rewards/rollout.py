@@ -56,7 +56,14 @@ class RolloutScorer:
 
     in_jit: use the task's in-jit reward when it has one (`InJitRewardTask`).
     timeout_s, on_error, error_score: the host runner's (see `HostRewardRunner`).
+
+    After each call, `last_calls` / `last_failed` count the host reward's calls over every process and how
+    many failed (raised, timed out, returned bad values); `last_failure` is this process's first failure
+    message (None when none failed here); all 0 / None for an in-jit reward, which cannot fail.
     """
+
+    last_calls = last_failed = 0
+    last_failure: str | None = None
 
     def __init__(self, reward: Any, tokenizer, env, *, vocab_size: int | None = None, in_jit: bool = True,
                  timeout_s: float | None = 30.0, on_error: str = "score", error_score: float = 0.0):
@@ -80,11 +87,21 @@ class RolloutScorer:
             rewards = self.jax_reward(rollout.tokens, rollout.mask, g(targets), g(lengths))
             return rewards, rewards >= self.reward.correct_score, {}
         out = self.runner(reward_inputs(self.tokenizer, rollout, mine, rollout.tokens.shape[1]))
+        self.last_calls = int(multihost.process_sum(self.runner.last_calls))
+        self.last_failed = int(multihost.process_sum(self.runner.last_failed))
+        self.last_failure = self.runner.last_failure
         correct = out.correct if out.correct is not None else np.zeros(len(out.scores), bool)
         extra = multihost.process_mean({k: v for k, v in out.metrics("reward").items() if k not in _ON_DEVICE})
         extra = {k: v * jax.process_count() if ("/errors/" in k or "/timeouts/" in k) else v  # counts: summed
                  for k, v in extra.items()}
         return g(np.asarray(out.scores, np.float32)), g(np.asarray(correct, bool)), extra
+
+    @property
+    def name(self) -> str:
+        """The reward's name: its terms' names (a Task's is the task's name)."""
+        if self.runner is not None:
+            return ", ".join(t.name for t in self.runner.reward.terms)
+        return getattr(self.reward, "name", type(self.reward).__name__)
 
     def close(self) -> None:
         if self.runner is not None:

@@ -280,20 +280,14 @@ class HostRewardRunner:
     def __init__(self, reward: Any, timeout_s: float | None = 30.0, on_error: str = "score",
                  error_score: float = 0.0, isolation: str = "thread", batch_size: int | None = None,
                  num_workers: int | None = None, start_method: str = "spawn", start_timeout_s: float = 120.0):
-        if on_error not in ("score", "abort"):
-            raise ValueError(f"on_error={on_error!r}; expected 'score' (failed terms get error_score and "
-                             f"are counted) or 'abort' (raise RewardError)")
+        self.check_options(timeout_s, on_error, error_score)
         if isolation not in ("thread", "process"):
             raise ValueError(f"isolation={isolation!r}; expected 'thread' or 'process'")
         if start_method not in ("spawn", "forkserver"):
             raise ValueError(f"start_method={start_method!r}; expected 'spawn' or 'forkserver' ('fork' is "
                              f"unsafe: the parent process runs JAX threads)")
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s={timeout_s}; expected a positive number of seconds or None")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}; expected a positive number of rows or None")
-        if not math.isfinite(error_score):
-            raise ValueError(f"error_score={error_score} must be finite")
         self.reward = reward if isinstance(reward, CombinedReward) else CombinedReward([_as_term(reward)])
         self.timeout_s, self.on_error, self.error_score = timeout_s, on_error, float(error_score)
         self.isolation, self.batch_size = isolation, batch_size
@@ -306,6 +300,19 @@ class HostRewardRunner:
                 _picklable(t)
             self._pool = _ProcessPool(terms, num_workers or min(4, cpus), start_method, start_timeout_s)
         self._logged: set[tuple[str, str]] = set()
+        self.last_calls = self.last_failed = 0   # (term, chunk) calls of the last batch, and how many failed
+        self.last_failure: str | None = None     # the message of the last batch's first failure
+
+    @staticmethod
+    def check_options(timeout_s: float | None, on_error: str, error_score: float) -> None:
+        """Raises ValueError naming the option (timeout_s=..., on_error=..., error_score=...) that is invalid."""
+        if on_error not in ("score", "abort"):
+            raise ValueError(f"on_error={on_error!r}; expected 'score' (failed terms get error_score and "
+                             f"are counted) or 'abort' (raise RewardError)")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s}; expected a positive number of seconds or None")
+        if not math.isfinite(error_score):
+            raise ValueError(f"error_score={error_score} must be finite")
 
     def __enter__(self) -> "HostRewardRunner":
         return self
@@ -324,6 +331,9 @@ class HostRewardRunner:
             pass
 
     def _fail(self, term: Term, kind: str, msg: str, counts: dict[str, int]) -> None:
+        self.last_failed += 1
+        if self.last_failure is None:
+            self.last_failure = msg
         if self.on_error == "abort":
             raise RewardError(f"{msg}\n\nThe runner has on_error='abort'. To give such completions "
                               f"error_score={self.error_score} for this term and count the failure instead, "
@@ -346,6 +356,7 @@ class HostRewardRunner:
         timeouts = {t.name: 0 for t in terms}
         running: dict[int, tuple[int, int, float]] = {}
         limit = math.inf if self.timeout_s is None else self.timeout_s
+        self.last_calls, self.last_failed, self.last_failure = len(pending), 0, None
         try:
             while pending or running:
                 self._pool.prepare(len(pending))

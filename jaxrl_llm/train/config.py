@@ -18,12 +18,13 @@ import difflib
 import importlib.util
 import inspect
 import pathlib
+import re
 import sys
 from typing import Any, Iterable
 
 import ml_collections as mc
 
-from jaxrl_llm.errors import ConfigError  # re-exported
+from jaxrl_llm.errors import ConfigError, UserError  # ConfigError: re-exported
 
 # The config helpers of the stage kinds live with their stages (`train.stages`); experiment files import
 # them from here as well (module __getattr__ below).
@@ -47,6 +48,28 @@ def __getattr__(name: str):
 def optimizer_config(learning_rate: float = 1e-6, **kw) -> mc.ConfigDict:
     from jaxrl_llm.algos.train_state import OptimizerConfig
     return from_dataclass(OptimizerConfig(learning_rate=learning_rate, **kw))
+
+
+def optimizer_from(section: mc.ConfigDict, where: str):
+    """The OptimizerConfig of a stage's optimizer section (`where` = "config.<stage>.optimizer"), checked:
+    a learning rate > 0, and no key the chosen optimizer or schedule would not read (sgd has no betas, eps or
+    weight decay, adam no weight decay (use adamw), lion no eps; a constant schedule no total_steps or
+    end_lr_ratio)."""
+    from jaxrl_llm.algos.train_state import OptimizerConfig
+    from jaxrl_llm.train.validation import number, unread
+    opt = to_dataclass(OptimizerConfig, section, where)
+    number(opt.learning_rate, f"{where}.learning_rate", 0.0, lo_open=True,
+           means="a learning rate of 0 trains nothing", example=1e-6)
+    d = OptimizerConfig()
+    unread_by = {"sgd": ("b1", "b2", "eps", "weight_decay"), "adam": ("weight_decay",), "lion": ("eps",)}
+    for key in unread_by.get(opt.name, ()):
+        hint = " (adamw has decoupled weight decay)" if opt.name == "adam" else ""
+        unread(opt, key, where, getattr(d, key), f"by optimizer name={opt.name!r}{hint}")
+    if opt.schedule == "constant":
+        for key in ("total_steps", "end_lr_ratio"):
+            unread(opt, key, where, getattr(d, key), "by the constant schedule (schedule='linear' or 'cosine' "
+                   "decays the learning rate over total_steps)")
+    return opt
 
 
 def from_dataclass(obj: Any) -> mc.ConfigDict:
@@ -91,7 +114,26 @@ def to_dataclass(cls: type, cfg: mc.ConfigDict | dict, where: str):
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(keyed(str(e), fields, where)) from None
+
+
+# The names the config dataclasses' own checks put before a field ("dpo.beta=...", "PPOConfig.gamma=...").
+_OWNER = re.compile(r"(?<![\w.])(?:[A-Z]\w*Config|dpo|sft|optimizer|reward_model)\.(\w+)")
+
+
+def keyed(message: str, fields: Iterable[str], where: str) -> str:
+    """A dataclass check's message with its fields named by their config keys: "PPOConfig.gamma=2.0: ..." in
+    section `where` -> "config.rl.algo.gamma=2.0: ...", and how to fix it; other messages get `where: `."""
+    fields = set(fields)
+    text = _OWNER.sub(lambda m: f"{where}.{m[1]}" if m[1] in fields else m[0], message)
+    first = re.match(r"(\w+)=", text)
+    if first and first[1] in fields:
+        text = f"{where}.{text}"
+    named = re.match(rf"{re.escape(where)}\.(\w+)=", text)
+    if named is None:
+        return text if text.startswith(f"{where}.") else f"{where}: {text}"
+    from jaxrl_llm.train.validation import fix_hint
+    return f"{text}; {fix_hint(f'{where}.{named[1]}')}"
 
 
 def base_config() -> mc.ConfigDict:
@@ -186,16 +228,56 @@ def load_experiment(spec: str, overrides: Iterable[str] = ()) -> mc.ConfigDict:
     presets = getattr(module, "PRESETS", None)
     if preset is not None and presets is not None and preset not in presets:
         raise ConfigError(f"{path}: unknown preset {preset!r}{nearest(preset, presets)} (presets: {presets})")
-    cfg = get_config(preset) if accepts else get_config()
+    try:
+        cfg = get_config(preset) if accepts else get_config()
+    except UserError:
+        raise
+    except Exception as e:  # the file's own code: --debug shows where
+        raise ConfigError(f"{path}: get_config({'' if not accepts else repr(preset)}) raised {type(e).__name__}: {e} "
+                          "(run with --debug for the traceback)") from e
     if not isinstance(cfg, mc.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict (start from "
                           f"jaxrl_llm.train.config.base_config()), got {type(cfg).__name__}")
     if not cfg.name:
         cfg.name = path.stem + (f"-{preset}" if preset else "")
     cfg.lock()
+    labels = _section_labels(cfg)
     apply_overrides(cfg, overrides)
+    _check_labels(cfg, labels, where=str(path))
     validate(cfg, where=str(path))
+    from jaxrl_llm.train.validation import preflight
+    try:
+        preflight(cfg)
+    except UserError as e:
+        raise type(e)(f"{path}: {e}") from None
     return cfg
+
+
+# Keys that name how a helper built the rest of its section (grpo_stage(variant) builds `algo` from it): an
+# override cannot change them, since it would not rebuild the section.
+_LABELS = {"grpo": ("variant",)}
+
+
+def _section_labels(cfg: mc.ConfigDict) -> dict[str, Any]:
+    sections = [n for n in cfg.stages if n in cfg and isinstance(cfg[n], mc.ConfigDict)]
+    return {f"{n}.{key}": cfg[n][key] for n in sections for key in _LABELS.get(cfg[n].get("kind"), ()) if key in cfg[n]}
+
+
+def _check_labels(cfg: mc.ConfigDict, before: dict[str, Any], where: str) -> None:
+    for dotted, old in before.items():
+        name, key = dotted.split(".")
+        new = cfg[name][key]
+        if new != old:
+            from jaxrl_llm.algos.grpo import VARIANTS
+            from jaxrl_llm.train.validation import choice
+            try:
+                choice(new, f"config.{dotted}", VARIANTS, means="a GRPO variant")
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            raise ConfigError(f"{where}: config.{dotted}={new!r}: an override does not rebuild config.{name}.algo, "
+                              f"which the experiment built for {key} {old!r}; choose the variant in the experiment "
+                              f"file (grpo_stage({new!r}, ...)) or override the algo keys that differ "
+                              f"(config.{name}.algo.*)")
 
 
 def _parse_value(text: str) -> Any:
@@ -242,8 +324,11 @@ def apply_overrides(cfg: mc.ConfigDict, overrides: Iterable[str]) -> None:
 
 def validate(cfg: mc.ConfigDict, where: str = "config") -> None:
     """Checks what can be checked before anything is built: stages exist, have known kinds and algorithm
-    configs that resolve (the same resolution the stages and the memory planner use); the sharding rules."""
+    configs that resolve (the same resolution the stages and the memory planner use); every key of the base
+    config and of each stage section (`train.validation.check_config`); the sharding rules. The model, the
+    tokenizer and the data are checked by `train.validation.preflight` (load_experiment runs both)."""
     from jaxrl_llm.train.stages import STAGE_KINDS
+    from jaxrl_llm.train.validation import check_config
     if not cfg.stages:
         raise ConfigError(f"{where}: config.stages is empty; list the stage sections to run, e.g. ('sft', 'rl')")
     for name in cfg.stages:
@@ -254,13 +339,17 @@ def validate(cfg: mc.ConfigDict, where: str = "config") -> None:
         if kind not in STAGE_KINDS:
             raise ConfigError(f"{where}: config.{name}.kind={kind!r}{nearest(str(kind), STAGE_KINDS)}; expected one "
                               f"of {tuple(STAGE_KINDS)}")
-        algo = STAGE_KINDS[kind].algo
-        if algo is not None:
-            try:
+    try:
+        check_config(cfg)
+        for name in cfg.stages:
+            algo = STAGE_KINDS[cfg[name].kind].algo
+            if algo is not None:
                 algo(cfg[name], f"config.{name}")
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
-    mesh_rules(cfg)
+        mesh_rules(cfg)
+    except UserError as e:
+        if where == "config":
+            raise
+        raise type(e)(f"{where}: {e}") from None
 
 
 def _axes_tuple(axes) -> tuple[str, ...]:

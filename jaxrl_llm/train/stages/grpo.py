@@ -18,13 +18,16 @@ import jax
 import ml_collections as mc
 
 from jaxrl_llm.algos import grpo
-from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
+from jaxrl_llm.algos.train_state import TrainState, jit_update, make_epoch_runner
 from jaxrl_llm.train.build import jnp_tree_copy
-from jaxrl_llm.train.config import ConfigError, from_dataclass, nearest, optimizer_config, to_dataclass
+from jaxrl_llm.train.config import (ConfigError, from_dataclass, nearest, optimizer_config, optimizer_from,
+                                    to_dataclass)
 from jaxrl_llm.train.experience import Experience, step_metrics
 from jaxrl_llm.train.stage import StageKind
-from jaxrl_llm.train.stages.rl import (RLStage, optional_temperature, resolve_temperature, reward_section,
-                                       sampling_section, with_norm_length)
+from jaxrl_llm.train.stages.rl import (RLStage, check_divisible_rows, check_loss, check_rl_section,
+                                       optional_temperature, resolve_temperature, reward_section, sampling_section,
+                                       with_norm_length)
+from jaxrl_llm.train.validation import choice, integer, number, unread
 
 
 def grpo_stage(variant: str = "grpo", iterations: int = 200, prompts_per_iter: int = 32, group_size: int = 8,
@@ -53,7 +56,35 @@ def algo_config(s: mc.ConfigDict, where: str) -> grpo.GRPOConfig:
     aggregations, `norm_length` = sampling.max_new_tokens unless set."""
     data, temperature = resolve_temperature(s.algo, s, where)
     algo = to_dataclass(grpo.GRPOConfig, data, f"{where}.algo")
+    check_algo(algo, f"{where}.algo")
     return algo.replace(temperature=temperature, loss=with_norm_length(algo.loss, s))
+
+
+def check_algo(algo: grpo.GRPOConfig, where: str) -> None:
+    """What GRPOConfig's own checks leave: ranges, and keys its estimator does not read (`where` =
+    "config.<stage>.algo")."""
+    d, est = grpo.GRPOConfig(), algo.advantage_estimator
+    integer(algo.group_size, f"{where}.group_size", 1, means="completions per prompt", example=8)
+    number(algo.reward_kl_coef, f"{where}.reward_kl_coef", 0.0, means="KL folded into the rewards", example=0.0)
+    number(algo.gamma, f"{where}.gamma", 0.0, 1.0, means="discount of reinforce_pp's returns", example=1.0)
+    number(algo.std_eps, f"{where}.std_eps", 0.0, means="added to the std", example=1e-6)
+    integer(algo.std_ddof, f"{where}.std_ddof", 0, 1, means="0: population std, 1: unbiased", example=1)
+    if est != "reinforce_pp":
+        unread(algo, "gamma", where, d.gamma, f"by advantage_estimator={est!r} (only by 'reinforce_pp')")
+    if algo.reward_kl_coef == 0:
+        unread(algo, "reward_kl_estimator", where, d.reward_kl_estimator, "with reward_kl_coef=0.0")
+    if est == "rloo" or (est == "reinforce_pp" and algo.scale_rewards not in ("group", "batch")):
+        unread(algo, "scale_rewards", where, d.scale_rewards, f"by advantage_estimator={est!r} (only by "
+               "'group_norm'; reinforce_pp always whitens over the batch)")
+    if est != "group_norm" or algo.scale_rewards == "none":
+        for key in ("std_eps", "std_ddof"):
+            unread(algo, key, where, getattr(d, key),
+                   f"by advantage_estimator={est!r} with scale_rewards={algo.scale_rewards!r} (no std division)")
+    if algo.group_size == 1 and algo.filter_zero_std_groups:
+        raise ConfigError(f"{where}.filter_zero_std_groups=True with {where}.group_size=1: a group of one has no "
+                          "reward variance, so every completion would be filtered out; set filter_zero_std_groups="
+                          "False or group_size >= 2")
+    check_loss(algo.loss, f"{where}.loss")
 
 
 class GRPOLearner:
@@ -100,9 +131,19 @@ class GRPOStage(RLStage):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.opt_cfg = to_dataclass(OptimizerConfig, self.section.optimizer, f"config.{self.name}.optimizer")
+        self.opt_cfg = optimizer_from(self.section.optimizer, f"config.{self.name}.optimizer")
         self.learner = GRPOLearner(self.comp.module, self.comp.model_cfg, self.algo, self.comp.env)
         self.ref = None
+
+    @classmethod
+    def check_config(cls, cfg: mc.ConfigDict, name: str) -> None:
+        """Every key of a grpo section (see `train.validation`)."""
+        s, where = cfg[name], f"config.{name}"
+        choice(s.variant, f"{where}.variant", grpo.VARIANTS, means="a GRPO variant")
+        algo = algo_config(s, where)
+        check_rl_section(cfg, name, algo.group_size, f"{where}.algo.group_size")
+        check_divisible_rows(s, where, algo.group_size, f"{where}.algo.group_size", algo)
+        optimizer_from(s.optimizer, f"{where}.optimizer")
 
     def algo_config(self) -> grpo.GRPOConfig:
         return algo_config(self.section, f"config.{self.name}")

@@ -37,16 +37,18 @@ from jaxrl_llm.algos import ppo
 from jaxrl_llm.algos.kl import KLControllerConfig
 from jaxrl_llm.algos.logprobs import rollout_forward_fn
 from jaxrl_llm.algos.reward_model import sequence_rewards
-from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update, make_epoch_runner
+from jaxrl_llm.algos.train_state import TrainState, jit_update, make_epoch_runner
 from jaxrl_llm.models import PolicyValueModel, init_fn_for, reward_model, value_model
 from jaxrl_llm.sharding.params import param_shardings
 from jaxrl_llm.train.build import jnp_tree_copy
-from jaxrl_llm.train.config import ConfigError, from_dataclass, optimizer_config, to_dataclass
+from jaxrl_llm.train.config import ConfigError, from_dataclass, optimizer_config, optimizer_from, to_dataclass
 from jaxrl_llm.train.experience import step_metrics
 from jaxrl_llm.train.stage import StageKind
 from jaxrl_llm.train.stages.preference import load_reward_params, scalar_head_params
-from jaxrl_llm.train.stages.rl import (RLStage, optional_temperature, resolve_temperature, reward_section,
-                                       sampling_section, with_norm_length)
+from jaxrl_llm.train.stages.rl import (RLStage, check_divisible_rows, check_loss, check_rl_section,
+                                       optional_temperature, resolve_temperature, reward_section, sampling_section,
+                                       with_norm_length)
+from jaxrl_llm.train.validation import choice, integer, unread
 
 
 def ppo_stage(iterations: int = 200, prompts_per_iter: int = 32, samples_per_prompt: int = 1,
@@ -73,7 +75,31 @@ def algo_config(s: mc.ConfigDict, where: str) -> ppo.PPOConfig:
     """The stage's PPOConfig: its `algo` section with the sampler's temperature (and norm_length as GRPO's)."""
     data, temperature = resolve_temperature(s.algo, s, where)
     algo = to_dataclass(ppo.PPOConfig, data, f"{where}.algo")
+    check_loss(algo.loss, f"{where}.algo.loss")
+    if algo.kl.kind == "fixed":  # the adaptive controller's target and horizon
+        d = KLControllerConfig()
+        for key in ("target", "horizon"):
+            unread(algo.kl, key, f"{where}.algo.kl", getattr(d, key), "by the fixed KL controller (kind='adaptive' "
+                   "steers the coefficient towards `target`)")
     return algo.replace(temperature=temperature, loss=with_norm_length(algo.loss, s))
+
+
+def check_reward_model_options(cfg: mc.ConfigDict, name: str) -> None:
+    """value_init / reward.source, and the reward_model stage they name (one that runs before this one)."""
+    s, where = cfg[name], f"config.{name}"
+    stages_before = tuple(cfg.stages)[:tuple(cfg.stages).index(name)] if name in cfg.stages else ()
+    choice(s.value_init, f"{where}.value_init", ("policy", "reward_model"),
+           means="a value-model start ('policy': the policy's backbone, zero head; 'reward_model')")
+    choice(s.reward.source, f"{where}.reward.source", ("task", "reward_model"), means="a reward source")
+    if "reward_model" not in (s.value_init, s.reward.source):
+        unread(s, "reward_model_stage", where, "", "with value_init='policy' and reward.source='task'")
+        return
+    rm = s.reward_model_stage
+    if rm not in stages_before or cfg[rm].kind != "reward_model":
+        earlier = [n for n in stages_before if cfg[n].kind == "reward_model"]
+        raise ConfigError(f"{where}.reward_model_stage={rm!r} must name a reward_model stage that runs before "
+                          f"{name!r} (value_init / reward.source = 'reward_model'); earlier reward_model "
+                          f"stages: {earlier or 'none'}")
 
 
 class _RewardModelScores:
@@ -97,7 +123,7 @@ class PPOStage(RLStage):
         super().__init__(*a, **kw)
         s, comp = self.section, self.comp
         where = f"config.{self.name}"
-        self._check_reward_model_options(where)
+        check_reward_model_options(self.cfg, self.name)
         a = self.algo
         if s.reward.source == "reward_model":
             rm = reward_model(comp.model_cfg)
@@ -107,12 +133,11 @@ class PPOStage(RLStage):
                 comp.model_cfg, ppo.score_micro_batches(a)))
         if a.shared_backbone:
             self.policy_module, self.value_module = PolicyValueModel(comp.model_cfg), None
-            self.opt = to_dataclass(OptimizerConfig, s.optimizer, f"{where}.optimizer")
+            self.opt = optimizer_from(s.optimizer, f"{where}.optimizer")
         else:
             self.policy_module, self.value_module = comp.module, value_model(comp.model_cfg)
-            self.opt = ppo.separate_optimizers(
-                to_dataclass(OptimizerConfig, s.optimizer, f"{where}.optimizer"),
-                to_dataclass(OptimizerConfig, s.value_optimizer, f"{where}.value_optimizer"))
+            self.opt = ppo.separate_optimizers(optimizer_from(s.optimizer, f"{where}.optimizer"),
+                                               optimizer_from(s.value_optimizer, f"{where}.value_optimizer"))
         # placement of the value model (separate) or of the whole PolicyValueModel (shared)
         _, self.model_shardings = param_shardings(init_fn_for(self.value_module or self.policy_module), comp.env)
         self.rollout_fn = jax.jit(ppo.make_rollout_fn(self.policy_module, self.value_module, comp.model_cfg, a))
@@ -130,20 +155,24 @@ class PPOStage(RLStage):
     def samples_per_prompt(self) -> int:
         return int(self.section.samples_per_prompt)
 
-    def _check_reward_model_options(self, where: str) -> None:
-        s = self.section
-        if s.value_init not in ("policy", "reward_model"):
-            raise ConfigError(f"{where}.value_init={s.value_init!r}; expected 'policy' or 'reward_model'")
-        if s.reward.source not in ("task", "reward_model"):
-            raise ConfigError(f"{where}.reward.source={s.reward.source!r}; expected 'task' or 'reward_model'")
-        if "reward_model" not in (s.value_init, s.reward.source):
-            return
-        rm = s.reward_model_stage
-        if rm not in self.stages_before or self.cfg[rm].kind != "reward_model":
-            earlier = [n for n in self.stages_before if self.cfg[n].kind == "reward_model"]
-            raise ConfigError(f"{where}.reward_model_stage={rm!r} must name a reward_model stage that runs before "
-                              f"{self.name!r} (value_init / reward.source = 'reward_model'); earlier reward_model "
-                              f"stages: {earlier or 'none'}")
+    @classmethod
+    def check_config(cls, cfg: mc.ConfigDict, name: str) -> None:
+        """Every key of a ppo section (see `train.validation`)."""
+        s, where = cfg[name], f"config.{name}"
+        n = integer(s.samples_per_prompt, f"{where}.samples_per_prompt", 1, means="completions per prompt",
+                    example=1)
+        algo = algo_config(s, where)
+        check_rl_section(cfg, name, n, f"{where}.samples_per_prompt")
+        check_divisible_rows(s, where, n, f"{where}.samples_per_prompt", algo)
+        check_reward_model_options(cfg, name)
+        optimizer_from(s.optimizer, f"{where}.optimizer")
+        if algo.shared_backbone:  # one model, one optimizer
+            default = ppo_stage().value_optimizer
+            for key in s.value_optimizer.keys():
+                unread(s.value_optimizer, key, f"{where}.value_optimizer", default[key],
+                       "with algo.shared_backbone=True (one model trained by `optimizer`)")
+        else:
+            optimizer_from(s.value_optimizer, f"{where}.value_optimizer")
 
     # ------------------------------------------------------------------ state
 
@@ -182,7 +211,7 @@ class PPOStage(RLStage):
         return tree
 
     def meta(self) -> dict:
-        return {"iterator": self.iterator.state(), "kl_coef": float(self.kl_coef)}
+        return {"iterator": self.iterator.state(), "kl_coef": float(self.kl_coef), "reward_watch": self.watch.state()}
 
     def restore(self, tree: dict, meta: dict) -> None:
         if self.algo.shared_backbone:
@@ -194,6 +223,7 @@ class PPOStage(RLStage):
             self.ref = tree["ref_params"]
         self.kl_coef = jnp.asarray(meta["kl_coef"], jnp.float32)
         self.iterator.restore(meta["iterator"])
+        self.watch.restore(meta.get("reward_watch"))
 
     # ------------------------------------------------------------------ one iteration
 

@@ -33,17 +33,21 @@ import numpy as np
 import ml_collections as mc
 
 from jaxrl_llm.algos import dpo
+from jaxrl_llm.algos.aggregation import NORM_MODES
 from jaxrl_llm.algos.reward_model import RewardModelConfig, make_reward_model_step, pair_rewards
-from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update
+from jaxrl_llm.algos.train_state import TrainState, jit_update
 from jaxrl_llm.data.loaders import encode_preferences
+from jaxrl_llm.errors import ConfigError, DataError
 from jaxrl_llm.models import init_fn_for, reward_model
 from jaxrl_llm.sharding import multihost
 from jaxrl_llm.sharding.params import param_shardings
 from jaxrl_llm.train.build import Components, jnp_tree_copy, make_evaluator, prompt_iterator
 from jaxrl_llm.train.checkpoint import Checkpointer, abstract_like
-from jaxrl_llm.train.config import from_dataclass, optimizer_config, to_dataclass
-from jaxrl_llm.train.pref_data import stage_pairs
+from jaxrl_llm.train.config import from_dataclass, optimizer_config, optimizer_from, to_dataclass
+from jaxrl_llm.train.pref_data import check_pair_task, stage_pairs
 from jaxrl_llm.train.stage import Stage, StageKind
+from jaxrl_llm.train.validation import (choice, divides, enough_rows, integer, lengths, record_warning, run_steps,
+                                        unread)
 
 EVAL_CHUNK = 256  # held-out pairs per forward (the last chunk is padded: one compile)
 
@@ -77,7 +81,21 @@ def reward_model_stage(steps: int = 200, batch_size: int = 32, learning_rate: fl
 
 
 def dpo_algo(s: mc.ConfigDict, where: str) -> dpo.DPOConfig:
-    return to_dataclass(dpo.DPOConfig, s.algo, f"{where}.algo")
+    """The stage's DPOConfig; a key its loss_type does not read must keep its default."""
+    algo, w, d = to_dataclass(dpo.DPOConfig, s.algo, f"{where}.algo"), f"{where}.algo", dpo.DPOConfig()
+    lt = algo.loss_type
+    if lt == "orpo":
+        unread(algo, "beta", w, d.beta, "by loss_type='orpo' (orpo_lambda weighs its odds-ratio term)")
+    else:
+        unread(algo, "orpo_lambda", w, d.orpo_lambda, f"by loss_type={lt!r} (only by 'orpo')")
+    if lt != "simpo":
+        unread(algo, "simpo_gamma", w, d.simpo_gamma, f"by loss_type={lt!r} (only by 'simpo')")
+    if lt != "orpo" and algo.nll_coef == 0:  # loss_agg, norm_length, exclude_empty_rows aggregate the NLL term
+        for key in ("loss_agg", "norm_length", "exclude_empty_rows"):
+            unread(algo, key, w, getattr(d, key), "with nll_coef=0.0 (they aggregate the NLL term, which is off)")
+    elif algo.loss_agg not in NORM_MODES:
+        unread(algo, "norm_length", w, None, f"by loss_agg={algo.loss_agg!r} (only by {NORM_MODES})")
+    return algo
 
 
 def reward_model_algo(s: mc.ConfigDict, where: str) -> RewardModelConfig:
@@ -111,15 +129,64 @@ def _chunks(comp: Components, arrays: dict[str, np.ndarray], size: int):
         yield {k: multihost.replicated_rows(comp.env, v[idx]) for k, v in arrays.items()}, valid
 
 
+def check_pair_data_keys(s: mc.ConfigDict, where: str) -> None:
+    """The `data` section of a preference stage: the keys its source reads, in range; no other key set."""
+    d, dw, default = s.data, f"{where}.data", preference_data()
+    choice(d.source, f"{dw}.source", ("task", "jsonl"),
+           means="a preference data source ('task': pairs generated from the task; 'jsonl': a file)")
+    integer(d.eval_pairs, f"{dw}.eval_pairs", 0, means="held-out pairs; 0 = none", example=256)
+    if d.source == "task":
+        for key in ("path", "eval_path"):
+            unread(d, key, dw, "", "with data.source='task' (set data.source='jsonl' to train on a file)")
+        integer(d.num_pairs, f"{dw}.num_pairs", int(s.batch_size),
+                means=f"pairs generated from the task, at least one batch of {where}.batch_size", example=20000)
+        return
+    if not d.path:
+        raise ConfigError(f"{dw}.source='jsonl' needs {dw}.path (a .jsonl/.json/.parquet file of {{prompt, chosen, "
+                          f"rejected}} records): --set {dw[len('config.'):]}.path=/path/to/pairs.jsonl")
+    unread(d, "num_pairs", dw, default.num_pairs, "with data.source='jsonl' (every pair of data.path is used)")
+    if d.eval_path:
+        unread(d, "eval_pairs", dw, default.eval_pairs, "with data.eval_path (its pairs are the held-out set)")
+
+
 class _PairStage(Stage):
     """What both preference stages share: the pairs, their batches, the optimiser config."""
+
+    resolve_algo = staticmethod(lambda s, where: None)
+
+    @classmethod
+    def check_config(cls, cfg: mc.ConfigDict, name: str) -> None:
+        """Every key of a dpo / reward_model section (see `train.validation`)."""
+        s, where = cfg[name], f"config.{name}"
+        run_steps(s, "steps", where, "training steps")
+        integer(s.batch_size, f"{where}.batch_size", 1, means="pairs per step", example=32)
+        lengths(s, where, ("max_prompt_len", "max_response_len"))
+        integer(s.num_micro_batches, f"{where}.num_micro_batches", 1, means="gradient-accumulation parts", example=1)
+        divides(s.batch_size, f"{where}.batch_size", s.num_micro_batches, f"{where}.num_micro_batches",
+                "each step splits its pairs into num_micro_batches equal parts")
+        cls.resolve_algo(s, where)
+        check_pair_data_keys(s, where)
+        optimizer_from(s.optimizer, f"{where}.optimizer")
+
+    @classmethod
+    def check_data(cls, cfg: mc.ConfigDict, name: str, task) -> None:
+        """Generated pairs need a task that makes them; a preference file is read (DataError with file:line,
+        pairs whose chosen and rejected responses are the same included) and must fill a batch."""
+        s, where = cfg[name], f"config.{name}"
+        if s.data.source == "task":
+            if task is not None:
+                check_pair_task(task, where)
+            return
+        train, _ = stage_pairs(s.data, task, int(cfg.seed), where)
+        enough_rows(len(train), f"{where}.data.path={s.data.path!r} (after holding out data.eval_pairs)",
+                    int(s.batch_size), f"{where}.batch_size")
 
     def __init__(self, *a, with_data: bool = True, **kw):
         super().__init__(*a, **kw)
         s = self.section
         self.total_steps = int(s.steps)
         self.where = f"config.{self.name}"
-        self.opt_cfg = to_dataclass(OptimizerConfig, s.optimizer, f"{self.where}.optimizer")
+        self.opt_cfg = optimizer_from(s.optimizer, f"{self.where}.optimizer")
         self.update = None
         self.arrays = self.eval_arrays = self.iterator = None
         if not with_data:
@@ -131,10 +198,29 @@ class _PairStage(Stage):
         self.summary.update({"pairs/train": len(self.arrays["prompt_tokens"]), "pairs/held_out": len(held_out),
                              "pairs/prompts_truncated": stats.prompts_truncated,
                              "pairs/responses_truncated": stats.responses_truncated})
+        self._check_truncated_pairs(train, stats)
         if held_out:
             self.eval_arrays, _ = encode(held_out)
         self.iterator = prompt_iterator(self.comp, np.arange(len(self.arrays["prompt_tokens"])), int(s.batch_size),
                                         self.cfg.seed + self.index)
+
+    def _check_truncated_pairs(self, pairs, stats) -> None:
+        """Pairs whose chosen and rejected tokens are the same after max_response_len cut them carry no
+        preference: all of them is an error, some a warning (in the summary's warnings)."""
+        a = self.arrays
+        same = np.flatnonzero(np.all(a["chosen_tokens"] == a["rejected_tokens"], axis=1)
+                              & np.all(a["chosen_mask"] == a["rejected_mask"], axis=1))
+        if not len(same):
+            return
+        self.summary["pairs/identical_after_truncation"] = int(len(same))
+        first = pairs[stats.kept[same[0]]]
+        key = f"{self.where}.max_response_len"
+        origin = first.where or "a generated pair"
+        text = (f"{len(same)} of {len(a['chosen_tokens'])} training pairs (the first: {origin}) have the same chosen "
+                f"and rejected tokens once {key}={self.section.max_response_len} cuts them: they carry no preference")
+        if len(same) == len(a["chosen_tokens"]):
+            raise DataError(f"{text}; raise {key[len('config.'):]} so the responses differ within it")
+        record_warning(self, "pairs_identical_after_truncation", 0, f"{text}; raise {key[len('config.'):]}")
 
     def _batch(self) -> dict:
         """The next global batch of pairs (this process reads its rows)."""
@@ -152,6 +238,7 @@ class _PairStage(Stage):
 
 class DPOStage(_PairStage):
     kind = "dpo"
+    resolve_algo = staticmethod(dpo_algo)
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -221,6 +308,7 @@ class DPOStage(_PairStage):
 
 class RewardModelStage(_PairStage):
     kind = "reward_model"
+    resolve_algo = staticmethod(reward_model_algo)
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

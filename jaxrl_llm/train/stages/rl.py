@@ -9,22 +9,55 @@ One iteration of an RL stage (GRPO family, PPO):
 The sampling temperature is the trainer's: the training forward divides logits by it, so the sampler's
 raw log-probs and the trainer's agree (their difference is logged as mismatch_kl / mismatch_abs). An
 algorithm config that sets another temperature is an error (`resolve_temperature`).
+
+What every RL section is checked for before anything is built (`check_rl_section`, run by each kind's
+`check_config`): iterations, prompts and lengths >= 1; the sampling keys in their ranges (`SamplingConfig`);
+greedy sampling (temperature 0) with several completions per prompt is an error (they would be identical:
+a group without reward variance learns nothing), as are top_k / top_p with greedy sampling (not read); the
+reward keys (`HostRewardRunner.check_options`), and with an in-jit reward no non-default host-reward key
+(`check_reward_data`).
+
+While a stage trains, `RewardWatch` looks at every iteration's rewards:
+
+* every call of a host reward failed in an iteration (raised, timed out, returned bad values): a warning,
+  printed once per stage (later ones are counted);
+* every group of completions (the whole batch with one completion per prompt) had identical rewards
+  (zero variance: zero advantages) for ZERO_VARIANCE_PATIENCE = 5 iterations in a row: a warning, printed
+  once per stage;
+* every reward call of the first REWARD_FAILURE_ABORT = 3 iterations of the stage failed (or of all its
+  iterations, when it has fewer), with no call succeeding: the stage stops with `errors.RewardFailureError`
+  (exit code 9) naming the reward and its first failure. (Not with a trained reward model as the reward:
+  the task's reward then only gives the accuracy.)
+
+Warnings go to stderr as one `warning: ...` line, to the stage summary's `warnings` list (kind, message,
+first_step, last_step, count; in summary.json and the checkpoints' meta) and to the metrics as
+`warn/reward_calls_failed` (fraction of this iteration's host-reward calls) and `warn/zero_variance_streak`.
+The watch's counters are in the checkpoints' meta: a resumed stage goes on counting where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mc
 
 from jaxrl_llm.algos.aggregation import NORM_MODES
+from jaxrl_llm.errors import RewardFailureError
 from jaxrl_llm.rewards.rollout import RolloutScorer
+from jaxrl_llm.rewards.runner import HostRewardRunner
+from jaxrl_llm.rollout.sampling import SamplingConfig
 from jaxrl_llm.train.build import make_evaluator, prompt_iterator, stage_sampler
-from jaxrl_llm.train.config import ConfigError
+from jaxrl_llm.train.config import ConfigError, keyed, to_dataclass
 from jaxrl_llm.train.experience import Experience, collect, encode_prompts
 from jaxrl_llm.train.stage import Stage
+from jaxrl_llm.train.validation import choice, flag, integer, record_warning, run_steps, short, unread
+
+ZERO_VARIANCE_PATIENCE = 5  # iterations in a row with no reward variance in any group before the warning
+REWARD_FAILURE_ABORT = 3    # iterations whose every reward call failed (and none succeeded before) that stop a stage
 
 
 def sampling_section(max_new_tokens: int) -> mc.ConfigDict:
@@ -75,6 +108,151 @@ def reward_section(**extra) -> mc.ConfigDict:
     return mc.ConfigDict(dict(**extra, in_jit=True, timeout_s=30.0, on_error="score", error_score=0.0))
 
 
+_HOST_REWARD_KEYS = ("timeout_s", "on_error", "error_score")
+
+
+def check_rl_section(cfg: mc.ConfigDict, name: str, n: int, n_key: str) -> None:
+    """The keys every RL section has (see the module docstring); `n` (>= 1) completions per prompt, set by
+    `n_key`."""
+    s, where = cfg[name], f"config.{name}"
+    run_steps(s, "iterations", where, "RL iterations")
+    integer(s.prompts_per_iter, f"{where}.prompts_per_iter", 1, means="prompts per iteration", example=32)
+    integer(s.max_prompt_len, f"{where}.max_prompt_len", 1, means="prompt tokens", example=16)
+    if s.get("num_train_examples") is not None:
+        integer(s.num_train_examples, f"{where}.num_train_examples", 0,
+                means="training prompts drawn from the task; 0 = 64 batches' worth", example=0)
+    sampling = to_dataclass(SamplingConfig, s.sampling, f"{where}.sampling")
+    if sampling.temperature == 0:
+        if n > 1:
+            raise ConfigError(
+                f"{where}.sampling.temperature=0.0 (greedy) with {n_key}={n}: the {n} completions of each prompt "
+                "would be identical (greedy decoding is deterministic), so their rewards never differ: a group "
+                f"baseline leaves zero advantage (nothing is learned) and the repeats are wasted; set "
+                f"{short(where)}.sampling.temperature > 0 (e.g. --set "
+                f"{short(where)}.sampling.temperature=1.0) or {short(n_key)}=1")
+        for key, default in (("top_k", 0), ("top_p", 1.0)):
+            unread(s.sampling, key, f"{where}.sampling", default,
+                   "with sampling.temperature=0.0 (greedy decoding takes the most likely token)")
+    r, rw = s.reward, f"{where}.reward"
+    flag(r.in_jit, f"{rw}.in_jit")
+    choice(r.on_error, f"{rw}.on_error", ("score", "abort"),
+           means="a reward failure policy ('score': failed completions get error_score; 'abort': stop)")
+    try:
+        HostRewardRunner.check_options(r.timeout_s, r.on_error, r.error_score)
+    except ValueError as e:
+        raise ConfigError(keyed(str(e), _HOST_REWARD_KEYS, rw)) from None
+
+
+def check_loss(loss, where: str) -> None:
+    """Keys of a PolicyLossConfig (`where` = "config.<stage>.algo.loss") that its other keys leave unread."""
+    d = type(loss)()
+    if loss.loss_agg not in NORM_MODES:
+        unread(loss, "norm_length", where, None, f"by loss_agg={loss.loss_agg!r} (only by {NORM_MODES})")
+    if loss.kl_coef == 0:
+        for key in ("kl_estimator", "kl_clamp"):
+            unread(loss, key, where, getattr(d, key), "with kl_coef=0.0 (no KL term in the loss)")
+
+
+def check_divisible_rows(s: mc.ConfigDict, where: str, n: int, n_key: str, algo) -> None:
+    """prompts_per_iter x n rollout rows split into num_minibatches x num_micro_batches equal parts."""
+    rows, parts = int(s.prompts_per_iter) * n, algo.num_minibatches * algo.num_micro_batches
+    if rows % parts:
+        raise ConfigError(f"{where}.prompts_per_iter x {short(n_key)} = {s.prompts_per_iter} x {n} = {rows} rollout "
+                          f"rows are not divisible by {where}.algo.num_minibatches x num_micro_batches = "
+                          f"{algo.num_minibatches} x {algo.num_micro_batches} = {parts}; make prompts_per_iter a "
+                          f"multiple of {parts // math.gcd(parts, n)} or change those counts")
+
+
+def check_reward_data(cfg: mc.ConfigDict, name: str, task) -> None:
+    """With the task's in-jit reward (reward.in_jit and a task that has one) the host-reward keys are not read."""
+    from jaxrl_llm.tasks.base import InJitRewardTask
+    s, default = cfg[name], reward_section()
+    if task is not None and s.reward.in_jit and isinstance(task, InJitRewardTask):
+        for key in _HOST_REWARD_KEYS:
+            unread(s.reward, key, f"config.{name}.reward", default[key],
+                   f"with the in-jit reward of task {cfg.task.name!r} (it runs on the device and cannot fail or "
+                   f"time out; reward.in_jit=False scores on the host, where {key} applies)")
+
+
+class RewardWatch:
+    """Watches each iteration's rewards for what is legal but suspicious (see the module docstring); keeps
+    its warnings in `stage.summary["warnings"]` and returns per-iteration metrics."""
+
+    STATE = ("zero_streak", "failing_iterations", "any_success", "calls", "failed")
+
+    def __init__(self, stage: "RLStage", abort_on_failure: bool = True):
+        self.stage, self.abort_on_failure = stage, abort_on_failure
+        self.zero_streak = 0            # iterations in a row without reward variance
+        self.failing_iterations = 0     # iterations in a row whose every reward call failed
+        self.any_success = False        # some host reward call of this stage succeeded
+        self.calls = self.failed = 0    # host reward calls of this stage, and the failed ones
+        self.first_failure: str | None = None  # this process's first failure message (not checkpointed)
+
+    def state(self) -> dict:
+        """The counters, for the checkpoint's meta: a resumed stage watches on as if it had never stopped."""
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def restore(self, state: dict | None) -> None:
+        for k, v in (state or {}).items():
+            if k in self.STATE:
+                setattr(self, k, v)
+
+    def warn(self, kind: str, step: int, message: str, detail: str = "") -> None:
+        """A warning; `detail` (this process's own, e.g. a failure message) is printed, and kept in the summary
+        only with one process (the summary, in the checkpoints' meta, is the same on every process)."""
+        if detail and jax.process_count() == 1:
+            message, detail = f"{message}. {detail}", ""
+        record_warning(self.stage, kind, step, message, detail)
+
+    def __call__(self, i: int, exp: Experience, zero_variance: jax.Array) -> dict[str, float]:
+        stage, scorer, step = self.stage, self.stage.scorer, i + 1
+        out: dict[str, float] = {}
+        calls, failed = scorer.last_calls, scorer.last_failed
+        if calls:
+            out["warn/reward_calls_failed"] = failed / calls
+            self.calls, self.failed = self.calls + calls, self.failed + failed
+            if self.first_failure is None and scorer.last_failure:
+                self.first_failure = scorer.last_failure.splitlines()[0].rstrip(".")
+            if failed < calls:
+                self.any_success = True
+                self.failing_iterations = 0
+            else:
+                self.failing_iterations += 1
+                first = scorer.last_failure.splitlines()[0].rstrip(".") if scorer.last_failure else "see the log"
+                r = stage.section.reward
+                self.warn("reward_all_failed", step,
+                          f"every call of the reward {scorer.name!r} failed in this iteration ({failed} of {calls}); "
+                          f"its completions got reward.error_score={r.error_score}", f"First failure: {first}")
+                if self.abort_on_failure and not self.any_success and (
+                        self.failing_iterations >= REWARD_FAILURE_ABORT or step == stage.total_steps):
+                    raise RewardFailureError(
+                        f"stage {stage.name!r}: every call of the reward function {scorer.name!r} failed in "
+                        f"{self.failing_iterations} iteration(s) in a row from the stage's start ({self.failed} of "
+                        f"{self.calls} calls), so the run learned nothing; the first failure: "
+                        f"{self.first_failure or first}. Fix the reward function (its traceback is in the log "
+                        "above) and run the same command again")
+        if bool(jax.device_get(zero_variance)):
+            self.zero_streak += 1
+        else:
+            self.zero_streak = 0
+        out["warn/zero_variance_streak"] = float(self.zero_streak)
+        if self.zero_streak == ZERO_VARIANCE_PATIENCE:
+            groups = (f"every group of {exp.n} completions" if exp.n > 1
+                      else "every completion of the batch")
+            self.warn("zero_reward_variance", step,
+                      f"for {ZERO_VARIANCE_PATIENCE} iterations in a row {groups} got identical rewards (reward "
+                      f"mean {float(jax.device_get(jnp.mean(exp.rewards))):.4g}): the advantages are zero and "
+                      "nothing is learned. The task may be too hard or too easy for the model, the reward "
+                      "constant, or sampling.temperature too low")
+        return out
+
+
+def zero_variance(rewards: jax.Array, n: int) -> jax.Array:
+    """bool scalar: no group of n completions (the whole batch when n == 1) has two different rewards."""
+    r = rewards.reshape(-1, n) if n > 1 else rewards.reshape(1, -1)
+    return jnp.all(jnp.max(r, axis=-1) == jnp.min(r, axis=-1))
+
+
 class RLStage(Stage):
     """Base of the RL stages: `samples_per_prompt()` completions of each of `prompts_per_iter` prompts per
     iteration; `algo_config()` is the stage's resolved algorithm config (`self.algo`)."""
@@ -94,6 +272,18 @@ class RLStage(Stage):
                                     in_jit=bool(s.reward.in_jit), timeout_s=float(s.reward.timeout_s),
                                     on_error=s.reward.on_error, error_score=float(s.reward.error_score))
         self.evaluator = make_evaluator(comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
+        self.watch = RewardWatch(self, abort_on_failure=s.reward.get("source", "task") == "task")
+
+    @classmethod
+    def check_data(cls, cfg: mc.ConfigDict, name: str, task) -> None:
+        check_reward_data(cfg, name, task)
+
+    def meta(self) -> dict:
+        return {**super().meta(), "reward_watch": self.watch.state()}
+
+    def restore(self, tree: dict, meta: dict) -> None:
+        super().restore(tree, meta)
+        self.watch.restore(meta.get("reward_watch"))
 
     def algo_config(self) -> Any:
         raise NotImplementedError
@@ -113,11 +303,13 @@ class RLStage(Stage):
         return jax.random.fold_in(jax.random.fold_in(self.key, i), 1)
 
     def iteration_metrics(self, i: int, exp: Experience, update_metrics: dict[str, Any]) -> dict[str, Any]:
-        """The update's metrics and the experience's; samples to samples.jsonl every log.samples_every."""
+        """The update's metrics and the experience's, and `RewardWatch`'s (it looks at the rewards once the
+        update is dispatched); samples to samples.jsonl every log.samples_every."""
+        watched = self.watch(i, exp, zero_variance(exp.rewards, exp.n))
         if self.cfg.log.samples_every > 0 and (i + 1) % self.cfg.log.samples_every == 0:
             self.run.log_samples(self.name, i + 1, exp.sample_records(self.comp.env, self.comp.tokenizer,
                                                                       self.comp.task, self.cfg.log.num_samples))
-        return {**update_metrics, **exp.metrics}
+        return {**update_metrics, **exp.metrics, **watched}
 
     def close(self) -> None:
         self.scorer.close()

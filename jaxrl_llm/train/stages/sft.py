@@ -6,12 +6,13 @@ import jax
 import ml_collections as mc
 
 from jaxrl_llm.algos import sft
-from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, jit_update
+from jaxrl_llm.algos.train_state import TrainState, jit_update
 from jaxrl_llm.data.loaders import load_prompt_answer
 from jaxrl_llm.sharding import multihost
 from jaxrl_llm.train.build import encode_answers, encode_prompt_batch, jnp_tree_copy, make_evaluator, prompt_iterator
-from jaxrl_llm.train.config import ConfigError, optimizer_config, to_dataclass
+from jaxrl_llm.train.config import ConfigError, keyed, optimizer_config, optimizer_from
 from jaxrl_llm.train.stage import Stage, StageKind
+from jaxrl_llm.train.validation import choice, divides, enough_rows, integer, lengths, run_steps, unread
 
 
 def sft_stage(steps: int = 200, batch_size: int = 64, learning_rate: float = 1e-3, **kw) -> mc.ConfigDict:
@@ -38,9 +39,28 @@ def algo_config(s: mc.ConfigDict, where: str) -> sft.SFTConfig:
     """The stage's SFTConfig from its loss_agg / norm_length / exclude_empty_rows keys."""
     try:
         return sft.SFTConfig(loss_agg=s.loss_agg, norm_length=s.get("norm_length"),
-                             exclude_empty_rows=bool(s.get("exclude_empty_rows", False)))
+                             exclude_empty_rows=s.get("exclude_empty_rows", False))
     except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(keyed(str(e), ("loss_agg", "norm_length", "exclude_empty_rows"), where)) from None
+
+
+def data_source(s: mc.ConfigDict, where: str) -> str:
+    """The section's data.source, checked with the data keys it reads: "task" (data.num_examples of the
+    task's train split) or "jsonl" (the file data.path)."""
+    d, dw = s.data, f"{where}.data"
+    choice(d.source, f"{dw}.source", ("task", "jsonl"), means="an SFT data source ('task' or 'jsonl')")
+    if d.source == "jsonl":
+        if not d.path:
+            raise ConfigError(f"{dw}.source='jsonl' needs {dw}.path (a .jsonl/.json/.parquet file of {{prompt, "
+                              f"answer}} records): --set {dw[len('config.'):]}.path=/path/to/file.jsonl")
+        unread(d, "num_examples", dw, sft_stage().data.num_examples, "with data.source='jsonl' (every record "
+               "of data.path is used)")
+    else:
+        unread(d, "path", dw, "", "with data.source='task' (set data.source='jsonl' to train on the file)")
+        integer(d.num_examples, f"{dw}.num_examples", int(s.batch_size),
+                means=f"training examples drawn from the task, at least one batch of {where}.batch_size",
+                example=20000)
+    return d.source
 
 
 class SFTStage(Stage):
@@ -50,18 +70,38 @@ class SFTStage(Stage):
         super().__init__(*a, **kw)
         s = self.section
         self.total_steps = int(s.steps)
-        if s.data.source == "task":
+        if data_source(s, f"config.{self.name}") == "task":
             self.examples = self.comp.task.examples("train", s.data.num_examples, self.cfg.seed)
-        elif s.data.source == "jsonl":
-            self.examples = load_prompt_answer(s.data.path)
         else:
-            raise ValueError(f"config.{self.name}.data.source={s.data.source!r}; expected 'task' or 'jsonl'")
+            self.examples = load_prompt_answer(s.data.path)
         self.iterator = prompt_iterator(self.comp, self.examples, int(s.batch_size), self.cfg.seed + self.index)
-        self.opt_cfg = to_dataclass(OptimizerConfig, s.optimizer, f"config.{self.name}.optimizer")
+        self.opt_cfg = optimizer_from(s.optimizer, f"config.{self.name}.optimizer")
         self.step_fn = sft.make_sft_step(self.comp.module, self.comp.model_cfg, algo_config(s, f"config.{self.name}"),
                                          num_micro_batches=s.num_micro_batches)
         self.update = None
         self.evaluator = make_evaluator(self.comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
+
+    @classmethod
+    def check_config(cls, cfg: mc.ConfigDict, name: str) -> None:
+        """Every key of an sft section (see `train.validation`)."""
+        s, where = cfg[name], f"config.{name}"
+        run_steps(s, "steps", where, "SFT steps")
+        integer(s.batch_size, f"{where}.batch_size", 1, means="examples per step", example=64)
+        lengths(s, where, ("max_prompt_len", "max_response_len"))
+        integer(s.num_micro_batches, f"{where}.num_micro_batches", 1, means="gradient-accumulation parts", example=1)
+        divides(s.batch_size, f"{where}.batch_size", s.num_micro_batches, f"{where}.num_micro_batches",
+                "each step splits its batch into num_micro_batches equal parts")
+        algo_config(s, where)
+        data_source(s, where)
+        optimizer_from(s.optimizer, f"{where}.optimizer")
+
+    @classmethod
+    def check_data(cls, cfg: mc.ConfigDict, name: str, task) -> None:
+        """A data file's records (DataError with file:line) and that they fill a batch."""
+        s = cfg[name]
+        if s.data.source == "jsonl":
+            enough_rows(len(load_prompt_answer(s.data.path)), f"config.{name}.data.path={s.data.path!r}",
+                        int(s.batch_size), f"config.{name}.batch_size")
 
     def init(self, params) -> None:
         self.state = TrainState.create(jnp_tree_copy(params), self.opt_cfg)
