@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -140,3 +141,67 @@ def test_non_finite_steps_stop_the_run_with_its_checkpoint_intact(tmp_path):
     assert steps and steps[-1] <= len(records)
     state = ocp.StandardCheckpointer().restore(ck / str(steps[0]) / "state")
     assert np.isfinite(np.asarray(state["params"]["model"]["norm"]["scale"])).all()
+
+
+def _run_and_signal(run_root, predicate, signals=(signal.SIGINT,), timeout=240):
+    """Starts the run, sends `signals` (50 ms apart) once predicate(run_dir) holds; (returncode, stderr)."""
+    proc = subprocess.Popen(_cmd(run_root), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=ROOT)
+    run_dir = pathlib.Path(run_root) / "demo-smoke"
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout and not predicate(run_dir):
+        time.sleep(0.01)
+    for s in signals:
+        if proc.poll() is None:
+            proc.send_signal(s)
+            time.sleep(0.05)
+    err = proc.communicate(timeout=timeout)[1].decode()
+    return proc.returncode, err
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
+def test_ctrl_c_and_sigterm_checkpoint_where_they_stop_and_resume_equals_uninterrupted(tmp_path):
+    ref_root, root = tmp_path / "ref", tmp_path / "stopped"
+    assert not _run_until(ref_root, lambda d: False)
+    reference = _final_arrays(ref_root)
+
+    # Ctrl-C mid SFT (between checkpoints): a checkpoint where it stopped, exit code 130, one line saying so.
+    rc, err = _run_and_signal(root, lambda d: _metric_steps(d, "sft") >= 3)
+    line = _one_error_line(err)
+    assert rc == 130, err[-3000:]
+    m = re.fullmatch(r"error: stopped by Ctrl-C \(SIGINT\) (?:at stage '(\w+)' step (\d+) of \d+; checkpoint "
+                     r"(\S+) saved|after stage '\w+' finished;.*)\. Run the same command again .*resume.*|"
+                     r"error: stopped by Ctrl-C \(SIGINT\) after stage .*", line)
+    assert m, line
+    if m.group(1):
+        assert pathlib.Path(m.group(3)).is_dir() and m.group(3).endswith(f"checkpoints/{m.group(1)}/{m.group(2)}")
+        assert m.group(1) == "rl" or int(m.group(2)) >= 3  # the step in flight when the signal came
+
+    # SIGTERM (a preemption) in the RL stage: the same, with 143.
+    rl_done = _metric_steps(root / "demo-smoke", "rl")
+    rc, err = _run_and_signal(root, lambda d: _metric_steps(d, "rl") > rl_done, signals=(signal.SIGTERM,))
+    assert rc in (143, 0), err[-3000:]  # 0: the run ended before the signal came
+    if rc:
+        assert re.match(r"error: stopped by SIGTERM", _one_error_line(err))
+
+    # Two Ctrl-C at once: out without waiting for a checkpoint, still one line and no traceback.
+    if not (root / "demo-smoke" / "summary.json").exists():
+        rl_done = _metric_steps(root / "demo-smoke", "rl")
+        rc, err = _run_and_signal(root, lambda d: _metric_steps(d, "rl") > rl_done,
+                                  signals=(signal.SIGINT, signal.SIGINT))
+        assert rc in (130, 0), err[-3000:]
+        if rc:
+            assert re.match(r"error: stopped (at once by a second Ctrl-C|by Ctrl-C)", _one_error_line(err))
+
+    _run_until(root, lambda d: False)  # resume to the end
+    resumed = _final_arrays(root)
+    for k in reference:
+        np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rs]  # noqa: E731
+    assert strip(_metrics(root)) == strip(_metrics(ref_root))

@@ -118,6 +118,9 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
         raise ConfigError(f"mesh {dict(env.mesh.shape)}: {e}") from None
     tok_path = cfg.tokenizer.path or (m.path if m.path else "tiny")
     tokenizer = load_tokenizer(tok_path, vocab_size=model_cfg.vocab_size)
+    from jaxrl_llm.train.validation import check_vocab
+    check_vocab(model_cfg.vocab_size, tokenizer, f"model.path={m.path!r}" if m.path else f"model.preset={m.preset!r}",
+                f"tokenizer {tok_path!r}")
     info = tokenizer_info(tokenizer)
     task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
     comp = Components(cfg, env, model_cfg, module, shardings, tokenizer, info.pad_id, tuple(info.eos_ids), task,

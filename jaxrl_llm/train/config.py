@@ -244,13 +244,26 @@ def load_experiment(spec: str, overrides: Iterable[str] = ()) -> mc.ConfigDict:
     labels = _section_labels(cfg)
     apply_overrides(cfg, overrides)
     _check_labels(cfg, labels, where=str(path))
-    validate(cfg, where=str(path))
+    check(cfg, where=str(path))
+    return cfg
+
+
+_CHECKED: set[str] = set()  # the configs (as JSON) `check` passed in this process
+
+
+def check(cfg: mc.ConfigDict, where: str = "config") -> None:
+    """`validate` and `train.validation.preflight` (model, tokenizer, data), once per distinct config:
+    load_experiment checks, and `train()` checks a config built or changed by hand."""
+    text = cfg.to_json()
+    if text in _CHECKED:
+        return
+    validate(cfg, where=where)
     from jaxrl_llm.train.validation import preflight
     try:
         preflight(cfg)
     except UserError as e:
-        raise type(e)(f"{path}: {e}") from None
-    return cfg
+        raise type(e)(f"{where}: {e}") from None
+    _CHECKED.add(text)
 
 
 # Keys that name how a helper built the rest of its section (grpo_stage(variant) builds `algo` from it): an

@@ -22,6 +22,7 @@ import ml_collections as mc
 from jaxrl_llm.errors import Interrupted, StorageError
 from jaxrl_llm.train.build import build
 from jaxrl_llm.train.checkpoint import Checkpointer
+from jaxrl_llm.train.config import check
 from jaxrl_llm.train.run_dir import RunDir
 from jaxrl_llm.train.signals import NAMES, StopRequests
 
@@ -38,6 +39,7 @@ def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
     Ctrl-C or SIGTERM stops after the current step with a checkpoint (`errors.Interrupted`); a full disk
     ends with `errors.StorageError` naming the path and the free space, the last complete checkpoint intact."""
     t0 = time.time()
+    check(cfg)  # a config from load_experiment was checked there already
     run = RunDir(cfg.run_root, cfg.name, cfg, fresh=fresh)
     try:
         with StopRequests(every=cfg.log.every) as stop:

@@ -268,11 +268,8 @@ def model_shape(cfg: mc.ConfigDict):
     config_json = pathlib.Path(m.path) / "config.json"
     if not config_json.is_file():
         return None, ""
-    from jaxrl_llm.models.hf_config import config_from_hf, read_hf_config
-    try:
-        return config_from_hf(read_hf_config(m.path), **model_numerics(m)), f"{config_json}"
-    except ValueError:
-        return None, ""  # build reports what is wrong with config.json
+    from jaxrl_llm.models.hf_config import config_at
+    return config_at(m.path, **model_numerics(m)), f"{config_json}"  # an unusable config.json: a ModelError
 
 
 def _tokenizer(cfg: mc.ConfigDict):
