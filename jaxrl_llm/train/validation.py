@@ -125,6 +125,17 @@ def lengths(s: mc.ConfigDict, where: str, keys: Iterable[str]) -> None:
         integer(s[k], f"{where}.{k}", 1, means="tokens", example=16)
 
 
+def supervised_batches(s: mc.ConfigDict, where: str, steps_means: str, rows: str, example: int) -> None:
+    """The keys of a stage that takes `steps` optimiser steps over batches of `batch_size` `rows`, split into
+    `num_micro_batches` parts, with prompt and response length limits (sft, dpo, reward_model)."""
+    run_steps(s, "steps", where, steps_means)
+    integer(s.batch_size, f"{where}.batch_size", 1, means=f"{rows} per step", example=example)
+    lengths(s, where, ("max_prompt_len", "max_response_len"))
+    integer(s.num_micro_batches, f"{where}.num_micro_batches", 1, means="gradient-accumulation parts", example=1)
+    divides(s.batch_size, f"{where}.batch_size", s.num_micro_batches, f"{where}.num_micro_batches",
+            f"each step splits its {rows} into num_micro_batches equal parts")
+
+
 # ----------------------------------------------------------------------------- the whole config
 
 

@@ -46,8 +46,7 @@ from jaxrl_llm.train.checkpoint import Checkpointer, abstract_like
 from jaxrl_llm.train.config import from_dataclass, optimizer_config, optimizer_from, to_dataclass
 from jaxrl_llm.train.pref_data import check_pair_task, stage_pairs
 from jaxrl_llm.train.stage import Stage, StageKind
-from jaxrl_llm.train.validation import (choice, divides, enough_rows, integer, lengths, record_warning, run_steps,
-                                        unread)
+from jaxrl_llm.train.validation import choice, enough_rows, integer, record_warning, supervised_batches, unread
 
 EVAL_CHUNK = 256  # held-out pairs per forward (the last chunk is padded: one compile)
 
@@ -158,12 +157,7 @@ class _PairStage(Stage):
     def check_config(cls, cfg: mc.ConfigDict, name: str) -> None:
         """Every key of a dpo / reward_model section (see `train.validation`)."""
         s, where = cfg[name], f"config.{name}"
-        run_steps(s, "steps", where, "training steps")
-        integer(s.batch_size, f"{where}.batch_size", 1, means="pairs per step", example=32)
-        lengths(s, where, ("max_prompt_len", "max_response_len"))
-        integer(s.num_micro_batches, f"{where}.num_micro_batches", 1, means="gradient-accumulation parts", example=1)
-        divides(s.batch_size, f"{where}.batch_size", s.num_micro_batches, f"{where}.num_micro_batches",
-                "each step splits its pairs into num_micro_batches equal parts")
+        supervised_batches(s, where, "training steps", "pairs", 32)
         cls.resolve_algo(s, where)
         check_pair_data_keys(s, where)
         optimizer_from(s.optimizer, f"{where}.optimizer")

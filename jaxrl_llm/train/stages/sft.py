@@ -12,7 +12,7 @@ from jaxrl_llm.sharding import multihost
 from jaxrl_llm.train.build import encode_answers, encode_prompt_batch, jnp_tree_copy, make_evaluator, prompt_iterator
 from jaxrl_llm.train.config import ConfigError, keyed, optimizer_config, optimizer_from
 from jaxrl_llm.train.stage import Stage, StageKind
-from jaxrl_llm.train.validation import choice, divides, enough_rows, integer, lengths, run_steps, unread
+from jaxrl_llm.train.validation import choice, enough_rows, integer, supervised_batches, unread
 
 
 def sft_stage(steps: int = 200, batch_size: int = 64, learning_rate: float = 1e-3, **kw) -> mc.ConfigDict:
@@ -85,12 +85,7 @@ class SFTStage(Stage):
     def check_config(cls, cfg: mc.ConfigDict, name: str) -> None:
         """Every key of an sft section (see `train.validation`)."""
         s, where = cfg[name], f"config.{name}"
-        run_steps(s, "steps", where, "SFT steps")
-        integer(s.batch_size, f"{where}.batch_size", 1, means="examples per step", example=64)
-        lengths(s, where, ("max_prompt_len", "max_response_len"))
-        integer(s.num_micro_batches, f"{where}.num_micro_batches", 1, means="gradient-accumulation parts", example=1)
-        divides(s.batch_size, f"{where}.batch_size", s.num_micro_batches, f"{where}.num_micro_batches",
-                "each step splits its batch into num_micro_batches equal parts")
+        supervised_batches(s, where, "SFT steps", "examples", 64)
         algo_config(s, where)
         data_source(s, where)
         optimizer_from(s.optimizer, f"{where}.optimizer")
