@@ -21,6 +21,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from jaxrl_llm.sharding.multihost import cpu_thread_headroom  # noqa: E402
+
+# 8 devices on 2 cores: XLA's CPU thread pool gets spare threads, or two programs in flight can each hold
+# threads the other's parts wait for (docs/scaling.md, "Troubleshooting hangs"). Before the backend starts.
+cpu_thread_headroom(min_devices=2)
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 

@@ -246,21 +246,29 @@ def test_initialize_modes_and_flag_errors(clean_env):
 
 def test_cpu_client_gets_more_threads_than_local_devices(clean_env):
     """2 devices per process on 2 cores: XLA's CPU thread pool (NPROC) gets 4 threads per device, so parts of
-    two programs waiting in cross-process collectives cannot take every thread; a user's NPROC is kept."""
+    two programs waiting in collectives cannot take every thread; a user's NPROC is kept; one process with
+    one device is left alone."""
     from jaxrl_llm.sharding import multihost
     clean_env.setenv("NPROC", "")  # restored after the test, whatever the helper sets
     clean_env.delenv("PORTABLE_NPROC", raising=False)
     clean_env.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     clean_env.setattr(os, "cpu_count", lambda: 2)
-    multihost._cpu_thread_headroom()
+    multihost.cpu_thread_headroom()
     assert os.environ["NPROC"] == "8"
     clean_env.setenv("NPROC", "3")
-    multihost._cpu_thread_headroom()
+    multihost.cpu_thread_headroom()
     assert os.environ["NPROC"] == "3"
     clean_env.setenv("NPROC", "")
     clean_env.setattr(os, "cpu_count", lambda: 64)  # enough cores: nothing to add
-    multihost._cpu_thread_headroom()
+    multihost.cpu_thread_headroom()
     assert os.environ["NPROC"] == ""
+    clean_env.setattr(os, "cpu_count", lambda: 2)
+    clean_env.setenv("XLA_FLAGS", "")  # one device in one process: no collectives, the pool is left alone
+    multihost.cpu_thread_headroom(min_devices=2)
+    assert os.environ["NPROC"] == ""
+    clean_env.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # 8 devices in one process
+    multihost.cpu_thread_headroom(min_devices=2)
+    assert os.environ["NPROC"] == "32"
 
 
 def test_cli_coordinator_without_count_is_a_clear_error():

@@ -31,6 +31,8 @@ def set_cpu_devices(n: int) -> None:
             f"cannot split the CPU into {n} devices: JAX has already started its backends (a JAX operation "
             "ran before); set the CPU device count first thing, e.g. `jaxrl-llm train --cpu-devices "
             f"{n} ...` or `set_cpu_devices({n})` right after `import jax`") from e
+    from jaxrl_llm.sharding.multihost import cpu_thread_headroom
+    cpu_thread_headroom(min_devices=2)  # sized from the device count just set
 
 
 def resolve_axis_sizes(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:

@@ -80,6 +80,7 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
     global _INITIALIZED_BY_US
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"distributed mode {mode!r}: expected 'auto', 'on' or 'off'")
+    cpu_thread_headroom(min_devices=2)  # one process with several CPU devices needs it as well
     if mode == "off":
         return False
     if jax.distributed.is_initialized():
@@ -97,7 +98,7 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id {process_id} must be in [0, --num-processes={num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    _cpu_thread_headroom()
+    cpu_thread_headroom()
     kwargs: dict[str, Any] = {}
     if coordinator is not None:
         kwargs["coordinator_address"] = coordinator
@@ -136,18 +137,24 @@ def _local_cpu_devices() -> int:
     return max(n, 1)
 
 
-def _cpu_thread_headroom() -> None:
+def cpu_thread_headroom(min_devices: int = 1) -> None:
     """Gives XLA's CPU client more threads than local devices, before the backend starts.
 
     The CPU client runs each local device's part of a program on a thread pool of max(cores, local devices)
-    threads, and a part that reaches a cross-process collective holds its thread until every process
-    arrives. With as many threads as devices, one program's parts blocked in a collective while the next
-    program's parts wait for a thread is a deadlock across processes (seen with 2 processes x 2 devices on
-    2 cores). XLA sizes the pool from NPROC when it is set; a value the user set is kept.
+    threads, and a part that reaches a collective holds its thread until every other part arrives. With as
+    many threads as devices, one program's parts blocked in a collective while the next program's parts wait
+    for a thread is a deadlock: across processes (seen with 2 processes x 2 devices on 2 cores) and within one
+    (seen with 8 CPU devices on 2 cores: an eager reduction after a jitted step waited for ever). XLA sizes
+    the pool from NPROC when it is set; a value the user set is kept. `initialize` (which the CLI always
+    calls; for one process only with `min_devices=2`) and `set_cpu_devices` call this; a program that makes CPU devices with XLA_FLAGS calls it itself
+    before JAX starts its backend (tests/conftest.py does).
     """
     if os.environ.get("NPROC") or os.environ.get("PORTABLE_NPROC"):
         return
-    want = 4 * _local_cpu_devices()
+    devices = _local_cpu_devices()
+    if devices < min_devices:  # one device in one process: no collective, the pool stays as it is
+        return
+    want = 4 * devices
     if (os.cpu_count() or 1) < want:
         os.environ["NPROC"] = str(want)
 
