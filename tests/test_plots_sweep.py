@@ -151,15 +151,17 @@ def test_sweep_runs_every_variant_and_seed_and_aggregates(smoke_sweep, tmp_path)
 
 def test_failing_variant_is_reported_and_the_others_finish(tmp_path, child_env):
     # SFT only: the same program as the smoke sweep's SFT stage, found in the compilation cache.
-    res = sweep(DEMO_SMOKE, {"model.dtype": ["bogus", "float32"]}, seeds=[0], jobs=2, run_root=tmp_path,
-                base_overrides=["stages=('sft',)", "eval.every=0", "log.tensorboard=False"], env=child_env,
-                quiet=True)
+    # A model directory that is not there passes the config checks (it may appear before the run starts)
+    # and fails in the run itself.
+    res = sweep(DEMO_SMOKE, {"model.path": [str(tmp_path / "no_model"), ""]}, seeds=[0], jobs=2,
+                run_root=tmp_path, base_overrides=["stages=('sft',)", "eval.every=0", "log.tensorboard=False"],
+                env=child_env, quiet=True)
     bad, good = res.runs
-    assert (bad.variant, bad.ok, good.variant, good.ok) == ("dtype=bogus", False, "dtype=float32", True)
-    assert bad.returncode != 0 and "config.model.dtype='bogus' is not a dtype name" in bad.error
+    assert (bad.ok, good.ok) == (False, True) and bad.variant != good.variant
+    assert bad.returncode == 4 and "no_model does not exist (config.model.path)" in bad.error
     assert (good.run_dir / "summary.json").exists() and good.metrics["sft/loss"] > 0
     table = (res.path / "table.md").read_text()
-    assert "| dtype=bogus | 0/1 (failed: [0]) |" in table and "dtype=bogus seed 0: exit" in table
+    assert f"| {bad.variant} | 0/1 (failed: [0]) |" in table and f"{bad.variant} seed 0: exit 4" in table
     assert json.loads((res.path / "results.json").read_text())["runs"][0]["ok"] is False
 
 
