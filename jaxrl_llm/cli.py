@@ -440,11 +440,18 @@ def report(e: BaseException) -> int:
 
 
 class _NoBackgroundTracebacks(logging.Filter):
-    """Drops the error records (with tracebacks) that orbax's writing threads log: the same error is raised
-    again in the main thread, where it is reported once."""
+    """Drops the error records (with tracebacks) that orbax's writing threads log, and asyncio's "exception was
+    never retrieved" records of the writes a full disk cut short: the same error is raised again in the main
+    thread, where it is reported once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            return False
+        text = record.getMessage()
+        return not (record.name == "asyncio" and "never retrieved" in text
+                    and any(t in text for t in ("RESOURCE_EXHAUSTED", "No space left on device")))
 
 
 def _quiet_unraisable(unraisable) -> None:
@@ -461,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     if not debug:
         from absl import logging as absl_logging  # orbax logs through absl's own logger object
-        absl_logging.get_absl_logger().addFilter(_NoBackgroundTracebacks())
+        quiet = _NoBackgroundTracebacks()
+        absl_logging.get_absl_logger().addFilter(quiet)
+        logging.getLogger("asyncio").addFilter(quiet)
         sys.unraisablehook = _quiet_unraisable
     try:
         return args.func(args)
