@@ -317,6 +317,22 @@ def test_validate_checks_a_config_built_by_hand():
     validate(c)
 
 
+def test_train_checks_a_config_changed_after_loading(tmp_path):
+    """train() checks what load_experiment checked when the config changed since (a notebook user's edit),
+    before the run directory is made; the same config is not checked twice."""
+    from jaxrl_llm.train import config as config_module
+    from jaxrl_llm.train.trainer import train
+    cfg = _load("demo", [f"run_root={tmp_path}"], "smoke")
+    assert cfg.to_json() in config_module._CHECKED
+    cfg.rl.iterations = -5
+    with pytest.raises(ConfigError, match=r"config\.rl\.iterations=-5 is out of range"):
+        train(cfg)
+    cfg.rl.iterations, cfg.model.preset = 2, "no-such-preset"
+    with pytest.raises(ModelError, match=r"no-such-preset. is not a model preset"):
+        train(cfg)
+    assert not (tmp_path / cfg.name).exists()
+
+
 # ----------------------------------------------------------------------------- while a stage trains
 
 
@@ -415,3 +431,30 @@ def test_zero_variance_is_per_group_or_over_the_batch_of_single_samples():
     assert not bool(zero_variance(jnp.asarray([1.0, 1.0, 0.0, 1.0]), 2))
     assert not bool(zero_variance(jnp.asarray([1.0, 0.0]), 1))  # PPO with one sample: over the batch
     assert bool(zero_variance(jnp.asarray([0.5, 0.5]), 1))
+
+
+def _pairs_file(path, n_same_start):
+    """40 text pairs; the first `n_same_start` differ only after their first token ("1 2" / "1 3")."""
+    rows = []
+    for i in range(40):
+        a, b = (f"1 {i % 10}", f"1 {(i + 1) % 10}") if i < n_same_start else (f"{i % 5}", f"{i % 5 + 5}")
+        rows.append(json.dumps({"prompt": f"{i}+0=", "chosen": a, "rejected": b}))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("n_same_start", [40, 20])
+def test_pairs_that_max_response_len_makes_identical(tmp_path, n_same_start):
+    """A cut that leaves chosen == rejected is an error when it hits every pair and a warning otherwise."""
+    from jaxrl_llm.train.trainer import train
+    f = _pairs_file(tmp_path / "pairs.jsonl", n_same_start)
+    cfg = _load("dpo", [f"run_root={tmp_path}", "pref.data.source=jsonl", f"pref.data.path={f}",
+                        "pref.data.num_pairs=20000", "pref.max_response_len=1", "stages=('pref',)",
+                        "eval.every=0", "log.progress=False", "log.tensorboard=False"], "smoke")
+    if n_same_start == 40:
+        with pytest.raises(DataError, match=r"of \d+ training pairs \(the first: .*pairs\.jsonl:\d+\) have the "
+                                            r"same chosen and rejected tokens once config\.pref\.max_response_len=1"):
+            train(cfg)
+        return
+    (w,) = train(cfg)["pref/warnings"]
+    assert w["kind"] == "pairs_identical_after_truncation" and "raise pref.max_response_len" in w["message"]
