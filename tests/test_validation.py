@@ -433,7 +433,7 @@ def test_zero_variance_is_per_group_or_over_the_batch_of_single_samples():
     assert bool(zero_variance(jnp.asarray([0.5, 0.5]), 1))
 
 
-def _pairs_file(path, n_same_start):
+def _pairs_differing_late(path, n_same_start):
     """40 text pairs; the first `n_same_start` differ only after their first token ("1 2" / "1 3")."""
     rows = []
     for i in range(40):
@@ -447,7 +447,7 @@ def _pairs_file(path, n_same_start):
 def test_pairs_that_max_response_len_makes_identical(tmp_path, n_same_start):
     """A cut that leaves chosen == rejected is an error when it hits every pair and a warning otherwise."""
     from jaxrl_llm.train.trainer import train
-    f = _pairs_file(tmp_path / "pairs.jsonl", n_same_start)
+    f = _pairs_differing_late(tmp_path / "pairs.jsonl", n_same_start)
     cfg = _load("dpo", [f"run_root={tmp_path}", "pref.data.source=jsonl", f"pref.data.path={f}",
                         "pref.data.num_pairs=20000", "pref.max_response_len=1", "stages=('pref',)",
                         "eval.every=0", "log.progress=False", "log.tensorboard=False"], "smoke")
