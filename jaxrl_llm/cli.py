@@ -94,10 +94,11 @@ def cmd_sample(args) -> int:
 
     texts = decode_completions(tokenizer, np.asarray(out.tokens), np.asarray(out.mask))
     lengths = np.asarray(out.lengths)
+    means = mean_logprobs(out.logprobs, out.mask)
     for i, text in enumerate(texts):
         p = args.prompt[i // args.n]
         print(f"[{i // args.n}.{i % args.n}] {p!r} -> {text!r}  ({int(lengths[i])} tokens, "
-              f"mean logprob {float(np.asarray(out.logprobs)[i][np.asarray(out.mask)[i]].mean()):.3f})")
+              f"mean logprob {means[i]:.3f})")
     n_tokens = int(lengths.sum())
     steps = int(out.num_steps)
     rows = len(texts)
@@ -106,6 +107,13 @@ def cmd_sample(args) -> int:
     print(f"first call (compile + run) {first:.2f} s; second call {timed * 1e3:.1f} ms: {steps} decode steps "
           f"x {rows} rows = {rows * steps / timed:,.0f} tokens/s ({n_tokens} tokens before EOS)")
     return 0
+
+
+def mean_logprobs(logprobs, mask):
+    """Each row's mean sampled-token log-prob over its completion tokens (mask: 1/True on them, any dtype)."""
+    import numpy as np
+    lp, m = np.asarray(logprobs, np.float64), np.asarray(mask).astype(bool)
+    return [float(lp[i][m[i]].mean()) if m[i].any() else float("nan") for i in range(len(lp))]
 
 
 def cmd_demo(args) -> int:

@@ -82,3 +82,11 @@ def test_eval_of_a_missing_run_says_what_to_give(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "no_such_run")]) == ConfigError.exit_code
     assert re.match(r"error: .*no_such_run does not exist; give a run directory \(runs/<name>\)",
                     capsys.readouterr().err)
+
+
+def test_mean_logprob_averages_the_completion_tokens():
+    """The sampler's mask is int32: it must mask, not index (positions 0 and 1 were averaged before)."""
+    import numpy as np
+    logprobs = np.array([[-1.0, -2.0, -3.0, -4.0], [-0.5, -9.0, -9.0, -9.0]], np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], np.int32)
+    assert cli.mean_logprobs(logprobs, mask) == [-2.0, -0.5]

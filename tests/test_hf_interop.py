@@ -25,6 +25,7 @@ from jaxrl_llm.models.hf import CheckpointError, config_from_hf, config_to_hf, l
 from jaxrl_llm.models.transformer import CausalLM
 from jaxrl_llm.sharding import ShardingEnv, make_mesh
 from jaxrl_llm.sharding.params import abstract_params
+from jaxrl_llm.tokenizer import load_tokenizer, tiny_tokenizer_dir, tokenizer_info
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, vocab_size=96, max_position_embeddings=256, rms_norm_eps=1e-5,
@@ -173,12 +174,17 @@ def test_bfloat16_load(checkpoints, one_device):
 def test_export_bfloat16_and_tokenizer(checkpoints, one_device, tmp_path):
     cfg, params = load_hf(checkpoints["qwen2"][0], one_device)
     tok = tmp_path / "tok"
-    tok.mkdir()
-    (tok / "tokenizer.json").write_text("{}")
+    shutil.copytree(tiny_tokenizer_dir(), tok)
     (tok / "unrelated.txt").write_text("x")
     out = save_hf(params, cfg, tmp_path / "out", dtype="bfloat16", tokenizer_dir=tok)
     assert (out / "tokenizer.json").exists() and not (out / "unrelated.txt").exists()
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["dtype"] == "bfloat16"
+    # the special token ids come with the tokenizer, so generate() stops at EOS (they were all None)
+    info = tokenizer_info(load_tokenizer(tok))
+    assert (exported["eos_token_id"], exported["pad_token_id"]) == (info.eos_ids[0], info.pad_id)
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert (gen.eos_token_id, gen.pad_token_id) == (info.eos_ids[0], info.pad_id)
     f = safe_open(out / "model.safetensors", framework="numpy")
     assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
     assert "lm_head.weight" not in f.keys()  # tied
@@ -354,6 +360,17 @@ def test_config_to_hf_round_trips_through_autoconfig(preset, tmp_path):
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
     assert auto.architectures == [arch[cfg.family]] and auto.model_type == cfg.family
     assert config_from_hf(auto.to_dict()) == cfg
+    scaling = json.loads((tmp_path / "config.json").read_text())["rope_scaling"]
+    if scaling is not None:  # HF types a position count as an int (it warns on 8192.0)
+        assert type(scaling["original_max_position_embeddings"]) is int
+
+
+def test_rope_position_count_stays_an_int_through_import_and_export():
+    hf_cfg = {**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0}}
+    cfg = config_from_hf(hf_cfg)
+    out = config_to_hf(cfg)["rope_scaling"]
+    assert type(out["original_max_position_embeddings"]) is int and type(out["factor"]) is float
 
 
 def test_export_refuses_what_hf_cannot_represent(tmp_path):

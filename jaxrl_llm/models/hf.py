@@ -321,6 +321,7 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
         if not tok_files:
             raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) "
                                     f"in tokenizer_dir {tokenizer_dir}")
+        hf_config.update(_special_token_ids(tokenizer_dir, cfg.vocab_size))
 
     # Plan the shards from shapes alone, so every process issues the same gathers in the same order.
     shards: list[list] = [[]]
@@ -361,6 +362,9 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for f in tok_files:
                 shutil.copy2(f, tmp / f.name)
+            if tok_files and not (tmp / "generation_config.json").exists():  # what generate() stops at
+                gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
+                (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
             _swap_into_place(tmp, path)
     except BaseException:
         if writer:
@@ -369,6 +373,20 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxrl_llm.save_hf:{path}")
     return path
+
+
+def _special_token_ids(tokenizer_dir: str | os.PathLike, vocab_size: int) -> dict[str, Any]:
+    """config.json's bos/eos/pad ids from the tokenizer exported with the weights (eos: every id generation
+    stops at, generation_config.json's included; pad only when the tokenizer has one of its own)."""
+    from jaxrl_llm.tokenizer import load_tokenizer, tokenizer_info
+    tok = load_tokenizer(tokenizer_dir, vocab_size=vocab_size)
+    info = tokenizer_info(tok)
+    out: dict[str, Any] = {"eos_token_id": info.eos_ids[0] if len(info.eos_ids) == 1 else list(info.eos_ids)}
+    if tok.bos_token_id is not None:
+        out["bos_token_id"] = int(tok.bos_token_id)
+    if not info.pad_added:
+        out["pad_token_id"] = int(info.pad_id)
+    return out
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:

@@ -72,7 +72,12 @@ def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, dict | None]:
     missing = [k for k in needed if sc.get(k) is None]
     if missing:
         raise ModelError(f"config.json {key} with rope_type {rope_type!r} lacks {missing}")
-    return theta, {"rope_type": rope_type, **{k: float(sc[k]) for k in needed}}
+    return theta, {"rope_type": rope_type, **{k: _rope_number(k, sc[k]) for k in needed}}
+
+
+def _rope_number(key: str, value: Any) -> float | int:
+    """RoPE-scaling values as HF types them: a position count is an int, factors are floats."""
+    return int(value) if key == "original_max_position_embeddings" else float(value)
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> ModelConfig:
@@ -142,7 +147,7 @@ def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict[str, Any]:
     dtype = _dtype_name(dtype) if dtype is not None else cfg.param_dtype
     sc, scaling = dict(cfg.rope_scaling or {}), None
     if sc:  # ModelConfig also accepts HF's older "type" key
-        scaling = {k: v for k, v in sc.items() if k not in ("type", "rope_type")}
+        scaling = {k: _rope_number(k, v) for k, v in sc.items() if k not in ("type", "rope_type")}
         scaling["rope_type"] = sc.get("rope_type", sc.get("type"))
     out: dict[str, Any] = {
         "architectures": [_ARCH_OF_FAMILY[cfg.family]], "model_type": cfg.family,
