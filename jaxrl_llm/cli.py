@@ -22,7 +22,8 @@ import pathlib
 import sys
 import time
 
-from jaxrl_llm.errors import ConfigError, ModelPresetError, ResumeError, StorageError, UserError
+from jaxrl_llm.errors import (FULL_DISK_ERRNOS, FULL_DISK_TEXT, ConfigError, ModelPresetError, ResumeError,
+                              StorageError, UserError)
 
 
 def _parse_mesh(text: str) -> dict[str, int]:
@@ -432,7 +433,7 @@ def config_flags_to_sets(argv: list[str]) -> list[str]:
 
 
 DEBUG_ENV = "JAXRL_LLM_DEBUG"
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+UNWRITABLE = (*FULL_DISK_ERRNOS, errno.EROFS)  # an OSError that is a storage problem, not a bug
 
 
 def report(e: BaseException) -> int:
@@ -459,7 +460,7 @@ class _NoBackgroundTracebacks(logging.Filter):
             return False
         text = record.getMessage()
         return not (record.name == "asyncio" and "never retrieved" in text
-                    and any(t in text for t in ("RESOURCE_EXHAUSTED", "No space left on device")))
+                    and any(t in text for t in ("RESOURCE_EXHAUSTED", *FULL_DISK_TEXT)))
 
 
 def _quiet_unraisable(unraisable) -> None:
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return report(e)
     except OSError as e:
-        if debug or e.errno not in FULL_DISK:
+        if debug or e.errno not in UNWRITABLE:
             raise
         return report(e)
     except KeyboardInterrupt:  # outside a training loop (which saves a checkpoint and raises Interrupted)

@@ -8,10 +8,16 @@ shows the traceback of a user error too.
 Each class also derives from the builtin exception that code catching the old errors expects
 (`ValueError`, `FileNotFoundError`, `KeyError`), so catching those still works.
 
-This module is the bottom layer of the package: it imports nothing.
+This module is the bottom layer of the package: it imports nothing of it.
 """
 
 from __future__ import annotations
+
+import errno
+
+# What says "the disk is full": an OSError's errno, or (where a library wraps it, as tensorstore does) its text.
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_DISK_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
 class UserError(Exception):

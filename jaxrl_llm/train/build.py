@@ -15,7 +15,7 @@ import numpy as np
 from jaxrl_llm.data.iterator import tokenize_batch
 from jaxrl_llm.models import CausalLM, create_model, get_preset, load_hf
 from jaxrl_llm.models.api import init_fn_for
-from jaxrl_llm.models.config import DTYPE_NAMES, ModelConfig
+from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.sharding import ShardingEnv, check_replication, make_mesh, multihost, replication_report
 from jaxrl_llm.sharding.params import param_shardings
@@ -53,19 +53,13 @@ class Components:
 def check_required_paths(cfg: mc.ConfigDict) -> None:
     """Real-scale experiments leave their paths for the user to give (model.preset "" = weights from
     model.path only; a task path kwarg ""): fail before anything is built, naming the key to set. The model's
-    dtype names are checked here too."""
+    numerics keys are checked here too (`validation.check_model_numerics`)."""
     from jaxrl_llm.train.config import ConfigError
     if not cfg.model.path and not cfg.model.preset:
         raise ConfigError("config.model.path is empty and this experiment has no model preset: give the local "
                           "weights with --set model.path=/path/to/Qwen2.5-1.5B-Instruct (a Hugging Face directory)")
-    for key in ("dtype", "param_dtype", "matmul_dtype"):
-        value = cfg.model.get(key, "")
-        if value and value not in DTYPE_NAMES:
-            raise ConfigError(f"config.model.{key}={value!r} is not a dtype name; use one of {list(DTYPE_NAMES)}"
-                              + ("" if key != "matmul_dtype" else ' (or "" for the compute dtype)'))
-    if int(cfg.model.get("scan_unroll", 0)) < 0:
-        raise ConfigError(f"config.model.scan_unroll={cfg.model.scan_unroll} must be >= 0 (0: the model's own; "
-                          "N: unroll N layers per step of the layer scan, num_layers: fully unrolled)")
+    from jaxrl_llm.train.validation import check_model_numerics
+    check_model_numerics(cfg.model)
     empty = [k for k, v in cfg.task.kwargs.items() if k.endswith("path") and v == ""]
     if empty:
         raise ConfigError(f"{', '.join(f'config.task.kwargs.{k}' for k in empty)} "

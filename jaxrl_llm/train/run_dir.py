@@ -153,7 +153,7 @@ class RunDir:
         if multihost.process_sum(1.0 if busy else 0.0):  # every process stops when process 0 cannot lock
             raise RunDirBusyError(busy or f"{self.path} is in use by another run (process 0 says who)")
         try:
-            if saved is not None and not fresh and saved != resolved and _has_progress(self.path):
+            if saved is not None and not fresh and saved != resolved and self._has_progress():
                 old, new = _flat(saved), _flat(resolved)
                 diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
                 raise ResumeError(
@@ -186,6 +186,20 @@ class RunDir:
 
     def checkpoint_dir(self, stage: str) -> pathlib.Path:
         return self.path / "checkpoints" / stage
+
+    def checkpoint_steps(self, stage: str) -> list[int]:
+        """Steps of the stage's complete checkpoints on disk, oldest first (a write cut short is a temporary
+        directory, never a bare step number), read without opening orbax."""
+        d = self.checkpoint_dir(stage)
+        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+    def _has_progress(self) -> bool:
+        """Whether the directory holds anything a run produced (metrics or a checkpoint); one that a refused or
+        failed start left (config.json alone) takes another config without --fresh."""
+        if self.metrics_file.is_file() and self.metrics_file.stat().st_size:
+            return True
+        stages = self.path / "checkpoints"
+        return stages.is_dir() and any(self.checkpoint_steps(d.name) for d in stages.iterdir() if d.is_dir())
 
     # ------------------------------------------------------------------ writing
 
@@ -269,16 +283,6 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _has_progress(path: pathlib.Path) -> bool:
-    """Whether a run directory holds anything a run produced (metrics or a checkpoint); one that a refused or
-    failed start left (config.json alone) takes another config without --fresh."""
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size:
-        return True
-    ck = path / "checkpoints"
-    return ck.is_dir() and any(p.name.isdigit() for stage in ck.iterdir() if stage.is_dir() for p in stage.iterdir())
 
 
 def _empty_run_dir(path: pathlib.Path) -> None:

@@ -5,7 +5,7 @@ stops at once (the last complete checkpoint is what a resume starts from).
     with StopRequests() as stop:       # installs the handlers (main thread only), restores them on exit
         ...
         if stop.now(step):            # every process agrees (on log steps when there are several)
-            save; raise stop.error(...)
+            save; raise stop.error("at stage 'rl' step 37 ...")
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class StopRequests:
             return False
         return multihost.process_sum(1.0 if self.requested else 0.0) > 0
 
-    def error(self, message: str) -> Interrupted:
-        e = Interrupted(message)
+    def error(self, where: str) -> Interrupted:
+        """Interrupted("stopped by <the signal> <where>"), exiting with 128 + the signal's number."""
+        e = Interrupted(f"stopped by {NAMES.get(self.signum, 'a signal')} {where}")
         e.exit_code = 128 + int(self.signum or signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM, as shells do
         return e

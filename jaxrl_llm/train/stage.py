@@ -211,11 +211,10 @@ class Stage:
         checkpointer.wait()
         if bar is not None:
             bar.close()
-        from jaxrl_llm.train.signals import NAMES
         raise self.stop.error(
-            f"stopped by {NAMES.get(self.stop.signum, 'a signal')} at stage {self.name!r} step {n} of "
-            f"{self.total_steps}; checkpoint {self.run.checkpoint_dir(self.name) / str(n)} saved. Run the same "
-            "command again (without --fresh) to resume from it")
+            f"at stage {self.name!r} step {n} of {self.total_steps}; checkpoint "
+            f"{self.run.checkpoint_dir(self.name) / str(n)} saved. Run the same command again (without --fresh) to "
+            "resume from it")
 
     def _checkpoint_meta(self, done: bool) -> dict:
         return {**self.meta(), "done": done, "summary": self.summary, "topology": self._topology()}

@@ -10,7 +10,6 @@ interrupted one resumes from its latest complete checkpoint.
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
@@ -19,12 +18,12 @@ from typing import Any
 
 import ml_collections as mc
 
-from jaxrl_llm.errors import Interrupted, StorageError
+from jaxrl_llm.errors import FULL_DISK_ERRNOS, FULL_DISK_TEXT, Interrupted, StorageError
 from jaxrl_llm.train.build import build
 from jaxrl_llm.train.checkpoint import Checkpointer
 from jaxrl_llm.train.config import check
 from jaxrl_llm.train.run_dir import RunDir
-from jaxrl_llm.train.signals import NAMES, StopRequests
+from jaxrl_llm.train.signals import StopRequests
 
 
 def stage_class(kind: str):
@@ -68,8 +67,8 @@ def _train(cfg: mc.ConfigDict, run: RunDir, stop: StopRequests, t0: float) -> di
     finished_before = []
     for index, name in enumerate(stages):
         if index and stop.now(0):  # a signal during the last step of the stage before, which is complete
-            raise stop.error(f"stopped by {NAMES.get(stop.signum, 'a signal')} after stage {stages[index - 1]!r} "
-                             f"finished; run the same command again (without --fresh) to go on with {name!r}")
+            raise stop.error(f"after stage {stages[index - 1]!r} finished; run the same command again (without "
+                             f"--fresh) to go on with {name!r}")
         stage = stage_class(cfg[name].kind)(comp, run, name, index, stages[:index])
         stage.stop = stop
         ck = Checkpointer(run.checkpoint_dir(name), max_to_keep=cfg.checkpoint.keep,
@@ -96,16 +95,12 @@ def _train(cfg: mc.ConfigDict, run: RunDir, stop: StopRequests, t0: float) -> di
     return summary
 
 
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
-_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
-
-
 def _full_disk(e: BaseException) -> BaseException | None:
     """The error in `e`'s chain that says the disk is full (orbax and tensorstore wrap the OSError)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if (isinstance(e, OSError) and e.errno in FULL_DISK) or any(t in str(e) for t in _FULL_TEXT):
+        if (isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS) or any(t in str(e) for t in FULL_DISK_TEXT):
             return e
         e = e.__cause__ or e.__context__
     return None
@@ -114,10 +109,9 @@ def _full_disk(e: BaseException) -> BaseException | None:
 def _latest(run: RunDir, cfg: mc.ConfigDict) -> str:
     """" (<stage dir>/<step>)" of the newest complete checkpoint on disk, or ""."""
     for name in reversed(tuple(cfg.stages)):
-        d = run.checkpoint_dir(name)
-        steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+        steps = run.checkpoint_steps(name)
         if steps:
-            return f" ({d / str(steps[-1])})"
+            return f" ({run.checkpoint_dir(name) / str(steps[-1])})"
     return ""
 
 

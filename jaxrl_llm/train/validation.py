@@ -149,9 +149,22 @@ def check_config(cfg: mc.ConfigDict) -> None:
             check(cfg, name)
 
 
+def check_model_numerics(m: mc.ConfigDict) -> None:
+    """The `model` section's dtype names, remat policy and scan_unroll (also checked by `build` for a config
+    that did not come through `config.check`, e.g. a saved run's)."""
+    from jaxrl_llm.models.config import DTYPE_NAMES, REMAT_POLICIES
+    for key in ("dtype", "param_dtype"):
+        choice(m[key], f"config.model.{key}", DTYPE_NAMES, means="a dtype name")
+    if m.get("matmul_dtype", ""):
+        choice(m.matmul_dtype, "config.model.matmul_dtype", DTYPE_NAMES,
+               means='a dtype name ("" for the compute dtype)')
+    choice(m.remat, "config.model.remat", REMAT_POLICIES, means="a remat policy")
+    integer(m.get("scan_unroll", 0), "config.model.scan_unroll", 0,
+            means="0: the model's own; N: unroll N layers per step of the layer scan", example=0)
+
+
 def check_base(cfg: mc.ConfigDict) -> None:
     """The keys of `base_config()` (the stage list itself is checked by `config.validate`)."""
-    from jaxrl_llm.models.config import DTYPE_NAMES, REMAT_POLICIES
     if not isinstance(cfg.name, str) or not cfg.name.strip():
         raise ConfigError(f"config.name={cfg.name!r} is empty: it names the run directory (run_root/name); "
                           f"{fix_hint('config.name', 'my-run')}")
@@ -163,17 +176,9 @@ def check_base(cfg: mc.ConfigDict) -> None:
         raise ConfigError(f"config.stages={tuple(cfg.stages)} lists {dup} more than once; a stage section runs "
                           "once (its checkpoints are under its name): add another section for a second run of it")
 
-    m = cfg.model
-    if m.preset:
-        _check_preset(m.preset)
-    for key in ("dtype", "param_dtype"):
-        choice(m[key], f"config.model.{key}", DTYPE_NAMES, means="a dtype name")
-    if m.get("matmul_dtype", ""):
-        choice(m.matmul_dtype, "config.model.matmul_dtype", DTYPE_NAMES,
-               means='a dtype name ("" for the compute dtype)')
-    choice(m.remat, "config.model.remat", REMAT_POLICIES, means="a remat policy")
-    integer(m.get("scan_unroll", 0), "config.model.scan_unroll", 0,
-            means="0: the model's own; N: unroll N layers per step of the layer scan", example=0)
+    if cfg.model.preset:
+        _check_preset(cfg.model.preset)
+    check_model_numerics(cfg.model)
 
     _check_mesh(cfg.mesh)
 
