@@ -1,5 +1,6 @@
 """The run directory never deletes or writes into a folder it cannot prove is one of its runs."""
 
+import contextlib
 import errno
 import json
 import os
@@ -112,10 +113,16 @@ time.sleep(600)
 """
 
 
-def _holder(path: pathlib.Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def _held(path: pathlib.Path):
+    """Another process holding the lock of run directory `path`; killed on leaving the block."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_path):
@@ -129,13 +136,9 @@ def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_pat
 
 
 def test_the_lock_of_a_killed_process_is_stale(tmp_path):
-    proc = _holder(tmp_path / "exp")
-    try:
-        with pytest.raises(RunDirBusyError, match=rf"in use by process {proc.pid} on host"):
-            RunDir(tmp_path, "exp", _cfg(tmp_path))
-    finally:
-        proc.kill()
-        proc.wait()
+    with _held(tmp_path / "exp") as proc, pytest.raises(RunDirBusyError, match=rf"in use by process {proc.pid} on "
+                                                                                 "host"):
+        RunDir(tmp_path, "exp", _cfg(tmp_path))
     run = _open(tmp_path, "exp", _cfg(tmp_path))  # a dead process holds no lock
     assert (run.path / MARKER).is_file()
 
@@ -148,23 +151,14 @@ def test_without_file_locks_the_pid_decides(tmp_path, monkeypatch):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    proc = _holder(tmp_path / "exp")
-    try:
-        with pytest.raises(RunDirBusyError, match=rf"in use by process {proc.pid}"):
-            RunDir(tmp_path, "exp", _cfg(tmp_path))
-    finally:
-        proc.kill()
-        proc.wait()
+    with _held(tmp_path / "exp") as proc, pytest.raises(RunDirBusyError, match=rf"in use by process {proc.pid}"):
+        RunDir(tmp_path, "exp", _cfg(tmp_path))
     _open(tmp_path, "exp", _cfg(tmp_path))
 
 
 def test_the_cli_refuses_a_second_run_with_one_line(tmp_path, capsys):
-    proc = _holder(tmp_path / "demo-smoke")
-    try:
+    with _held(tmp_path / "demo-smoke") as proc:
         code = cli.main(["train", DEMO + ":smoke", "--set", f"run_root={tmp_path}"])
-    finally:
-        proc.kill()
-        proc.wait()
     err = capsys.readouterr().err
     assert code == RunDirBusyError.exit_code and err.count("\n") == 1 and err.startswith("error: ")
     assert f"in use by process {proc.pid}" in err
