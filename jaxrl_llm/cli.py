@@ -49,6 +49,10 @@ def _load_model(model: str, dtype: str, env, seed: int):
         from jaxrl_llm.models.hf import load_hf
         cfg, params = load_hf(model, env, dtype=dtype)
         return cfg, CausalLM(cfg), params
+    if pathlib.Path(model).suffix == ".gguf":
+        from jaxrl_llm.models.gguf import load_gguf
+        cfg, params = load_gguf(model, env, dtype=dtype)
+        return cfg, CausalLM(cfg), params
     try:
         cfg = get_preset(model, dtype=dtype)
     except ModelPresetError as e:
@@ -67,7 +71,8 @@ def cmd_sample(args) -> int:
 
     env = ShardingEnv(make_mesh(_parse_mesh(args.mesh)))
     cfg, module, params = _load_model(args.model, args.dtype, env, args.seed)
-    tok_path = args.tokenizer or (args.model if pathlib.Path(args.model).is_dir() else "tiny")
+    local = pathlib.Path(args.model).is_dir() or pathlib.Path(args.model).suffix == ".gguf"
+    tok_path = args.tokenizer or (args.model if local else "tiny")
     tokenizer = load_tokenizer(tok_path, vocab_size=cfg.vocab_size)
     info = tokenizer_info(tokenizer)
     prompts = args.prompt
@@ -360,9 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mesh", default="data=-1", help="mesh axes, e.g. data=-1 or fsdp=4,tensor=2")
     demo.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("sample", help="generate from an HF checkpoint directory or a preset (random weights)")
-    s.add_argument("--model", required=True, help="local HF directory (config.json + safetensors) or preset name")
-    s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory, or 'tiny')")
+    s = sub.add_parser("sample", help="generate from an HF checkpoint directory, a .gguf file or a preset (random "
+                       "weights)")
+    s.add_argument("--model", required=True, help="local HF directory (config.json + safetensors), .gguf file or "
+                   "preset name")
+    s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory or .gguf file, "
+                   "or 'tiny')")
     s.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     s.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     s.add_argument("--n", type=int, default=1, help="samples per prompt")

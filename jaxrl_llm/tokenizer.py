@@ -19,6 +19,7 @@ explicitly everywhere; nothing in this package infers them from pad ids.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import logging
@@ -76,8 +77,10 @@ def tiny_tokenizer_dir() -> pathlib.Path:
 
 def _resolve(path_or_name: str | pathlib.Path) -> pathlib.Path:
     path = tiny_tokenizer_dir() if str(path_or_name) == TINY else pathlib.Path(path_or_name).expanduser()
+    if path.suffix == GGUF_SUFFIX and not path.is_dir():
+        return _gguf_file(path)
     expected = (
-        f"expected {TINY!r} or a local directory holding one of {', '.join(_TOKENIZER_FILES)} "
+        f"expected {TINY!r}, a .gguf file or a local directory holding one of {', '.join(_TOKENIZER_FILES)} "
         "(e.g. a downloaded model or tokenizer directory; hub names are not fetched)"
     )
     if not path.is_dir():
@@ -86,6 +89,130 @@ def _resolve(path_or_name: str | pathlib.Path) -> pathlib.Path:
         found = sorted(p.name for p in path.iterdir())[:20]
         raise ModelNotFoundError(f"no tokenizer files in {str(path)!r} (found: {found}); {expected}")
     return path
+
+
+# ----------------------------------------------------------------------- GGUF files
+#
+# A GGUF file (llama.cpp) stores its tokenizer as metadata: the vocabulary, the merges, each token's type and
+# the special ids, plus the chat template. Byte-level BPE ("gpt2", what Llama 3, Qwen2/3 and SmolLM use) is
+# rebuilt here with `tokenizers`; how the text is split before BPE (`tokenizer.ggml.pre`) follows llama.cpp.
+
+GGUF_SUFFIX = ".gguf"
+_GPT2_SPLIT = None  # ByteLevel's own regex: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre -> (split regex before byte-level BPE (None: GPT-2's), digits one by one first, ignore_merges)
+_GGUF_PRE: dict[str, tuple[str | None, bool, bool]] = {
+    "default": (_GPT2_SPLIT, False, False), "gpt-2": (_GPT2_SPLIT, False, False),
+    **{name: (_GPT2_SPLIT, True, False) for name in
+       ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")},
+    **{name: (_LLAMA3_SPLIT, False, True) for name in
+       ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "dbrx")},
+    **{name: (_QWEN2_SPLIT, False, False) for name in ("qwen2", "deepseek-r1-qwen")},
+}
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+def _gguf_file(path: pathlib.Path) -> pathlib.Path:
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist; give the path of a local .gguf file")
+    return path
+
+
+def read_gguf_metadata(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
+    """(gguf.GGUFReader, metadata key -> value) of a .gguf file; a file that is not one is a ModelError.
+
+    Parsing the metadata takes seconds (the vocabulary is one field per token), and one load reads it for
+    the config, the weights and the tokenizer: the last two files read are kept (the tensors stay memory-mapped,
+    not read), until the file changes.
+    """
+    path = _gguf_file(pathlib.Path(path)).resolve()
+    stat = path.stat()
+    return _read_gguf_metadata(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_gguf_metadata(path: pathlib.Path, mtime_ns: int, size: int) -> tuple[Any, dict[str, Any]]:
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelError(f"reading {str(path)!r} needs the 'gguf' package: pip install 'gguf>=0.17'") from None
+    try:
+        reader = GGUFReader(str(path))
+        return reader, {key: field.contents() for key, field in reader.fields.items()}
+    except Exception as e:  # gguf raises ValueError/struct errors/IndexError for a bad file
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:200]}); it is truncated "
+                         "or not a GGUF file: copy or download it again") from None
+
+
+def gguf_tokenizer(path: str | pathlib.Path):
+    """The tokenizer stored in a .gguf file's metadata, as a transformers fast tokenizer (chat template included).
+
+    Only byte-level BPE (`tokenizer.ggml.model` "gpt2") is rebuilt; control tokens become special tokens and
+    user-defined ones added tokens, as llama.cpp treats them. The pad token is the file's own (often EOS):
+    `load_tokenizer(path)` then picks a distinct one. Torch is not needed.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    path = pathlib.Path(path)
+    _, meta = read_gguf_metadata(path)
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        raise ModelError(f"{path}: the GGUF file holds no tokenizer (no tokenizer.ggml.model in its metadata); "
+                         "give tokenizer.path an HF tokenizer directory of the same model")
+    if kind != "gpt2":
+        raise ModelError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2', byte-level "
+                         "BPE); give tokenizer.path an HF tokenizer directory of the same model")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _GGUF_PRE:
+        raise ModelError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(_GGUF_PRE)}); "
+                         "give tokenizer.path an HF tokenizer directory of the same model")
+    split, digits, ignore_merges = _GGUF_PRE[pre]
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ModelError(f"{path}: tokenizer.ggml.tokens holds duplicate tokens; the file is corrupt")
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    tk.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False)
+                   for t, ty in zip(tokens, types) if ty == _GGUF_USER_DEFINED])
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos, eos = token("bos_token_id"), token("eos_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        def template(*parts: str) -> str:  # each sequence as "<bos>:i $X:i <eos>:i"
+            out = []
+            for i, part in enumerate(parts):
+                out += ([f"{bos}:{i}"] if add_bos else []) + [f"{part}:{i}"] + ([f"{eos}:{i}"] if add_eos else [])
+            return " ".join(out)
+
+        specials = [(t, vocab[t]) for t in dict.fromkeys(([bos] if add_bos else []) + ([eos] if add_eos else []))]
+        tk.post_processor = processors.TemplateProcessing(single=template("$A"), pair=template("$A", "$B"),
+                                                          special_tokens=specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token=bos, eos_token=eos, unk_token=token("unknown_token_id"),
+        pad_token=token("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"),
+        clean_up_tokenization_spaces=False, model_max_length=int(
+            next((v for k, v in meta.items() if k.endswith(".context_length")), 2**30)))
 
 
 def _eos_ids(tokenizer, path: pathlib.Path) -> tuple[int, ...]:
@@ -133,7 +260,8 @@ def load_tokenizer(path_or_name: str | pathlib.Path = TINY, *, vocab_size: int |
     """Load a tokenizer from local files, left-padding, with a pad id distinct from every EOS id.
 
     Args:
-      path_or_name: "tiny" (the shipped benchmark tokenizer) or a local directory.
+      path_or_name: "tiny" (the shipped benchmark tokenizer), a local directory, or a `.gguf` file (the
+        tokenizer and chat template stored in its metadata; see `gguf_tokenizer`).
       vocab_size: the model's embedding rows; if given, every id this function
         hands out (pad, EOS) must be below it.
 
@@ -142,11 +270,15 @@ def load_tokenizer(path_or_name: str | pathlib.Path = TINY, *, vocab_size: int |
     from transformers import AutoTokenizer
 
     path = _resolve(path_or_name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
-    except Exception as e:  # transformers/tokenizers raise many types for unreadable files
-        raise ModelError(f"tokenizer in {str(path)!r} cannot be loaded ({type(e).__name__}: {str(e)[:300]}); check "
-                         "tokenizer.json / tokenizer_config.json there (a truncated or hand-edited file?)") from e
+    if path.suffix == GGUF_SUFFIX and path.is_file():
+        tokenizer = gguf_tokenizer(path)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+        except Exception as e:  # transformers/tokenizers raise many types for unreadable files
+            raise ModelError(f"tokenizer in {str(path)!r} cannot be loaded ({type(e).__name__}: {str(e)[:300]}); "
+                             "check tokenizer.json / tokenizer_config.json there (a truncated or hand-edited "
+                             "file?)") from e
     tokenizer.padding_side = "left"
     eos_ids = _eos_ids(tokenizer, path)
 

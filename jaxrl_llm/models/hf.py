@@ -18,9 +18,10 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -246,6 +247,16 @@ def load_hf(path: str | os.PathLike, env: ShardingEnv, *, dtype: Any = None, par
     cfg = config_at(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     ckpt, specs = _Checkpoint(path), _tensor_specs(cfg)
     ckpt.validate(specs, cfg)
+    return cfg, build_params(cfg, env, specs, ckpt.slice)
+
+
+def build_params(cfg: ModelConfig, env: ShardingEnv, specs: list[_Spec], read: Callable[[str], Any]) -> Any:
+    """The CausalLM params of `cfg`, each built shard by shard in its sharding on `env`'s mesh.
+
+    `read(hf_name)` gives one HF-layout tensor as anything numpy-sliceable (a safetensors slice, an array);
+    it is called at most once per tensor and parameter, and what it returns is dropped once that parameter
+    is built (so a reader that materialises tensors holds one parameter's worth at a time).
+    """
     shapes, shardings = param_shardings(init_fn_for(CausalLM(cfg)), env)
     _check_paths(specs, shapes, "CausalLM parameters")
     by_path = {s.path: s for s in specs}
@@ -253,22 +264,28 @@ def load_hf(path: str | os.PathLike, env: ShardingEnv, *, dtype: Any = None, par
     def build(key_path, shaped, sharding):
         spec = by_path[tuple(str(k.key) for k in key_path)]
         cache: dict[tuple, np.ndarray] = {}  # replicated shards are read once
+        tensors: dict[str, Any] = {}
+
+        def tensor(name: str):
+            if name not in tensors:
+                tensors[name] = read(name)
+            return tensors[name]
 
         def callback(index) -> np.ndarray:
             bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shaped.shape))
             if bounds not in cache:
                 if spec.stacked:
                     (l0, l1), rest = bounds[0], bounds[1:]
-                    block = np.stack([_read_ours(ckpt.slice(spec.hf_name.format(i=i)), spec.layout,
+                    block = np.stack([_read_ours(tensor(spec.hf_name.format(i=i)), spec.layout,
                                                  cfg.head_dim, rest) for i in range(l0, l1)])
                 else:
-                    block = _read_ours(ckpt.slice(spec.hf_name), spec.layout, cfg.head_dim, bounds)
+                    block = _read_ours(tensor(spec.hf_name), spec.layout, cfg.head_dim, bounds)
                 cache[bounds] = np.ascontiguousarray(block.astype(shaped.dtype))
             return cache[bounds]
 
         return jax.make_array_from_callback(shaped.shape, sharding, callback, dtype=shaped.dtype)
 
-    return cfg, jax.tree_util.tree_map_with_path(build, shapes, shardings)
+    return jax.tree_util.tree_map_with_path(build, shapes, shardings)
 
 
 # ------------------------------------------------------------------------ exporting
@@ -300,7 +317,8 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
     the host one at a time (every process must call this; only process 0
     writes). Files go to a temporary directory beside `path` that is renamed
     into place at the end; an existing non-empty `path` is replaced only with
-    `overwrite=True`. Tokenizer files in `tokenizer_dir` are copied along.
+    `overwrite=True`. Tokenizer files in `tokenizer_dir` are copied along; `tokenizer_dir` may also be a
+    `.gguf` file, whose tokenizer and chat template are written as HF tokenizer files.
     """
     path = Path(path)
     out_dtype = _dtype_name(dtype) if dtype is not None else cfg.param_dtype
@@ -316,6 +334,16 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
     tok_files = []
+    if tokenizer_dir is not None and Path(tokenizer_dir).suffix == ".gguf" and Path(tokenizer_dir).is_file():
+        # A GGUF's tokenizer lives in its metadata: written out as HF tokenizer files first.
+        from jaxrl_llm.tokenizer import gguf_tokenizer
+        gguf_tok_dir = Path(tempfile.mkdtemp(prefix="jaxrl_llm-gguf-tokenizer-"))
+        try:
+            gguf_tokenizer(tokenizer_dir).save_pretrained(gguf_tok_dir)
+            return save_hf(params, cfg, path, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                           tokenizer_dir=gguf_tok_dir, overwrite=overwrite)
+        finally:
+            shutil.rmtree(gguf_tok_dir, ignore_errors=True)
     if tokenizer_dir is not None:
         tok_files = [Path(tokenizer_dir) / f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
         if not tok_files:
@@ -404,5 +432,5 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         old.unlink()
 
 
-__all__ = ["CheckpointError", "SUPPORTED_ARCHITECTURES", "TOKENIZER_FILES", "config_from_hf",
+__all__ = ["CheckpointError", "SUPPORTED_ARCHITECTURES", "TOKENIZER_FILES", "build_params", "config_from_hf",
            "config_to_hf", "load_hf", "read_hf_config", "save_hf"]

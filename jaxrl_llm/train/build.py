@@ -77,7 +77,9 @@ def model_numerics(m: mc.ConfigDict) -> dict[str, Any]:
 
 
 def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
-    """(components, initial params): params from `model.path` (HF directory) or a preset (random init)."""
+    """(components, initial params): params from `model.path` (HF directory or .gguf file) or a preset (random
+    init)."""
+    from jaxrl_llm.models.gguf import gguf_config, load_gguf
     from jaxrl_llm.models.hf_config import config_at
     from jaxrl_llm.sharding import resolve_axis_sizes
     from jaxrl_llm.sharding.presets import mesh_axes_for
@@ -90,8 +92,11 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     # The model's shape first (a preset, or the checkpoint's config.json), so memory is checked before any
     # parameter is created or read.
     numerics = model_numerics(m)
+    gguf = bool(m.path) and pathlib.Path(m.path).suffix == ".gguf"  # a llama.cpp file: config from its metadata
     if not m.path:
         model_cfg = get_preset(m.preset, **numerics)
+    elif gguf:
+        model_cfg = gguf_config(m.path, **numerics)
     elif (pathlib.Path(m.path) / "config.json").is_file():
         model_cfg = config_at(m.path, **numerics)
     else:
@@ -100,7 +105,7 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     if model_cfg is not None and cfg.mesh.get("check_memory", True):
         memory = check_memory(cfg, model_cfg, axes)
     if m.path:
-        model_cfg, params = load_hf(m.path, env, **numerics)
+        model_cfg, params = (load_gguf if gguf else load_hf)(m.path, env, **numerics)
     else:
         _, params, _ = create_model(model_cfg, jax.random.key(cfg.seed), env)
     module = CausalLM(model_cfg)
