@@ -294,7 +294,11 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
         if step is None:
             raise ResumeError(f"no complete checkpoint in {ck_dir}")
         tree, meta = ck.restore(step, abstract_like(stage.tree()))
-    params = tree["params"]
+    if stage.lora is None:
+        params = tree["params"]
+    else:  # LoRA: the checkpoint holds the adapters; the stage puts them on the base it rebuilt
+        stage.restore(tree, meta)
+        params = stage.model_params()
     stage.close()
     del stage
     if not meta.get("done"):

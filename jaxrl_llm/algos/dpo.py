@@ -212,7 +212,7 @@ def make_dpo_step(module: Any, model_cfg: ModelConfig, cfg: DPOConfig = DPOConfi
         batch = pad_pairs({k: batch[k] for k in keys})
         batch["seq_w"] = sequence_weights(batch["chosen_mask"])
         batch["nll_w"] = cfg.token_weights(batch["chosen_mask"])
-        grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches)
+        grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches, frozen=state.frozen)
         return apply_gradients(state, grads, metrics)
 
     return step

@@ -223,7 +223,7 @@ def make_grpo_step(module: Any, model_cfg: ModelConfig, cfg: GRPOConfig) -> Call
         mask = batch["completion_mask"]
         batch = dict(batch, weights=lc.token_weights(mask),
                      metric_weights=token_mean_weights(mask))
-        grads, metrics = accumulate(loss_fn, state.params, batch, rng, cfg.num_micro_batches)
+        grads, metrics = accumulate(loss_fn, state.params, batch, rng, cfg.num_micro_batches, frozen=state.frozen)
         m = mask.astype(jnp.float32)
         metrics["response_length"] = jnp.mean(jnp.sum(m, axis=-1))
         metrics["advantage_mean"] = jnp.sum(batch["advantages"] * batch["metric_weights"])

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxrl_llm.algos.train_state import map_micro
+from jaxrl_llm.algos.train_state import dropout_rngs, map_micro
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.layers import matmul_weights
 from jaxrl_llm.models.transformer import unembedding
@@ -99,7 +99,7 @@ def completion_logprobs(module: Any, params: Any, cfg: ModelConfig, prompt_token
     n = completion_tokens.shape[1]
     tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1).astype(jnp.int32)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.bool_)
-    hidden, _ = module.apply({"params": params}, tokens, None, mask, return_hidden=True)
+    hidden, _ = module.apply({"params": params}, tokens, None, mask, return_hidden=True, rngs=dropout_rngs())
     hidden = hidden[:, p - 1:p - 1 + n]
     logp, ent = logprobs_from_hidden(hidden, unembedding(params, cfg), completion_tokens,
                                      temperature=temperature, chunk=chunk, with_entropy=with_entropy)

@@ -51,7 +51,8 @@ from jaxrl_llm.algos.kl import KL_ESTIMATORS, KLControllerConfig, kl_coef_update
 from jaxrl_llm.algos.logprobs import completion_logprobs, logprobs_from_hidden, rollout_forward_fn
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss, value_loss
 from jaxrl_llm.algos.preference import check_choice
-from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState, accumulate, apply_gradients, make_optimizer
+from jaxrl_llm.algos.train_state import (OptimizerConfig, TrainState, accumulate, apply_gradients, dropout_rngs,
+                                        make_optimizer)
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import PolicyValueModel, ScalarHeadModel, unembedding
 
@@ -221,7 +222,7 @@ def shared_forward(module: PolicyValueModel, params: Any, model_cfg: ModelConfig
                    temperature: float = 1.0, chunk: int = 128, with_entropy: bool = False):
     """One PolicyValueModel forward: (log-probs, entropies or None, values), each [B, N], 0 where masked."""
     tokens, mask, p, n = _sequence(batch)
-    hidden, values = module.apply({"params": params}, tokens, None, mask)
+    hidden, values = module.apply({"params": params}, tokens, None, mask, rngs=dropout_rngs())
     logp, ent = logprobs_from_hidden(hidden[:, p - 1:p - 1 + n], unembedding(params, model_cfg),
                                      batch["completion_tokens"], temperature=temperature, chunk=chunk,
                                      with_entropy=with_entropy)
@@ -233,7 +234,7 @@ def completion_values(value_module: Any, params: Any, batch: dict) -> jax.Array:
     """float32 [B, N] values at the positions that predict the completion tokens; 0 where masked."""
     _check_value_module(value_module)
     tokens, mask, p, n = _sequence(batch)
-    out = value_module.apply({"params": params}, tokens, None, mask)
+    out = value_module.apply({"params": params}, tokens, None, mask, rngs=dropout_rngs())
     values = out[1] if isinstance(value_module, PolicyValueModel) else out
     return values[:, p - 1:p - 1 + n] * batch["completion_mask"].astype(jnp.float32)
 
@@ -373,7 +374,7 @@ def make_ppo_step(policy_module: Any, value_module: Any, model_cfg: ModelConfig,
         return logp, ent, completion_values(value_module, params["value"], mb)
 
     def loss_fn(params, mb, rng):
-        del rng  # no dropout in the model family
+        del rng  # LoRA's dropout gets its key from `accumulate` (dropout_rngs)
         logp, ent, values = forward(params, mb)
         mask = mb["completion_mask"].astype(bool)
         p_loss, metrics = policy_loss(lc, logp, mb["old_logprobs"], mb["advantages"], mb["weights"],
@@ -402,7 +403,7 @@ def make_ppo_step(policy_module: Any, value_module: Any, model_cfg: ModelConfig,
         mask = batch["completion_mask"]
         batch = dict(batch, weights=lc.token_weights(mask),
                      metric_weights=token_mean_weights(mask))
-        grads, metrics = accumulate(loss_fn, state.params, batch, rng, cfg.num_micro_batches)
+        grads, metrics = accumulate(loss_fn, state.params, batch, rng, cfg.num_micro_batches, frozen=state.frozen)
         r, r2, d, d2 = (metrics.pop(k) for k in ("_ev_r", "_ev_r2", "_ev_d", "_ev_d2"))
         var_r, var_d = r2 - r ** 2, d2 - d ** 2
         metrics["vf_explained_var"] = jnp.where(var_r > 1e-8, 1.0 - var_d / jnp.maximum(var_r, 1e-8), 0.0)

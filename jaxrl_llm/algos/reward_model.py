@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.algos.aggregation import sequence_weights
 from jaxrl_llm.algos.preference import PAIR_KEYS, bradley_terry_loss, check_batch_keys, concat_pairs, pad_pairs
-from jaxrl_llm.algos.train_state import Metrics, TrainState, accumulate, apply_gradients
+from jaxrl_llm.algos.train_state import Metrics, TrainState, accumulate, apply_gradients, dropout_rngs
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import ScalarHeadModel
 
@@ -57,7 +57,7 @@ def sequence_rewards(module: Any, params: Any, prompt_tokens: jax.Array, prompt_
     """float32 [B] rewards of prompt + completion, read at the last real token."""
     tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1).astype(jnp.int32)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.bool_)
-    return module.apply({"params": params}, tokens, None, mask).astype(jnp.float32)
+    return module.apply({"params": params}, tokens, None, mask, rngs=dropout_rngs()).astype(jnp.float32)
 
 
 def pair_rewards(module: Any, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -104,7 +104,7 @@ def make_reward_model_step(module: Any, model_cfg: ModelConfig, cfg: RewardModel
                              f"{batch['chosen_mask'].shape[:1]} (one margin per pair)")
         batch = pad_pairs({k: batch[k] for k in keys})
         batch["seq_w"] = sequence_weights(batch["chosen_mask"])
-        grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches)
+        grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches, frozen=state.frozen)
         return apply_gradients(state, grads, metrics)
 
     return step

@@ -86,7 +86,7 @@ def make_sft_step(module: Any, model_cfg: ModelConfig, cfg: SFTConfig = SFTConfi
         raise ValueError(f"num_micro_batches={num_micro_batches} must be >= 1")
 
     def loss_fn(params, mb, rng):
-        del rng  # deterministic: no dropout in the model family
+        del rng  # LoRA's dropout gets its key from `accumulate` (dropout_rngs)
         logp, ent = completion_logprobs(module, params, model_cfg, mb["prompt_tokens"], mb["prompt_mask"],
                                         mb["completion_tokens"], mb["completion_mask"],
                                         chunk=cfg.logprob_chunk, with_entropy=True)
@@ -103,7 +103,7 @@ def make_sft_step(module: Any, model_cfg: ModelConfig, cfg: SFTConfig = SFTConfi
         batch = {k: batch[k] for k in SFT_KEYS}
         batch["loss_w"] = cfg.token_weights(mask)
         batch["token_mean_w"] = token_mean_weights(mask)
-        grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches)
+        grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches, frozen=state.frozen)
         return apply_gradients(state, grads, metrics)
 
     return step

@@ -123,26 +123,69 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 @flax.struct.dataclass
 class TrainState:
-    """Parameters (any pytree; e.g. {"policy": ..., "value": ...}), optimiser state and step."""
+    """Trained parameters (any pytree; e.g. {"policy": ..., "value": ...}), optimiser state and step.
+
+    `frozen`: parameters the model applies but nothing trains (LoRA's base weights, `models.lora`): not in
+    the optimiser, not differentiated, not donated by `jit_update`, not checkpointed. The model applies
+    `model_params()`, the union of the two trees. None (full fine-tuning): `params` is the whole model.
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     schedule: optax.Schedule | None = flax.struct.field(pytree_node=False, default=None)
+    frozen: Any = None
 
     @classmethod
-    def create(cls, params: Any, optimizer: OptimizerConfig | optax.GradientTransformation) -> "TrainState":
+    def create(cls, params: Any, optimizer: OptimizerConfig | optax.GradientTransformation,
+               frozen: Any = None) -> "TrainState":
         """Optimiser state is initialised under jit, so it is sharded like the parameters.
 
-        The update steps donate the state: `params` must not be used after the first step.
+        The update steps donate the state: `params` must not be used after the first step (`frozen` is
+        never donated).
         """
         if isinstance(optimizer, OptimizerConfig):
             tx, sched = make_optimizer(optimizer), make_schedule(optimizer)
         else:
             tx, sched = optimizer, None
         opt_state = jax.jit(tx.init)(params)
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, tx=tx, schedule=sched)
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, tx=tx, schedule=sched,
+                   frozen=frozen)
+
+    def model_params(self) -> Any:
+        """What the model applies: `params`, with the frozen tree merged in when there is one."""
+        return with_frozen(self.params, self.frozen)
+
+
+def with_frozen(params: Any, frozen: Any) -> Any:
+    """The trained tree and the frozen one as one params tree (`params` itself when `frozen` is None)."""
+    if frozen is None:
+        return params
+    from jaxrl_llm.models.lora import merge_trees
+    return merge_trees(params, frozen)
+
+
+# The key of a training forward's dropout (LoRA's): set by `accumulate` around the loss function while it is
+# traced, read by the model calls of the losses (`dropout_rngs`). Forwards outside a loss (rollouts, old and
+# reference log-probs, evaluation) see none and run without dropout.
+_DROPOUT_KEY: list = []
+
+
+def dropout_rngs() -> dict:
+    """`rngs` for a training forward's `module.apply`: {"dropout": key} inside a loss `accumulate` is
+    differentiating, else {}."""
+    return {"dropout": _DROPOUT_KEY[-1]} if _DROPOUT_KEY else {}
+
+
+def _with_dropout(loss_fn: Callable) -> Callable:
+    def run(params, batch, rng):
+        _DROPOUT_KEY.append(jax.random.fold_in(rng, 0x10A))
+        try:
+            return loss_fn(params, batch, rng)
+        finally:
+            _DROPOUT_KEY.pop()
+    return run
 
 
 # -------------------------------------------------------------------- accumulation
@@ -178,15 +221,28 @@ def map_micro(fn: Callable[[Any], Any], batch: Any, num_micro: int = 1) -> Any:
 
 
 def accumulate(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]], params: Any, batch: Any,
-               rng: jax.Array, num_micro: int = 1) -> tuple[Any, Metrics]:
+               rng: jax.Array, num_micro: int = 1, frozen: Any = None) -> tuple[Any, Metrics]:
     """Sum of gradients and metrics of `loss_fn` over `num_micro` micro-batches.
 
     `loss_fn(params, micro_batch, rng) -> (loss, metrics)` must return its
     share of the global loss (weights normalised over the whole batch), and
     metrics as weighted sums (names ending in `_max`/`_min` are reduced by
     max/min). The metric "loss" is added.
+    `frozen` (a `TrainState.frozen`): the loss gets the union of `params` and
+    `frozen` and the gradient is of `params` only. The model calls of the loss
+    get a dropout key (`dropout_rngs`).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    loss_fn = _with_dropout(loss_fn)
+    if frozen is not None:
+        inner = loss_fn
+        value_and_grad = jax.value_and_grad(lambda p, f, b, r: inner(with_frozen(p, f), b, r), has_aux=True)
+
+        def grad_fn(pf, b, r):  # pf: (trained, frozen); the gradient of the trained tree only
+            return value_and_grad(pf[0], pf[1], b, r)
+
+        params = (params, frozen)
+    else:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro == 1:
         (loss, metrics), grads = grad_fn(params, batch, rng)
         return grads, {"loss": loss, **metrics}
@@ -314,6 +370,8 @@ def jit_update(step: Callable, state: TrainState, batch_example: Any, env: Shard
     activations by logical axis names.
     """
     donate_argnums = (0,) if donate else ()
+    if state.frozen is not None:
+        return _jit_update_frozen(step, state, batch_example, env, donate_argnums)
     if env is None:
         return jax.jit(step, donate_argnums=donate_argnums)
 
@@ -335,6 +393,43 @@ def jit_update(step: Callable, state: TrainState, batch_example: Any, env: Shard
     return update
 
 
+def _jit_update_frozen(step: Callable, state: TrainState, batch_example: Any, env: ShardingEnv | None,
+                       donate_argnums: tuple) -> Callable:
+    """`jit_update` of a state with a frozen tree: the jitted function takes it as an argument of its own,
+    `jitted(state without frozen, frozen, batch, rng)`, so the donated state holds only what the step
+    changes and the frozen arrays stay valid (and shared, e.g. as the reference policy)."""
+    def split_step(st, frozen, batch, rng):
+        new, metrics = step(st.replace(frozen=frozen), batch, rng)
+        return new.replace(frozen=None), metrics
+
+    if env is None:
+        jitted = jax.jit(split_step, donate_argnums=donate_argnums)
+
+        def update(state, batch, rng):
+            new, metrics = jitted(state.replace(frozen=None), state.frozen, batch, rng)
+            return new.replace(frozen=state.frozen), metrics
+    else:
+        def traced(st, frozen, batch, rng):
+            with env.activate():
+                return split_step(st, frozen, batch, rng)
+
+        replicated = NamedSharding(env.mesh, PartitionSpec())
+        st_sh = state_shardings(state.replace(frozen=None), env)
+        fr_sh = state_shardings(state.frozen, env)
+        b_sh = batch_shardings(batch_example, env)
+        jitted = jax.jit(traced, in_shardings=(st_sh, fr_sh, b_sh, replicated), out_shardings=(st_sh, replicated),
+                         donate_argnums=donate_argnums)
+
+        def update(state, batch, rng):
+            frozen = place(state.frozen, fr_sh)
+            new, metrics = jitted(place(state.replace(frozen=None), st_sh), frozen, place(batch, b_sh),
+                                  place(rng, replicated))
+            return new.replace(frozen=frozen), metrics
+
+    update.jitted = jitted
+    return update
+
+
 def make_epoch_runner(step: Callable, num_minibatches: int, epochs: int = 1, shuffle: bool = True) -> Callable:
     """(state, batch, rng) -> (state, metrics stacked over the epochs x minibatches updates).
 
@@ -342,6 +437,8 @@ def make_epoch_runner(step: Callable, num_minibatches: int, epochs: int = 1, shu
     when `shuffle`, then updates on `num_minibatches` equal minibatches.
     """
     def run(state, batch, rng):
+        frozen = state.frozen  # loop-invariant: not a carry of the scans
+        state = state.replace(frozen=None)
         b = jax.tree.leaves(batch)[0].shape[0]
         if b % num_minibatches:
             raise ValueError(f"rollout batch of {b} rows is not divisible by num_minibatches={num_minibatches}")
@@ -354,11 +451,13 @@ def make_epoch_runner(step: Callable, num_minibatches: int, epochs: int = 1, shu
 
             def one(state, xs):
                 i, minibatch = xs
-                return step(state, minibatch, jax.random.fold_in(erng, i + 1))
+                new, metrics = step(state.replace(frozen=frozen), minibatch, jax.random.fold_in(erng, i + 1))
+                return new.replace(frozen=None), metrics
 
             return jax.lax.scan(one, state, (jnp.arange(num_minibatches), shuffled))
 
         state, metrics = jax.lax.scan(epoch, state, jnp.arange(epochs))
-        return state, jax.tree.map(lambda x: x.reshape(epochs * num_minibatches, *x.shape[2:]), metrics)
+        metrics = jax.tree.map(lambda x: x.reshape(epochs * num_minibatches, *x.shape[2:]), metrics)
+        return state.replace(frozen=frozen), metrics
 
     return run

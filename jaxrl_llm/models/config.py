@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from jaxrl_llm.errors import ModelPresetError
+from jaxrl_llm.models.lora import LoraConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPE_NAMES = tuple(sorted(_DTYPES))  # what a config's dtype fields accept
@@ -42,6 +43,8 @@ class ModelConfig:
     a float32 matmul at default precision does on a TPU).
     `remat` is one of "none", "full" (recompute the whole layer in the
     backward pass) or "dots" (keep matmul outputs, recompute the rest).
+    `lora` (a `models.lora.LoraConfig`) adds adapters to the projections it
+    targets; `num_params` counts the base model only.
     """
 
     vocab_size: int = 512
@@ -65,6 +68,7 @@ class ModelConfig:
     remat: str = "none"
     scan_unroll: int = 1  # layers are a lax.scan; unroll this many per iteration (num_layers: fully unrolled)
     family: str = "qwen2"  # the HF architecture written on export: llama, qwen2, qwen3
+    lora: LoraConfig | None = None  # LoRA adapters on the projections (models/lora.py); None: none
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -86,6 +90,8 @@ class ModelConfig:
         dtype_of(self.dtype)
         if self.matmul_dtype is not None:
             dtype_of(self.matmul_dtype)
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ValueError(f"lora={self.lora!r}: expected a models.lora.LoraConfig or None")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in ROPE_TYPES:

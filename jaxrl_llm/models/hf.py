@@ -323,6 +323,7 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
     path = Path(path)
     out_dtype = _dtype_name(dtype) if dtype is not None else cfg.param_dtype
     np_dtype = np.dtype(dtype_of(out_dtype))
+    params, cfg = _merge_lora(params, cfg, out_dtype)
     hf_config = config_to_hf(cfg, dtype=out_dtype)
     specs = _tensor_specs(cfg)
     flat = _check_paths(specs, params, "params")
@@ -401,6 +402,18 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxrl_llm.save_hf:{path}")
     return path
+
+
+def _merge_lora(params: Any, cfg: ModelConfig, out_dtype: str) -> tuple[Any, ModelConfig]:
+    """LoRA params (models/lora.py) merged for export: W + alpha/rank A B in each kernel's layout, computed
+    in float32 and kept in the file dtype; the config without adapters. Other params pass through."""
+    from jaxrl_llm.models import lora
+    if lora.has_adapters(params):
+        if cfg.lora is None:
+            raise ValueError("save_hf: params hold LoRA adapters but cfg.lora is None (pass the config the "
+                             "adapters were trained with, to know their scale alpha / rank)")
+        params = lora.merge_adapters(params, cfg.lora.scale, dtype=dtype_of(out_dtype))
+    return params, cfg.replace(lora=None) if cfg.lora is not None else cfg
 
 
 def _special_token_ids(tokenizer_dir: str | os.PathLike, vocab_size: int) -> dict[str, Any]:

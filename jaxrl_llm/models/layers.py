@@ -47,6 +47,64 @@ def matmul_weights(params, cfg: ModelConfig):
     return dense.cast_kernels(params, op_dtype, where=lambda names: "layers" in names)
 
 
+def _lora_delta(mod: nn.Module, cfg: ModelConfig, x, n_in: int, out_shape: tuple[int, ...], kernel_axes):
+    """The adapter term (alpha / rank) * dropout(x) A B of projection `mod` (None when it has none: LoRA off,
+    not a target, or a params tree without this layer's adapters, i.e. the base model). A holds the kernel's
+    input axes and rank columns, B rank rows and its output axes; both are multiplied as 2-D matmuls (x A
+    first), so nothing of the kernel's [in, out] size is formed."""
+    spec = None if cfg is None else cfg.lora
+    if spec is None or mod.name not in spec.targets:
+        return None
+    if not (mod.is_initializing() or mod.has_variable("params", "lora_a")):
+        return None
+    dt, pdt, r = cfg.jnp_dtype, cfg.jnp_param_dtype, spec.rank
+    in_shape = tuple(x.shape[x.ndim - n_in:])
+    in_axes, out_axes = tuple(kernel_axes[:n_in]), tuple(kernel_axes[n_in:])
+    # PEFT's default for A: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)),
+                                              out_axis=-1)
+    a = mod.param("lora_a", nn.with_logical_partitioning(a_init, in_axes + (None,)), in_shape + (r,), pdt)
+    b = mod.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + out_axes),
+                  (r,) + tuple(out_shape), pdt)
+    if spec.dropout > 0 and mod.has_rng("dropout"):  # training forwards only (train_state.accumulate)
+        keep = jax.random.bernoulli(mod.make_rng("dropout"), 1.0 - spec.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+    lead = x.shape[:x.ndim - n_in]
+    fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
+    op = _matmul_op_dtype(cfg)
+    xa = dense.matmul(x.reshape(-1, fan_in).astype(dt), a.reshape(fan_in, r).astype(dt), op)
+    y = dense.matmul(xa, b.reshape(r, fan_out).astype(dt), op) * jnp.asarray(spec.scale, dt)
+    return y.reshape(*lead, *out_shape)
+
+
+class Projection(nn.DenseGeneral):
+    """DenseGeneral (the kernel and bias exactly as before) plus the LoRA term when `cfg.lora` targets it."""
+
+    cfg: ModelConfig | None = None
+    kernel_axes: tuple = ()
+
+    @nn.compact
+    def __call__(self, inputs):
+        y = super().__call__(inputs)
+        axis = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+        feats = self.features if isinstance(self.features, tuple) else (self.features,)
+        delta = _lora_delta(self, self.cfg, inputs, len(axis), feats, self.kernel_axes)
+        return y if delta is None else y + delta.astype(y.dtype)
+
+
+class DenseProjection(nn.Dense):
+    """nn.Dense plus the LoRA term when `cfg.lora` targets it (the MLP's projections)."""
+
+    cfg: ModelConfig | None = None
+    kernel_axes: tuple = ()
+
+    @nn.compact
+    def __call__(self, inputs):
+        y = super().__call__(inputs)
+        delta = _lora_delta(self, self.cfg, inputs, 1, (self.features,), self.kernel_axes)
+        return y if delta is None else y + delta.astype(y.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm as in Llama/Qwen: normalise in float32, cast back, then scale."""
 
@@ -130,9 +188,9 @@ class Attention(nn.Module):
         x2 = x.reshape(b * t, x.shape[-1])  # tokens x embed: the dense kernels take 2-D operands
 
         def proj(name, heads, heads_axis):
-            y = nn.DenseGeneral(
+            y = Projection(
                 (heads, d), use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name,
-                dot_general=matmul_fn(cfg),
+                dot_general=matmul_fn(cfg), cfg=cfg, kernel_axes=("embed", heads_axis, "head_dim"),
                 kernel_init=_init(cfg, ("embed", heads_axis, "head_dim")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")))(x2)
             return y.reshape(b, t, heads, d)
@@ -166,8 +224,8 @@ class Attention(nn.Module):
             probs = softmax(jnp.einsum("bkgtd,bksd->bkgts", qg, kc.astype(dt), preferred_element_type=jnp.float32))
             out = jnp.einsum("bkgts,bksd->bkgtd", probs, vc.astype(dt)).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
         out = constrain(out, ("batch", "length", "heads", "head_dim")).reshape(b * t, h, d)
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
-                              dot_general=matmul_fn(cfg),
+        out = Projection(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
+                              dot_general=matmul_fn(cfg), cfg=cfg, kernel_axes=("heads", "head_dim", "embed"),
                               kernel_init=_init(cfg, ("heads", "head_dim", "embed")), name="o_proj")(out)
         return out.reshape(b, t, cfg.hidden_size), kv
 
@@ -183,8 +241,9 @@ class MLP(nn.Module):
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
 
         def dense(name, feats, names):
-            return nn.Dense(feats, use_bias=False, dtype=dt, param_dtype=pdt, name=name,
-                            dot_general=matmul_fn(cfg), kernel_init=_init(cfg, names))
+            return DenseProjection(feats, use_bias=False, dtype=dt, param_dtype=pdt, name=name,
+                                   dot_general=matmul_fn(cfg), kernel_init=_init(cfg, names), cfg=cfg,
+                                   kernel_axes=names)
 
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # [tokens, embed]: see Attention

@@ -105,7 +105,7 @@ def _layer_stack(cfg: ModelConfig):
     return nn.scan(
         layer,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},  # dropout: LoRA's, per layer (models/lora.py)
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         unroll=min(cfg.scan_unroll, cfg.num_layers),

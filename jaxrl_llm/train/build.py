@@ -108,6 +108,13 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
         model_cfg, params = (load_gguf if gguf else load_hf)(m.path, env, **numerics)
     else:
         _, params, _ = create_model(model_cfg, jax.random.key(cfg.seed), env)
+    from jaxrl_llm.train.validation import lora_config
+    lora = lora_config(m)
+    if lora is not None:  # LoRA (models/lora.py): the base built above, frozen in base_dtype; adapters per stage
+        model_cfg = model_cfg.replace(lora=lora)
+        if lora.base_dtype:
+            from jaxrl_llm.models.lora import cast_tree
+            params = cast_tree(params, lora.base_dtype)
     module = CausalLM(model_cfg)
     shapes, shardings = param_shardings(init_fn_for(module), env)
     try:

@@ -149,6 +149,10 @@ def base_config() -> mc.ConfigDict:
                                  matmul_dtype="",  # "" = the compute dtype; "bfloat16": bf16 matmul operands
                                  remat="none",
                                  scan_unroll=0))  # 0 = the preset's / checkpoint config's own
+    # LoRA adapters (docs/lora.md): rank 0 = off (full fine-tuning); targets: projection names, groups
+    # ("attention", "mlp", "all") or regexes; base_dtype "" = param_dtype (the frozen base's storage dtype)
+    from jaxrl_llm.models.lora import TARGETS
+    c.model.lora = mc.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=TARGETS, base_dtype=""))
     c.tokenizer = mc.ConfigDict(dict(path=""))  # "" = the model directory, or the tiny tokenizer
     c.mesh = mc.ConfigDict(dict(axes=mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}),
                                 # logical axis -> mesh axes (sharding/rules.py); --set mesh.rules.mlp=fsdp

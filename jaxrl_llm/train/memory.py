@@ -294,15 +294,28 @@ class _AxisSizes:
 
 
 @functools.lru_cache(maxsize=64)
-def _param_arrays(model_cfg: ModelConfig, which: str) -> tuple[tuple[tuple[int, ...], int, tuple], ...]:
-    """(shape, itemsize, logical axes) of every parameter array of a model of the family (no allocation)."""
+def _param_arrays(model_cfg: ModelConfig, which: str) -> tuple[tuple[tuple[int, ...], int, tuple, bool], ...]:
+    """(shape, itemsize, logical axes, trained under LoRA) of every parameter array of a model of the family
+    (no allocation; with `model_cfg.lora` the adapters are among them)."""
+    from jaxrl_llm.models.lora import is_trainable
     module = {"policy": CausalLM, "value": value_model, "reward": reward_model,
               "policy_value": PolicyValueModel}[which](model_cfg)
     shapes, logical = abstract_params(init_fn_for(module), jax.random.key(0))
     out = []
-    jax.tree.map(lambda spec, s: out.append((tuple(s.shape), jnp.dtype(s.dtype).itemsize, tuple(spec))),
-                 logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    jax.tree_util.tree_map_with_path(
+        lambda path, spec, s: out.append((tuple(s.shape), jnp.dtype(s.dtype).itemsize, tuple(spec),
+                                          is_trainable(path))),
+        logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
     return tuple(out)
+
+
+def with_lora(cfg, model_cfg: ModelConfig) -> ModelConfig:
+    """`model_cfg` with the run's `model.lora` (a planner's model config is the base's)."""
+    if model_cfg.lora is not None or cfg.get("model") is None:
+        return model_cfg
+    from jaxrl_llm.train.validation import lora_config
+    lora = lora_config(cfg.model)
+    return model_cfg if lora is None else model_cfg.replace(lora=lora)
 
 
 class Sizes:
@@ -311,6 +324,9 @@ class Sizes:
 
     def __init__(self, model_cfg: ModelConfig, axes: Mapping[str, int], rules: Rules):
         self.m, self.rules, self.mesh = model_cfg, rules, _AxisSizes(axes)
+        self.lora = model_cfg.lora  # LoRA: frozen base in lora.base_dtype, trained adapters (models/lora.py)
+        self.base_itemsize = jnp.dtype(model_cfg.lora.base_dtype or model_cfg.param_dtype).itemsize \
+            if model_cfg.lora is not None else None
         self.b = jnp.dtype(model_cfg.jnp_dtype).itemsize
         m = model_cfg
         self.H, self.K = self.dim(m.num_heads, "heads"), self.dim(m.num_kv_heads, "kv_heads")
@@ -333,9 +349,25 @@ class Sizes:
         return self.dim(n, "batch")
 
     def params(self, which: str) -> int:
-        """Bytes of one device's share of a model's parameters: "policy", "value", "reward", "policy_value"."""
+        """Bytes of one device's share of a model's parameters: "policy", "value", "reward", "policy_value".
+        Under LoRA: the frozen base in base_dtype plus the adapters (and heads) in param_dtype."""
         key = self.m.replace(remat="none", dtype="float32", scan_unroll=1)  # shapes depend on none of these
-        return sum(self.elems(shape, logical) * itemsize for shape, itemsize, logical in _param_arrays(key, which))
+        return sum(self.elems(shape, logical) * (itemsize if self.lora is None or trained else self.base_itemsize)
+                   for shape, itemsize, logical, trained in _param_arrays(key, which))
+
+    def trained(self, which: str) -> int:
+        """Bytes of the parameters the optimiser updates: all of them, or under LoRA the adapters and the
+        heads the base does not have (what gradients and optimizer moments are sized by)."""
+        if self.lora is None:
+            return self.params(which)
+        key = self.m.replace(remat="none", dtype="float32", scan_unroll=1)
+        return sum(self.elems(shape, logical) * itemsize
+                   for shape, itemsize, logical, trained in _param_arrays(key, which) if trained)
+
+    def copy(self, which: str) -> int:
+        """A second copy of the stage's input model (the trained copy's input, a frozen reference): the model's
+        bytes; 0 under LoRA, whose frozen base is the input itself and the reference (adapters off)."""
+        return self.params(which) if self.lora is None else 0
 
     def kv_cache(self, rows: int, length: int) -> int:
         m = self.m
@@ -438,7 +470,7 @@ def estimate_memory(cfg, model_cfg: ModelConfig, mesh_axes: Mapping[str, int],
     if rules is None:
         from jaxrl_llm.train.config import mesh_rules
         rules = mesh_rules(cfg)
-    z = Sizes(model_cfg, axes, normalize_rules(rules))
+    z = Sizes(with_lora(cfg, model_cfg), axes, normalize_rules(rules))
     kinds = stage_kinds()
     stages = []
     for name in cfg.stages:

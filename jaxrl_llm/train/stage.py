@@ -27,8 +27,10 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mc
 
+from jaxrl_llm.algos.train_state import TrainState
 from jaxrl_llm.errors import DivergedError, ResumeError
 from jaxrl_llm.sharding import multihost
 from jaxrl_llm.train.build import Components, keys_for
@@ -109,8 +111,46 @@ class Stage:
         """One step; returns metrics (device arrays are fine: they are fetched only on log steps)."""
         raise NotImplementedError
 
+    # --- LoRA (models/lora.py): the stage trains adapters on a frozen base when config.model.lora.rank > 0
+
+    @property
+    def lora(self):
+        """The run's `LoraConfig`, or None (full fine-tuning)."""
+        return self.comp.model_cfg.lora
+
+    def make_state(self, params, optimizer, adapters=None) -> TrainState:
+        """The stage's TrainState from the params it starts from. Full fine-tuning: a copy of `params` (the
+        update donates it). LoRA: `adapters` (default: fresh ones of the policy module) are trained with the
+        heads the base does not have, and the rest of `params` (adapters of a previous stage merged in) is
+        the frozen base (`TrainState.frozen`, shared, not copied)."""
+        if self.lora is None:
+            return TrainState.create(jax.tree.map(jnp.copy, params), optimizer)
+        from jaxrl_llm.models import lora
+        if adapters is None:
+            adapters = lora.init_adapters(self.comp.module, self.adapter_key(), self.comp.env)
+        trainable, frozen = lora.prepare(params, adapters, self.lora)
+        return TrainState.create(trainable, optimizer, frozen=frozen)
+
+    def adapter_key(self, which: int = 0) -> jax.Array:
+        """The key of the stage's fresh adapters (`which`: one model of several, e.g. PPO's value model)."""
+        return jax.random.fold_in(jax.random.fold_in(self.key, 0x10A), which)
+
+    def reference_params(self):
+        """The frozen reference policy: the stage-start copy (`self.ref`), or under LoRA the frozen base
+        the adapters sit on (adapters off: the policy the stage started from, no second copy)."""
+        if self.lora is not None and self.state is not None and self.state.frozen is not None:
+            return self.state.frozen
+        return self.ref
+
+    def model_params(self):
+        """The policy as the model applies it (adapters unmerged under LoRA): what sampling and evaluation
+        read."""
+        return self.state.model_params()
+
     def tree(self) -> dict:
-        """The pytrees a checkpoint holds: params, opt_state, step (and ref_params with a reference)."""
+        """The pytrees a checkpoint holds: params, opt_state, step (and ref_params with a reference).
+        Under LoRA "params" is the trained tree only (adapters and new heads): the frozen base is rebuilt
+        from the run's model (model.path, or model.preset and seed) and the stages before."""
         tree = {"params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
         if self.ref is not None:
             tree["ref_params"] = self.ref
@@ -129,11 +169,17 @@ class Stage:
             self.iterator.restore(meta["iterator"])
 
     def evaluate(self) -> dict:
-        return self.evaluator(self.params()) if self.evaluator is not None else {}
+        return self.evaluator(self.model_params()) if self.evaluator is not None else {}
 
     def params(self):
-        """The policy the stage has trained so far (what the next stage starts from)."""
-        return self.state.params
+        """The policy the stage has trained so far (what the next stage starts from). Under LoRA its
+        adapters merged into the kernels (W + alpha/rank A B computed in float32, stored in the base's dtype):
+        the next stage starts from, and takes as its reference, exactly this policy, and shares its arrays as
+        its frozen base."""
+        if self.lora is None:
+            return self.state.params
+        from jaxrl_llm.models import lora
+        return lora.merge_adapters(self.model_params(), self.lora.scale)
 
     def close(self) -> None:
         """Releases what the stage holds beyond device memory (reward worker pools)."""

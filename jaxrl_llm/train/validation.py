@@ -161,6 +161,40 @@ def check_model_numerics(m: mc.ConfigDict) -> None:
     choice(m.remat, "config.model.remat", REMAT_POLICIES, means="a remat policy")
     integer(m.get("scan_unroll", 0), "config.model.scan_unroll", 0,
             means="0: the model's own; N: unroll N layers per step of the layer scan", example=0)
+    lora_config(m)
+
+
+def lora_config(m: mc.ConfigDict):
+    """The `model.lora` section as a `models.lora.LoraConfig`, or None when rank is 0 (off); every key
+    checked (a ConfigError of one line naming the key)."""
+    from jaxrl_llm.models.config import DTYPE_NAMES
+    from jaxrl_llm.models.lora import TARGETS, LoraConfig, resolve_targets
+    s = m.get("lora")
+    if s is None:
+        return None
+    w = "config.model.lora"
+    rank = integer(s.rank, f"{w}.rank", 0, means="the adapters' rank; 0 = LoRA off", example=16)
+    number(s.alpha, f"{w}.alpha", 0.0, lo_open=True, means="adapter scale = alpha / rank", example=32.0)
+    number(s.dropout, f"{w}.dropout", 0.0, 1.0, hi_open=True, means="dropout on the adapters' input", example=0.05)
+    targets = s.targets
+    if isinstance(targets, str):
+        targets = (targets,)
+    if isinstance(targets, (tuple, list)):  # --set model.lora.targets=q_proj,v_proj gives one string
+        parts = (p for t in targets for p in (t.split(",") if isinstance(t, str) else [t]))
+        targets = tuple(p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip())
+    else:
+        raise ConfigError(f"{w}.targets={targets!r} must be a list of projection names; valid names: "
+                          f"{', '.join(TARGETS)} (or attention, mlp, all, or a regex over them)")
+    try:
+        resolved = resolve_targets(tuple(targets), f"{w}.targets")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if s.base_dtype:
+        choice(s.base_dtype, f"{w}.base_dtype", DTYPE_NAMES, means='a dtype name ("" for model.param_dtype)')
+    if rank == 0:
+        return None
+    return LoraConfig(rank=rank, alpha=float(s.alpha), dropout=float(s.dropout), targets=resolved,
+                      base_dtype=s.base_dtype or None)
 
 
 def check_base(cfg: mc.ConfigDict) -> None:

@@ -110,7 +110,7 @@ class GRPOLearner:
         phase = on_phase or (lambda name, value: None)
         batch = dict(exp.batch)
         if self.need_old:
-            batch["old_logprobs"] = self.logp_fn(state.params, batch)
+            batch["old_logprobs"] = self.logp_fn(state.model_params(), batch)
         phase("old", batch.get("old_logprobs"))
         if self.algo.needs_reference:
             batch["ref_logprobs"] = self.logp_fn(ref_params, batch)
@@ -152,12 +152,13 @@ class GRPOStage(RLStage):
         return self.algo.group_size
 
     def init(self, params) -> None:
-        self.state = TrainState.create(jnp_tree_copy(params), self.opt_cfg)
-        self.ref = jnp_tree_copy(params) if self.algo.needs_reference else None
+        self.state = self.make_state(params, self.opt_cfg)
+        # under LoRA the reference is the frozen base (reference_params), not a copy
+        self.ref = jnp_tree_copy(params) if self.algo.needs_reference and self.lora is None else None
 
     def step(self, i: int) -> dict:
-        exp = self.experience(i, self.state.params, keep_groups_with_signal=self.algo.filter_zero_std_groups)
-        self.state, metrics = self.learner(self.state, self.ref, exp, self.update_key(i))
+        exp = self.experience(i, self.state.model_params(), keep_groups_with_signal=self.algo.filter_zero_std_groups)
+        self.state, metrics = self.learner(self.state, self.reference_params(), exp, self.update_key(i))
         return self.iteration_metrics(i, exp, metrics)
 
 
@@ -168,8 +169,9 @@ def memory(cfg, s, z) -> dict[str, int]:
     rows = int(s.prompts_per_iter) * a.group_size
     policy = z.params("policy")
     micro = z.rows(rows // a.num_minibatches // a.num_micro_batches)
-    t = {"params": policy, "input_params": policy, "reference": policy if a.needs_reference else 0,
-         "optimizer": z.optimizer(s.optimizer, policy), "gradients": z.gradients(policy, a.num_micro_batches),
+    trained = z.trained("policy")  # all of it, or LoRA's adapters
+    t = {"params": policy, "input_params": z.copy("policy"), "reference": z.copy("policy") if a.needs_reference else 0,
+         "optimizer": z.optimizer(s.optimizer, trained), "gradients": z.gradients(trained, a.num_micro_batches),
          "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, True)}
     t.update(z.rollout_terms(rows, int(s.prompts_per_iter), p, n, s.sampling))
     if a.needs_old_logprobs or a.needs_reference:  # over the update's micro-batches in turn (grpo.make_logprob_fn)

@@ -39,6 +39,7 @@ from jaxrl_llm.algos.logprobs import rollout_forward_fn
 from jaxrl_llm.algos.reward_model import sequence_rewards
 from jaxrl_llm.algos.train_state import TrainState, jit_update, make_epoch_runner
 from jaxrl_llm.models import PolicyValueModel, init_fn_for, reward_model, value_model
+from jaxrl_llm.models.lora import init_adapters, strip_adapters
 from jaxrl_llm.sharding.params import param_shardings
 from jaxrl_llm.train.build import jnp_tree_copy
 from jaxrl_llm.train.config import ConfigError, from_dataclass, optimizer_config, optimizer_from, to_dataclass
@@ -179,27 +180,49 @@ class PPOStage(RLStage):
     def init(self, params) -> None:
         s, comp = self.section, self.comp
         self.kl_coef = jnp.asarray(self.algo.kl.init_coef, jnp.float32)
-        self.ref = jnp_tree_copy(params) if self.algo.needs_reference else None
+        lora = self.lora
+        # under LoRA the reference is the policy's frozen base (reference_params), not a copy
+        self.ref = jnp_tree_copy(params) if self.algo.needs_reference and lora is None else None
         # run is None when a tool (cli eval) only needs the state's structure: the policy-shaped head will do
         rm = (load_reward_params(comp, self.run, s.reward_model_stage, self.stages_before, params)
               if self.run is not None and "reward_model" in (s.value_init, s.reward.source) else None)
         self.rm_params = rm if s.reward.source == "reward_model" else None
         from_rm = s.value_init == "reward_model" and rm is not None
+        # Under LoRA (models/lora.py) nothing of the base is copied: the policy's base stays frozen and shared
+        # (with value_init="policy" the value model's backbone too), both models get adapters of their own and
+        # the value head trains with them.
+        shardings = self.model_shardings if lora is None else strip_adapters(self.model_shardings)
+        start = jnp_tree_copy(params) if lora is None else params
         if self.algo.shared_backbone:  # the value head on the policy's backbone: zeros, or the reward model's head
             score = rm["score"] if from_rm else None
-            tree = jax.device_put(ppo.shared_params_from_policy(jnp_tree_copy(params), comp.model_cfg, score),
-                                  self.model_shardings)
+            tree = jax.device_put(ppo.shared_params_from_policy(start, comp.model_cfg, score), shardings)
+            adapters = None if lora is None else init_adapters(self.policy_module, self.adapter_key(0), comp.env)
         else:
             value = (ppo.init_value_from_reward(rm) if from_rm
                      else scalar_head_params(params, comp, self.model_shardings))
-            tree = {"policy": jnp_tree_copy(params), "value": value}
-        self.state = TrainState.create(tree, self.opt)
+            tree = {"policy": start, "value": value}
+            adapters = None if lora is None else {
+                "policy": init_adapters(self.policy_module, self.adapter_key(0), comp.env),
+                "value": init_adapters(self.value_module, self.adapter_key(1), comp.env)}
+        if lora is None:
+            self.state = TrainState.create(tree, self.opt)
+        else:
+            self.state = self.make_state(tree, self.opt, adapters=adapters)
 
     def policy(self):
         return ppo.policy_params(self.algo, self.state.params)
 
+    def model_params(self):
+        """The policy as the model applies it (under LoRA: its frozen base with its adapters)."""
+        return ppo.policy_params(self.algo, self.state.model_params())
+
+    def reference_params(self):
+        if self.lora is not None:
+            return ppo.policy_params(self.algo, self.state.frozen)
+        return self.ref
+
     def params(self):
-        return self.policy()
+        return self.policy() if self.lora is None else super().params()
 
     def tree(self) -> dict:
         p = self.state.params
@@ -230,10 +253,11 @@ class PPOStage(RLStage):
     def step(self, i: int) -> dict:
         scorer = (self.scorer if self.rm_params is None
                   else _RewardModelScores(self.scorer, self.rm_fn, self.rm_params))
-        exp = self.experience(i, self.policy(), scorer=scorer)
+        exp = self.experience(i, self.model_params(), scorer=scorer)
         batch = dict(exp.batch)
-        batch.update(self.rollout_fn(self.state.params, batch))
-        batch["ref_logprobs"] = self.ref_fn(self.ref, batch) if self.ref is not None else batch["old_logprobs"]
+        batch.update(self.rollout_fn(self.state.model_params(), batch))
+        batch["ref_logprobs"] = (self.ref_fn(self.reference_params(), batch) if self.algo.needs_reference
+                                 else batch["old_logprobs"])
         t = self.targets_fn(exp.rewards, batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"],
                             batch["completion_mask"], self.kl_coef, exp.rollout.finished)
         batch.update(advantages=t["advantages"], returns=t["returns"])
@@ -253,14 +277,18 @@ def memory(cfg, s, z) -> dict[str, int]:
     rows = int(s.prompts_per_iter) * int(s.samples_per_prompt)
     policy = z.params("policy")
     if a.shared_backbone:
-        trained, value, opt = z.params("policy_value"), 0, z.optimizer(s.optimizer, z.params("policy_value"))
+        held, value, trained = z.params("policy_value"), 0, z.trained("policy_value")
+        opt = z.optimizer(s.optimizer, trained)
     else:
-        value = z.params("value")
-        trained, opt = policy + value, z.optimizer(s.optimizer, policy) + z.optimizer(s.value_optimizer, value)
+        # under LoRA with value_init="policy" the value model's backbone is the policy's frozen base (shared)
+        shared_base = z.lora is not None and s.get("value_init", "policy") == "policy"
+        value = z.trained("value") if shared_base else z.params("value")
+        held, trained = policy, z.trained("policy") + z.trained("value")
+        opt = z.optimizer(s.optimizer, z.trained("policy")) + z.optimizer(s.value_optimizer, z.trained("value"))
     uses_rm = s.get("reward", {}).get("source", "task") == "reward_model"
     micro = z.rows(rows // a.num_minibatches // a.num_micro_batches)
     backbones = 1 if a.shared_backbone else 2
-    t = {"params": trained - value, "input_params": policy, "reference": policy if a.needs_reference else 0,
+    t = {"params": held, "input_params": z.copy("policy"), "reference": z.copy("policy") if a.needs_reference else 0,
          "value": value, "reward_model": z.params("reward") if uses_rm else 0, "optimizer": opt,
          "gradients": z.gradients(trained, a.num_micro_batches),
          "activations": backbones * z.activations(micro, p + n),

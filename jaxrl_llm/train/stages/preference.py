@@ -103,9 +103,15 @@ def reward_model_algo(s: mc.ConfigDict, where: str) -> RewardModelConfig:
 
 def scalar_head_params(policy_params: Any, comp: Components, shardings: Any) -> Any:
     """A ScalarHeadModel tree (reward or value model) from a CausalLM tree: a copy of its backbone and a zero
-    head, placed on `shardings` (those of the ScalarHeadModel on the run's mesh)."""
+    head, placed on `shardings` (those of the ScalarHeadModel on the run's mesh). Under LoRA the backbone is
+    not copied (it stays frozen and is never donated: the policy's base is shared) and the adapter leaves of
+    `shardings` are left out (fresh adapters are added by `Stage.make_state`)."""
+    from jaxrl_llm.models.lora import strip_adapters
     dt = comp.model_cfg.jnp_param_dtype
     score = {"kernel": jnp.zeros((comp.model_cfg.hidden_size, 1), dt), "bias": jnp.zeros((1,), dt)}
+    if comp.model_cfg.lora is not None:
+        return jax.device_put({"model": strip_adapters(policy_params["model"]), "score": score},
+                              strip_adapters(shardings))
     return jax.device_put({"model": jnp_tree_copy(policy_params["model"]), "score": score}, shardings)
 
 
@@ -252,14 +258,15 @@ class DPOStage(_PairStage):
         self.ref = None
 
     def init(self, params) -> None:
-        self.state = TrainState.create(jnp_tree_copy(params), self.opt_cfg)
-        self.ref = jnp_tree_copy(params) if self.algo.needs_reference else None
+        self.state = self.make_state(params, self.opt_cfg)
+        # under LoRA the reference is the frozen base (reference_params), not a copy
+        self.ref = jnp_tree_copy(params) if self.algo.needs_reference and self.lora is None else None
         self._eval_ref = None
 
     def step(self, i: int) -> dict:
         batch = self._batch()
-        if self.ref is not None:
-            batch.update(self.ref_fn(self.ref, batch))
+        if self.algo.needs_reference:
+            batch.update(self.ref_fn(self.reference_params(), batch))
         return self._train(i, batch)
 
     def restore(self, tree: dict, meta: dict) -> None:
@@ -283,7 +290,7 @@ class DPOStage(_PairStage):
             scale = a.beta if a.loss_type == "simpo" else 1.0
             return scale * c / len_c, scale * r / len_r
         if self._eval_ref is None:  # the reference is frozen: its held-out log-probs once per run (or resume)
-            self._eval_ref = self._held_out_sums(self.ref)
+            self._eval_ref = self._held_out_sums(self.reference_params())
         ref_c, ref_r = self._eval_ref
         if a.loss_type == "ipo" and a.ipo_length_normalize:
             c, r, ref_c, ref_r = c / len_c, r / len_r, ref_c / len_c, ref_r / len_r
@@ -292,7 +299,7 @@ class DPOStage(_PairStage):
     def evaluate(self) -> dict:
         out = super().evaluate()
         if self.eval_arrays is not None:
-            rc, rr = self._implicit_rewards(*self._held_out_sums(self.state.params))
+            rc, rr = self._implicit_rewards(*self._held_out_sums(self.model_params()))
             acc = float(np.mean(rc > rr))
             out.update({"eval/pref_accuracy": acc, "eval/pref_margin": float(np.mean(rc - rr))})
             self.summary.setdefault("pref_accuracy_before", acc)
@@ -314,7 +321,13 @@ class RewardModelStage(_PairStage):
         self.eval_fn = _in_env(comp, lambda p, b: pair_rewards(self.module, p, b))
 
     def init(self, params) -> None:
-        self.state = TrainState.create(scalar_head_params(params, self.comp, self.shardings), self.opt_cfg)
+        tree = scalar_head_params(params, self.comp, self.shardings)
+        if self.lora is None:
+            self.state = TrainState.create(tree, self.opt_cfg)
+        else:
+            from jaxrl_llm.models.lora import init_adapters
+            self.state = self.make_state(tree, self.opt_cfg,
+                                         adapters=init_adapters(self.module, self.adapter_key(), self.comp.env))
 
     def run_stage(self, prev_params, checkpointer) -> Any:
         """Trains (or resumes) the reward model; returns `prev_params`: the next stage continues the policy."""
@@ -336,7 +349,7 @@ class RewardModelStage(_PairStage):
             return {}
         rc, rr = [], []
         for chunk, valid in _chunks(self.comp, self.eval_arrays, EVAL_CHUNK):
-            c, r = self.eval_fn(self.state.params, chunk)
+            c, r = self.eval_fn(self.model_params(), chunk)
             rc.append(multihost.to_host(c)[:valid])
             rr.append(multihost.to_host(r)[:valid])
         rc, rr = np.concatenate(rc), np.concatenate(rr)
@@ -359,7 +372,10 @@ def load_reward_params(comp: Components, run, stage_name: str, stages: tuple[str
     if not meta.get("done"):
         raise ValueError(f"reward model stage {stage_name!r} did not finish (latest checkpoint {directory}/{step} "
                          "is not final)")
-    return tree["reward_params"]
+    if rm.lora is None:
+        return tree["reward_params"]
+    rm.restore(tree, meta)  # LoRA: the checkpoint holds the adapters and head; the base is rebuilt
+    return rm.params()  # the adapters merged: a reward model of the base's shape
 
 
 def dpo_memory(cfg, s, z) -> dict[str, int]:
@@ -368,8 +384,9 @@ def dpo_memory(cfg, s, z) -> dict[str, int]:
     rows = 2 * int(s.batch_size)  # chosen and rejected rows in one forward
     policy = z.params("policy")
     micro = z.rows(rows // num_micro)
-    t = {"params": policy, "input_params": policy, "reference": policy if a.needs_reference else 0,
-         "optimizer": z.optimizer(s.optimizer, policy), "gradients": z.gradients(policy, num_micro),
+    trained = z.trained("policy")  # all of it, or LoRA's adapters
+    t = {"params": policy, "input_params": z.copy("policy"), "reference": z.copy("policy") if a.needs_reference else 0,
+         "optimizer": z.optimizer(s.optimizer, trained), "gradients": z.gradients(trained, num_micro),
          "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, False)}
     if a.needs_reference:  # over the step's micro-batches of pairs in turn (dpo.make_reference_logps_fn)
         t.update(z.score_terms(rows // num_micro, p + n, n, a.logprob_chunk))
@@ -378,10 +395,11 @@ def dpo_memory(cfg, s, z) -> dict[str, int]:
 
 def reward_model_memory(cfg, s, z) -> dict[str, int]:
     p, n, num_micro = int(s.max_prompt_len), int(s.max_response_len), int(s.num_micro_batches)
-    rm = z.params("reward")
+    trained = z.trained("reward")  # all of it, or LoRA's adapters and the head
+    rm = z.params("reward") if z.lora is None else trained  # under LoRA the backbone is the policy's, shared
     micro = z.rows(2 * int(s.batch_size) // num_micro)
-    return {"params": rm, "input_params": z.params("policy"), "optimizer": z.optimizer(s.optimizer, rm),
-            "gradients": z.gradients(rm, num_micro), "activations": z.activations(micro, p + n)}
+    return {"params": rm, "input_params": z.params("policy"), "optimizer": z.optimizer(s.optimizer, trained),
+            "gradients": z.gradients(trained, num_micro), "activations": z.activations(micro, p + n)}
 
 
 DPO_KIND = StageKind("dpo", DPOStage, dpo_stage, dpo_memory, update_rows=lambda s: int(s.batch_size),

@@ -6,10 +6,10 @@ import jax
 import ml_collections as mc
 
 from jaxrl_llm.algos import sft
-from jaxrl_llm.algos.train_state import TrainState, jit_update
+from jaxrl_llm.algos.train_state import jit_update
 from jaxrl_llm.data.loaders import load_prompt_answer
 from jaxrl_llm.sharding import multihost
-from jaxrl_llm.train.build import encode_answers, encode_prompt_batch, jnp_tree_copy, make_evaluator, prompt_iterator
+from jaxrl_llm.train.build import encode_answers, encode_prompt_batch, make_evaluator, prompt_iterator
 from jaxrl_llm.train.config import ConfigError, keyed, optimizer_config, optimizer_from
 from jaxrl_llm.train.stage import Stage, StageKind
 from jaxrl_llm.train.validation import choice, enough_rows, integer, supervised_batches, unread
@@ -99,7 +99,7 @@ class SFTStage(Stage):
                         int(s.batch_size), f"config.{name}.batch_size")
 
     def init(self, params) -> None:
-        self.state = TrainState.create(jnp_tree_copy(params), self.opt_cfg)
+        self.state = self.make_state(params, self.opt_cfg)
 
     def _batch(self):
         exs = next(self.iterator)
@@ -122,8 +122,9 @@ def memory(cfg, s, z) -> dict[str, int]:
     p, n, num_micro = int(s.max_prompt_len), int(s.max_response_len), int(s.num_micro_batches)
     policy = z.params("policy")
     micro = z.rows(int(s.batch_size) // num_micro)
-    t = {"params": policy, "input_params": policy, "optimizer": z.optimizer(s.optimizer, policy),
-         "gradients": z.gradients(policy, num_micro), "activations": z.activations(micro, p + n),
+    trained = z.trained("policy")  # all of it, or LoRA's adapters
+    t = {"params": policy, "input_params": z.copy("policy"), "optimizer": z.optimizer(s.optimizer, trained),
+         "gradients": z.gradients(trained, num_micro), "activations": z.activations(micro, p + n),
          "logprob_chunks": z.head(micro, n, sft.SFTConfig().logprob_chunk, True)}
     return t | z.eval_terms(cfg, s)
 
