@@ -104,17 +104,17 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     memory = None
     if model_cfg is not None and cfg.mesh.get("check_memory", True):
         memory = check_memory(cfg, model_cfg, axes)
-    if m.path:
-        model_cfg, params = (load_gguf if gguf else load_hf)(m.path, env, **numerics)
-    else:
-        _, params, _ = create_model(model_cfg, jax.random.key(cfg.seed), env)
     from jaxrl_llm.train.validation import lora_config
     lora = lora_config(m)
-    if lora is not None:  # LoRA (models/lora.py): the base built above, frozen in base_dtype; adapters per stage
-        model_cfg = model_cfg.replace(lora=lora)
-        if lora.base_dtype:
-            from jaxrl_llm.models.lora import cast_tree
-            params = cast_tree(params, lora.base_dtype)
+    # LoRA (models/lora.py): the base is built (read, or initialised) directly in lora.base_dtype, frozen;
+    # adapters are added per stage, in model.param_dtype
+    base = {**numerics, "param_dtype": lora.base_dtype} if lora is not None and lora.base_dtype else numerics
+    if m.path:
+        model_cfg, params = (load_gguf if gguf else load_hf)(m.path, env, **base)
+    else:
+        _, params, _ = create_model(model_cfg.replace(param_dtype=base["param_dtype"]), jax.random.key(cfg.seed), env)
+    if lora is not None:
+        model_cfg = model_cfg.replace(lora=lora, param_dtype=numerics["param_dtype"])
     module = CausalLM(model_cfg)
     shapes, shardings = param_shardings(init_fn_for(module), env)
     try:
