@@ -316,3 +316,7 @@ def test_lora_resume_is_bitwise_exact(tmp_path):
     for k in first:
         np.testing.assert_array_equal(again[k], first[k], err_msg=k)
     assert any("['value_params']" in k and "lora_b" in k and np.any(first[k]) for k in first)
+    # `jaxrl-llm eval` puts the checkpoint's adapters on the rebuilt base
+    from jaxrl_llm.cli import evaluate_run
+    _, info = evaluate_run(tmp_path / "a" / "lora", num_examples=8, max_new_tokens=4)
+    assert (info["stage"], info["step"], info["final"]) == ("ppo", 4, True)
