@@ -42,6 +42,12 @@ not divide parameters at all.
 * optimizer: moments in the parameters' dtype (optax keeps mu and nu in the
   dtype of the parameters; there is no float32 master copy):
   2 x bytes(trained) for adam/adamw, 1 x for lion, 0 for sgd.
+* LoRA (model.lora.rank > 0, docs/lora.md): params is the frozen base in
+  model.lora.base_dtype plus the adapters (and new heads) in param_dtype;
+  "trained" (optimizer, gradients) is the adapters and heads only;
+  input_params and reference are 0 (the frozen base is the stage's input
+  and, with the adapters off, its reference); PPO's separate value model with
+  value_init="policy" shares the policy's base and adds its adapters and head.
 
 Phase terms
 -----------
