@@ -1,10 +1,13 @@
 """The arithmetic task: generation, splits, the Python verifier and the in-jit reward agree."""
 
+import random
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrl_llm.errors import TaskError
 from jaxrl_llm.tasks import RewardInputs, get_task
 from jaxrl_llm.tasks.arithmetic import ArithmeticTask, token_byte_table
 from jaxrl_llm.tokenizer import decode_completions, load_tokenizer, tokenizer_info
@@ -114,3 +117,55 @@ def test_spaced_format_gives_one_token_per_digit(tok):
         assert all(len(p) == 1 for p in pieces), pieces
     assert task.is_correct(ex[0].answer, ex[0]) and not task.is_correct(ex[0].answer.replace(" ", ""), ex[0])
     assert task.extract_answer("1 2 3") == "123"
+
+
+# ----------------------------------------------------------------- chat prompts, free-form answers
+
+def test_extract_integer_formats():
+    from jaxrl_llm.tasks.extraction import extract_integer
+    assert extract_integer("7 * 8 = 56.", "last_number") == (56, True)
+    assert extract_integer("The total is 1,234 apples", "last_number") == (1234, True)
+    assert extract_integer("It is 3.5 or -4", "last_number") == (-4, True)
+    assert extract_integer("half of it: 2.5", "last_number") == (None, False)
+    assert extract_integer("no digits", "last_number") == (None, False)
+    assert extract_integer("so 3+4 = \\boxed{7}. Check: 7", "boxed") == (7, True)
+    assert extract_integer("\\boxed{x}", "boxed") == (None, True)
+    assert extract_integer("7", "boxed") == (None, False)
+    assert extract_integer("3 + 4 = 7\n**Answer:** 7", "answer_line") == (7, True)
+    assert extract_integer("answer: seven", "answer_line") == (None, True)
+    assert extract_integer("7", "answer_line") == (None, False)
+    assert extract_integer(" 12 ", "exact") == (12, True)
+    assert extract_integer("12.", "exact") == (None, False)
+    with pytest.raises(ValueError, match="answer_format"):
+        extract_integer("1", "first_number")
+
+
+def test_chat_arithmetic_prompts_reward_and_format_term():
+    task = ArithmeticTask(min_digits=1, max_digits=1, operators=("+", "*"),
+                          templates=("What is {a} {op} {b}? Answer with just the number.", "Compute {a}{op}{b}."),
+                          answer_format="last_number", format_score=0.1)
+    exs = task.examples("train", 40, 0)
+    assert all(isinstance(e.prompt, list) and e.prompt[0]["role"] == "user" for e in exs)
+    assert {e.prompt[0]["content"].split()[0] for e in exs} == {"What", "Compute"}
+    e = exs[0]
+    a, op, b = e.meta["a"], e.meta["op"], e.meta["b"]
+    right, wrong = f"{a} {op} {b} = {e.answer}.", f"{a} {op} {b} = {int(e.answer) + 1}."
+    out = task.reward(RewardInputs([right, wrong, "I do not know"], [e] * 3, np.ones(3, np.int32),
+                                   np.ones(3, bool), 16))
+    np.testing.assert_allclose(out.scores, [1.1, 0.1, 0.0])
+    assert out.correct.tolist() == [True, False, False]
+    np.testing.assert_allclose(out.components["format"], [0.1, 0.1, 0.0])
+    assert task.extract_answer(right) == e.answer and not task.in_jit_reward
+    chosen, rejected = task.preference_pair(e, random.Random(0))
+    assert task.is_correct(chosen, e) and not task.is_correct(rejected, e)
+    with pytest.raises(TaskError, match="in_jit=False"):
+        task.jax_reward(load_tokenizer("tiny"))
+
+
+def test_chat_arithmetic_bad_kwargs():
+    with pytest.raises(ValueError, match="answer_format"):
+        ArithmeticTask(answer_format="first")
+    with pytest.raises(ValueError, match="template"):
+        ArithmeticTask(templates=("What is {x}?",), answer_format="last_number")
+    with pytest.raises(ValueError, match="spaced"):
+        ArithmeticTask(templates=("{a}{op}{b}",), spaced=True)

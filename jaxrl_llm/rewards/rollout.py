@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxrl_llm.rewards.runner import HostRewardRunner
 from jaxrl_llm.sharding import multihost
-from jaxrl_llm.tasks.base import Example, InJitRewardTask, RewardInputs
+from jaxrl_llm.tasks.base import Example, RewardInputs, has_in_jit_reward
 from jaxrl_llm.tokenizer import decode_completions, tokenizer_info
 
 # Metrics every RL iteration computes on the device over all rows; the host reward's own versions (over this
@@ -69,7 +69,7 @@ class RolloutScorer:
                  timeout_s: float | None = 30.0, on_error: str = "score", error_score: float = 0.0):
         self.reward, self.tokenizer, self.env = reward, tokenizer, env
         info = tokenizer_info(tokenizer)
-        self.in_jit = bool(in_jit) and isinstance(reward, InJitRewardTask)
+        self.in_jit = bool(in_jit) and has_in_jit_reward(reward)
         self.runner = None
         if self.in_jit:
             vocab = vocab_size if vocab_size is not None else info.vocab_size

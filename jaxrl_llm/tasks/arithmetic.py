@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_llm.errors import TaskError
 from jaxrl_llm.tasks.base import Example, RewardInputs, RewardOutput, register_task
+from jaxrl_llm.tasks.extraction import ANSWER_FORMATS, extract_integer
 from jaxrl_llm.tasks.wrong_answers import wrong_number
 
 _OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
@@ -56,6 +58,13 @@ class ArithmeticTask:
     which small transformers learn addition from far fewer samples (Lee et
     al. 2023, "Teaching Arithmetic to Small Transformers", arXiv 2307.03381).
     reverse_answer needs operators without "-" (no sign to place).
+
+    For chat models: `templates` (one or more strings with {a}, {op}, {b}; one is drawn per problem) turn each
+    problem into a chat prompt (a user message, e.g. "What is {a} {op} {b}? Answer with just the number."),
+    and `answer_format` says how the answer is read from a free-form reply (`tasks.extraction`):
+    "exact" (the reply is the answer, the default), "last_number", "boxed" or "answer_line". `format_score`
+    is added to the reward of a reply that states an answer in that format (right or wrong), as its own
+    reward component "format". Only "exact" has the in-jit reward (`in_jit_reward`).
     """
 
     min_digits: int = 1
@@ -68,10 +77,27 @@ class ArithmeticTask:
     spaced: bool = False
     pad_operands: bool = False
     reverse_answer: bool = False
+    templates: tuple[str, ...] = ()
+    answer_format: str = "exact"
+    format_score: float = 0.0
     name: str = "arithmetic"
 
     def __post_init__(self):
         object.__setattr__(self, "operators", tuple(self.operators))
+        templates = (self.templates,) if isinstance(self.templates, str) else tuple(self.templates)
+        object.__setattr__(self, "templates", templates)
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"arithmetic: answer_format={self.answer_format!r}; expected one of "
+                             f"{', '.join(ANSWER_FORMATS)}")
+        for t in templates:
+            try:
+                t.format(a=1, b=2, op="+")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"arithmetic: template {t!r} is not a format string over {{a}}, {{op}}, {{b}} "
+                                 f"({type(e).__name__}: {e}); write literal braces as {{{{ }}}}") from None
+        if (templates or self.answer_format != "exact") and (self.spaced or self.reverse_answer or self.pad_operands):
+            raise ValueError("arithmetic: spaced / pad_operands / reverse_answer are formats for models trained "
+                             "from scratch on 'a+b='; use them without templates and with answer_format='exact'")
         if not 1 <= self.min_digits <= self.max_digits:
             raise ValueError(f"arithmetic: need 1 <= min_digits ({self.min_digits}) <= max_digits ({self.max_digits})")
         bad = [op for op in self.operators if op not in _OPS]
@@ -108,6 +134,9 @@ class ArithmeticTask:
             if _in_test_split(problem, self.test_fraction) != want_test:
                 continue
             prompt, answer = self._render(a, b, op, value)
+            if self.templates:
+                text = rng.choice(self.templates).format(a=a, b=b, op=op)
+                prompt = [{"role": "user", "content": text}]
             out.append(Example(prompt=prompt, answer=answer, meta={"a": a, "b": b, "op": op}))
         return out
 
@@ -123,7 +152,15 @@ class ArithmeticTask:
 
     # ------------------------------------------------------------------ verification
 
+    @property
+    def in_jit_reward(self) -> bool:
+        """Whether `jax_reward` applies: only exact-match replies are scored inside jit."""
+        return self.answer_format == "exact"
+
     def extract_answer(self, completion: str) -> str | None:
+        if self.answer_format != "exact":
+            value, _ = extract_integer(completion, self.answer_format)
+            return None if value is None else str(value)
         text = completion.replace(" ", "") if self.spaced else completion.strip()
         if self.reverse_answer:
             text = text[::-1]
@@ -133,18 +170,33 @@ class ArithmeticTask:
             return None
 
     def is_correct(self, completion: str, example: Example) -> bool:
+        if self.answer_format != "exact":
+            return self.extract_answer(completion) == example.answer
         return completion == example.answer
 
     def reward(self, inputs: RewardInputs) -> RewardOutput:
         correct = np.array([self.is_correct(c, e) for c, e in zip(inputs.completions, inputs.examples)], bool)
         scores = np.where(correct, self.correct_score, self.wrong_score).astype(np.float32)
-        return RewardOutput(scores=scores, components={"answer": scores}, correct=correct)
+        components = {"answer": scores}
+        if self.format_score:
+            stated = np.array([extract_integer(c, self.answer_format)[1] for c in inputs.completions], bool)
+            components["format"] = np.where(stated, self.format_score, 0.0).astype(np.float32)
+            scores = scores + components["format"]
+        return RewardOutput(scores=scores, components=components, correct=correct)
 
     # ------------------------------------------------------------------ preference pairs
 
     def preference_pair(self, example: Example, rng: random.Random) -> tuple[str, str]:
-        """(gold answer, `wrong_arithmetic_answer`): a near miss written in the task's answer format."""
-        return example.answer, wrong_arithmetic_answer(self, example.answer, rng)
+        """(gold answer, `wrong_arithmetic_answer`): a near miss written in the task's answer format (for chat
+        prompts, a reply that states the answer the way `answer_format` reads it)."""
+        wrong = wrong_arithmetic_answer(self, example.answer, rng)
+        if self.answer_format == "exact":
+            return example.answer, wrong
+        m = example.meta
+        say = {"last_number": "{a} {op} {b} = {v}", "boxed": "{a} {op} {b} = \\boxed{{{v}}}",
+               "answer_line": "{a} {op} {b} = {v}\nAnswer: {v}"}[self.answer_format]
+        return (say.format(a=m["a"], op=m["op"], b=m["b"], v=example.answer),
+                say.format(a=m["a"], op=m["op"], b=m["b"], v=wrong))
 
     # ------------------------------------------------------------------ inside jit
 
@@ -165,6 +217,9 @@ class ArithmeticTask:
         Scores correct_score where the completion's text (EOS and masked
         tokens dropped) equals the target bytes exactly, wrong_score otherwise.
         """
+        if not self.in_jit_reward:
+            raise TaskError(f"arithmetic: answer_format={self.answer_format!r} is read on the host; set "
+                            "reward.in_jit=False (only answer_format='exact' has an in-jit reward)")
         table, lens = token_byte_table(tokenizer, vocab_size)
         if eos_ids is None:
             from jaxrl_llm.tokenizer import tokenizer_info

@@ -164,7 +164,8 @@ class InJitRewardTask(Protocol):
         It must score a completion exactly as the task's host `reward` does.
 
     GRPO and PPO stages use the in-jit reward when the task has this ability and `reward.in_jit` is set,
-    else the host reward.
+    else the host reward. A task whose configuration has no in-jit reward (arithmetic with a free-form
+    answer_format) says so with `in_jit_reward = False` (`has_in_jit_reward`).
     """
 
     correct_score: float
@@ -173,6 +174,11 @@ class InJitRewardTask(Protocol):
 
     def jax_reward(self, tokenizer, vocab_size: int | None = None,
                    eos_ids: Sequence[int] | None = None) -> JaxRewardFn: ...
+
+
+def has_in_jit_reward(task: Any) -> bool:
+    """The task has the in-jit reward ability, and its configuration uses it (`in_jit_reward`, default True)."""
+    return isinstance(task, InJitRewardTask) and bool(getattr(task, "in_jit_reward", True))
 
 
 @runtime_checkable

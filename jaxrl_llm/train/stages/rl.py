@@ -165,9 +165,9 @@ def check_divisible_rows(s: mc.ConfigDict, where: str, n: int, n_key: str, algo)
 
 def check_reward_data(cfg: mc.ConfigDict, name: str, task) -> None:
     """With the task's in-jit reward (reward.in_jit and a task that has one) the host-reward keys are not read."""
-    from jaxrl_llm.tasks.base import InJitRewardTask
+    from jaxrl_llm.tasks.base import has_in_jit_reward
     s, default = cfg[name], reward_section()
-    if task is not None and s.reward.in_jit and isinstance(task, InJitRewardTask):
+    if task is not None and s.reward.in_jit and has_in_jit_reward(task):
         for key in _HOST_REWARD_KEYS:
             unread(s.reward, key, f"config.{name}.reward", default[key],
                    f"with the in-jit reward of task {cfg.task.name!r} (it runs on the device and cannot fail or "
