@@ -428,3 +428,21 @@ def test_tokenizer_from_synthetic_gguf(tmp_path):
         load_tokenizer(_tokenizer_gguf(tmp_path / "spm.gguf", model="llama"))
     with pytest.raises(ModelError, match=r"pre\.gguf: GGUF pre-tokenizer 'chameleon' is not supported"):
         load_tokenizer(_tokenizer_gguf(tmp_path / "pre.gguf", pre="chameleon"))
+
+
+def test_build_from_the_smollm2_experiment_config(smol, smol_path):
+    """A run config naming the GGUF (experiments/smollm2_*.py): the model's config from the metadata for the
+    memory check, the same parameters as load_gguf, the tokenizer and chat template from the same file."""
+    from jaxrl_llm.train.build import build, encode_prompt_batch
+    from jaxrl_llm.train.config import chat_arithmetic_config
+    cfg = chat_arithmetic_config()
+    assert cfg.model.path == str(smol_path)
+    comp, params = build(cfg)
+    assert comp.model_cfg == smol[0] and comp.memory is not None
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(smol[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert comp.eos_ids == (2,) and comp.pad_id == 0
+    examples = comp.task.examples("test", 2, 0)
+    tokens, mask, cut = encode_prompt_batch(comp, examples, 48)
+    text = comp.tokenizer.decode(np.asarray(tokens)[0][np.asarray(mask)[0].astype(bool)])
+    assert cut == 0 and text.startswith("<|im_start|>system") and examples[0].prompt[0]["content"] in text
