@@ -3,6 +3,7 @@ of the full float32 one, then the LoRA run for real (the trainer's own code), an
 
     .venv/bin/python bench/lora_memory.py                 # estimate both, run the LoRA iteration (minutes)
     .venv/bin/python bench/lora_memory.py --estimate-only # the two estimates only (seconds)
+    .venv/bin/python bench/lora_memory.py --no-split      # decode without the per-layer weight copy
 
 The model is the `qwen2.5-1.5b` preset with random weights (1,543,714,304 parameters), float32 compute and
 float32 adapters, the frozen base stored in bfloat16 (`model.lora.base_dtype`), remat full. The stage is a
@@ -39,8 +40,9 @@ def config(args, run_root: str, rank: int):
     c.run_root = run_root
     c.model.preset = "qwen2.5-1.5b"
     c.model.remat = "full"
+    c.model.dtype = args.dtype
     c.model.lora.rank, c.model.lora.alpha = rank, 2.0 * max(rank, 1)
-    c.model.lora.base_dtype = "bfloat16" if rank else ""
+    c.model.lora.base_dtype = args.base_dtype if rank else ""
     c.task.name = "arithmetic"
     c.eval.every = 0
     c.log.every, c.log.progress, c.log.tensorboard, c.log.samples_every = 1, False, False, 0
@@ -50,6 +52,7 @@ def config(args, run_root: str, rank: int):
     c.rl = grpo_stage("grpo", iterations=args.iterations, prompts_per_iter=args.prompts, group_size=args.samples,
                       learning_rate=1e-5, max_new_tokens=args.new_tokens, beta=0.04)
     c.rl.max_prompt_len = args.prompt_len
+    c.rl.sampling.split_layer_weights = not args.no_split  # False: no per-layer copy of the weights to decode
     c.rl.algo.logprob_chunk = 8
     return c
 
@@ -68,6 +71,11 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--iterations", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", help="compute dtype (model.dtype)")
+    ap.add_argument("--base-dtype", default="bfloat16", help="model.lora.base_dtype of the LoRA run")
+    ap.add_argument("--no-split", action="store_true",
+                    help="rl.sampling.split_layer_weights=False: the decode loop slices the stacked weights "
+                         "instead of a per-layer copy (less memory, slower decoding)")
     ap.add_argument("--estimate-only", action="store_true")
     args = ap.parse_args()
 
@@ -77,6 +85,7 @@ def main() -> int:
         print("full fine-tuning, float32 parameters:\n" + est_full.table() + "\n", flush=True)
         print(f"LoRA rank {args.rank}, bfloat16 base:\n" + est_lora.table() + "\n", flush=True)
         out = {"model": "qwen2.5-1.5b (random weights)", "rank": args.rank, "prompts": args.prompts,
+               "split_layer_weights": not args.no_split, "dtype": args.dtype, "base_dtype": args.base_dtype,
                "samples": args.samples, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "estimate_full_gib": round(est_full.peak_bytes / 2**30, 2),
                "estimate_lora_gib": round(est_lora.peak_bytes / 2**30, 2)}
