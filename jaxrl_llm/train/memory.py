@@ -71,7 +71,9 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
 * decode_weights (rollout, exact): the policy's parameters once more, when
   sampling.split_layer_weights (the default) splits the stacked layer weights
   into one array per layer before the decode loop (a slight overcount: the
-  embedding is not copied).
+  embedding is not copied), at least as wide as the compute dtype: a base
+  stored narrower (a bfloat16 LoRA base under float32 compute) is converted
+  once, before the loop, split or not.
 * eval_kv_cache / eval_work / eval_weights (eval): the same for the
   evaluator's sampler (which always splits the layer weights),
   rows = eval.num_examples x eval.n_samples, length max_prompt_len +
@@ -361,6 +363,15 @@ class Sizes:
         return sum(self.elems(shape, logical) * (itemsize if self.lora is None or trained else self.base_itemsize)
                    for shape, itemsize, logical, trained in _param_arrays(key, which))
 
+    def compute_params(self, which: str) -> int:
+        """`params(which)` with every array at least as wide as the compute dtype: the weights a decode loop
+        holds, where XLA converts a narrower stored base (a bfloat16 LoRA base under float32 compute) once,
+        before the loop."""
+        key = self.m.replace(remat="none", dtype="float32", scan_unroll=1)
+        return sum(self.elems(shape, logical) * max(self.b, itemsize if self.lora is None or trained
+                                                   else self.base_itemsize)
+                   for shape, itemsize, logical, trained in _param_arrays(key, which))
+
     def trained(self, which: str) -> int:
         """Bytes of the parameters the optimiser updates: all of them, or under LoRA the adapters and the
         heads the base does not have (what gradients and optimizer moments are sized by)."""
@@ -438,7 +449,7 @@ class Sizes:
         return {"eval_kv_cache": self.kv_cache(rows, p + n),
                 "eval_kv_cache_growth": self.kv_cache_growth(rows, p, n, SamplingConfig.cache_segments),
                 "eval_work": self.forward_work(rd, p, p + n) + self.logits(rd, 1, 3),
-                "eval_weights": self.params("policy")}
+                "eval_weights": self.compute_params("policy")}
 
     def rollout_terms(self, rows: int, prompts: int, p: int, n: int, sampling) -> dict[str, int]:
         """A rollout of `rows` completions of `prompts` distinct prompts (P prompt, N new tokens) with the
@@ -447,10 +458,11 @@ class Sizes:
         split = bool(sampling.get("split_layer_weights", SamplingConfig.split_layer_weights))
         segments = int(sampling.get("cache_segments", SamplingConfig.cache_segments))
         # the sampler prefills each distinct prompt once and repeats its cache for the samples
+        decode = self.compute_params("policy")  # converted once before the loop even unsplit, when narrower
         return {"kv_cache": self.kv_cache(rows, p + n),
                 "kv_cache_growth": self.kv_cache_growth(rows, p, n, segments),
                 "rollout_work": self.forward_work(self.rows(prompts), p, p + n) + self.logits(rd, 1, 3),
-                "decode_weights": self.params("policy") if split else 0}
+                "decode_weights": decode if split or decode > self.params("policy") else 0}
 
     def score_terms(self, rows: int, t: int, n: int, chunk: int) -> dict[str, int]:
         """A no-grad forward over `rows` rows of length t (log-probs of n positions, `chunk` at a time)."""
