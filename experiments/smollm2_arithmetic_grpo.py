@@ -37,7 +37,7 @@ def get_config(preset=None):
     c.checkpoint.every, c.log.every = 10, 1
     if preset == "lora":
         c.model.lora.rank, c.model.lora.alpha = 16, 32.0
-        c.rl.optimizer.learning_rate = 1e-4
+        c.rl.optimizer.learning_rate = 2e-4
     if preset == "smoke":  # the dummy model and the tiny tokenizer: the task, chat prompts and reward path
         c.model.preset, c.model.path = "dummy", ""
         c.rl.iterations, c.rl.prompts_per_iter, c.rl.algo.group_size = 2, 2, 4
