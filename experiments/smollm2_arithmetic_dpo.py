@@ -8,7 +8,9 @@ Model and task as in experiments/smollm2_arithmetic_grpo.py (`train.config.chat_
 Pairs from the task's train split (`ArithmeticTask.preference_pair`): chosen "7 * 8 = 56", rejected the same
 with a near-miss result ("7 * 8 = 57"); reference = the base model. DPO sigmoid loss, beta 0.1, 40 steps of
 16 pairs, AdamW lr 5e-6; greedy held-out task accuracy and held-out preference accuracy every 10 steps.
-Expect: see docs/experiments.md ("A real pretrained model") for the measured before/after and time.
+Expect: Measured on the 2-core AMD EPYC (Zen 4) CPU, one seed: held-out preference accuracy 0% -> 93.8% while
+greedy task accuracy goes 45.8% -> 41.7% and replies grow from 14 to 39 tokens; 25 min 15 s with the test
+suite sharing the cores (about 13 s per step before it started). Details: docs/experiments.md.
 """
 
 from jaxrl_llm.train.config import chat_arithmetic_config, dpo_stage

@@ -18,8 +18,10 @@ a wrong number: there is headroom that RL can reach in minutes. Two-digit additi
 model completes "34 + 66 = " correctly about 20% of the time).
 Algorithm: GRPO, 8 prompts x 8 samples per iteration at temperature 1, 32 new tokens, one AdamW step per
 iteration (lr 2e-5), no KL term (no reference forward), 25 iterations.
-Expect: see docs/experiments.md ("A real pretrained model") for the measured before/after, reward curve and
-time on the 2-core CPU.
+Expect: Measured on the 2-core AMD EPYC (Zen 4) CPU, one seed: held-out accuracy 45.8% -> 76.0% (74.0% after 8
+iterations), replies 14 -> 9 tokens, 26 min 12 s with other jobs sharing the cores at times (35-40 s per
+iteration alone). `:lora` (rank 16, alpha 32, lr 2e-4; measured with --set rl.algo.num_micro_batches=2):
+45.8% -> 68.8%, 18 min 36 s (27-29 s per iteration alone). Details: docs/experiments.md.
 """
 
 from jaxrl_llm.train.config import chat_arithmetic_config, grpo_stage

