@@ -5,7 +5,7 @@
 
 Builds the experiment (`train.build.build`, its `--set` overrides applied), makes its RL stage (the first
 stage of kind "grpo") and runs iterations through the stage's own code: `collect` (the jitted KV-cache
-sampler, then the reward) and the stage's learner (reference / old log-prob forwards when the algorithm
+sampler, then the reward, via `RLStage.experience`) and the stage's learner (reference / old log-prob forwards when the algorithm
 needs them, then the update). Each phase ends with `block_until_ready`; the first `--warmup` iterations
 (compilation) are reported apart; medians over the rest. Prints one JSON line: phases in seconds, rows,
 tokens, and the CPU model.
@@ -45,9 +45,7 @@ def main(argv=None) -> dict:
 
     from jaxrl_llm.train.build import build
     from jaxrl_llm.train.config import load_experiment
-    from jaxrl_llm.train.experience import collect
     from jaxrl_llm.train.run_dir import RunDir
-    from jaxrl_llm.train.stages.rl import encode_prompts
     from jaxrl_llm.train.trainer import stage_class
 
     cfg = load_experiment(args.experiment, args.overrides)
@@ -73,12 +71,7 @@ def main(argv=None) -> dict:
                 jax.block_until_ready(value)
                 marks.append((label, time.perf_counter()))
 
-            examples = next(stage.iterator)
-            prompts = encode_prompts(comp.tokenizer, comp.env, examples, int(stage.section.max_prompt_len),
-                                     stage.prompts, chat=comp.chat)
-            key = jax.random.fold_in(jax.random.fold_in(stage.key, i), 0)
-            exp = collect(stage.sampler, stage.state.model_params(), prompts, key, stage.scorer, stage.n,
-                          on_phase=phase)
+            exp = stage.experience(i, stage.state.model_params(), on_phase=phase)
             stage.state, metrics = stage.learner(stage.state, stage.reference_params(), exp, stage.update_key(i),
                                                  on_phase=phase)
             jax.block_until_ready(metrics)

@@ -356,21 +356,20 @@ class Sizes:
     def rows(self, n: int) -> int:
         return self.dim(n, "batch")
 
-    def params(self, which: str) -> int:
+    def params(self, which: str, min_itemsize: int = 0) -> int:
         """Bytes of one device's share of a model's parameters: "policy", "value", "reward", "policy_value".
-        Under LoRA: the frozen base in base_dtype plus the adapters (and heads) in param_dtype."""
+        Under LoRA: the frozen base in base_dtype plus the adapters (and heads) in param_dtype. Each array
+        counts at least `min_itemsize` bytes per element (`compute_params`)."""
         key = self.m.replace(remat="none", dtype="float32", scan_unroll=1)  # shapes depend on none of these
-        return sum(self.elems(shape, logical) * (itemsize if self.lora is None or trained else self.base_itemsize)
+        return sum(self.elems(shape, logical) * max(min_itemsize, itemsize if self.lora is None or trained
+                                                   else self.base_itemsize)
                    for shape, itemsize, logical, trained in _param_arrays(key, which))
 
     def compute_params(self, which: str) -> int:
         """`params(which)` with every array at least as wide as the compute dtype: the weights a decode loop
         holds, where XLA converts a narrower stored base (a bfloat16 LoRA base under float32 compute) once,
         before the loop."""
-        key = self.m.replace(remat="none", dtype="float32", scan_unroll=1)
-        return sum(self.elems(shape, logical) * max(self.b, itemsize if self.lora is None or trained
-                                                   else self.base_itemsize)
-                   for shape, itemsize, logical, trained in _param_arrays(key, which))
+        return self.params(which, min_itemsize=self.b)
 
     def trained(self, which: str) -> int:
         """Bytes of the parameters the optimiser updates: all of them, or under LoRA the adapters and the
