@@ -320,6 +320,16 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
     `overwrite=True`. Tokenizer files in `tokenizer_dir` are copied along; `tokenizer_dir` may also be a
     `.gguf` file, whose tokenizer and chat template are written as HF tokenizer files.
     """
+    if tokenizer_dir is not None and Path(tokenizer_dir).suffix == ".gguf" and Path(tokenizer_dir).is_file():
+        # A GGUF's tokenizer lives in its metadata: written out as HF tokenizer files first.
+        from jaxrl_llm.tokenizer import gguf_tokenizer
+        gguf_tok_dir = Path(tempfile.mkdtemp(prefix="jaxrl_llm-gguf-tokenizer-"))
+        try:
+            gguf_tokenizer(tokenizer_dir).save_pretrained(gguf_tok_dir)
+            return save_hf(params, cfg, path, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                           tokenizer_dir=gguf_tok_dir, overwrite=overwrite)
+        finally:
+            shutil.rmtree(gguf_tok_dir, ignore_errors=True)
     path = Path(path)
     out_dtype = _dtype_name(dtype) if dtype is not None else cfg.param_dtype
     np_dtype = np.dtype(dtype_of(out_dtype))
@@ -335,16 +345,6 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
     tok_files = []
-    if tokenizer_dir is not None and Path(tokenizer_dir).suffix == ".gguf" and Path(tokenizer_dir).is_file():
-        # A GGUF's tokenizer lives in its metadata: written out as HF tokenizer files first.
-        from jaxrl_llm.tokenizer import gguf_tokenizer
-        gguf_tok_dir = Path(tempfile.mkdtemp(prefix="jaxrl_llm-gguf-tokenizer-"))
-        try:
-            gguf_tokenizer(tokenizer_dir).save_pretrained(gguf_tok_dir)
-            return save_hf(params, cfg, path, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                           tokenizer_dir=gguf_tok_dir, overwrite=overwrite)
-        finally:
-            shutil.rmtree(gguf_tok_dir, ignore_errors=True)
     if tokenizer_dir is not None:
         tok_files = [Path(tokenizer_dir) / f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
         if not tok_files:
