@@ -44,12 +44,13 @@ def _load_model(model: str, dtype: str, env, seed: int):
     import jax
 
     from jaxrl_llm.models import CausalLM, create_model, get_preset
+    from jaxrl_llm.tokenizer import is_gguf_path
 
     if pathlib.Path(model).is_dir():
         from jaxrl_llm.models.hf import load_hf
         cfg, params = load_hf(model, env, dtype=dtype)
         return cfg, CausalLM(cfg), params
-    if pathlib.Path(model).suffix == ".gguf":
+    if is_gguf_path(model):
         from jaxrl_llm.models.gguf import load_gguf
         cfg, params = load_gguf(model, env, dtype=dtype)
         return cfg, CausalLM(cfg), params
@@ -67,11 +68,11 @@ def cmd_sample(args) -> int:
 
     from jaxrl_llm.rollout import SamplingConfig, make_sampler
     from jaxrl_llm.sharding import ShardingEnv, make_mesh
-    from jaxrl_llm.tokenizer import decode_completions, encode_prompts, load_tokenizer, tokenizer_info
+    from jaxrl_llm.tokenizer import decode_completions, encode_prompts, is_gguf_path, load_tokenizer, tokenizer_info
 
     env = ShardingEnv(make_mesh(_parse_mesh(args.mesh)))
     cfg, module, params = _load_model(args.model, args.dtype, env, args.seed)
-    local = pathlib.Path(args.model).is_dir() or pathlib.Path(args.model).suffix == ".gguf"
+    local = pathlib.Path(args.model).is_dir() or is_gguf_path(args.model)
     tok_path = args.tokenizer or (args.model if local else "tiny")
     tokenizer = load_tokenizer(tok_path, vocab_size=cfg.vocab_size)
     info = tokenizer_info(tokenizer)

@@ -77,7 +77,7 @@ def tiny_tokenizer_dir() -> pathlib.Path:
 
 def _resolve(path_or_name: str | pathlib.Path) -> pathlib.Path:
     path = tiny_tokenizer_dir() if str(path_or_name) == TINY else pathlib.Path(path_or_name).expanduser()
-    if path.suffix == GGUF_SUFFIX and not path.is_dir():
+    if is_gguf_path(path) and not path.is_dir():
         return _gguf_file(path)
     expected = (
         f"expected {TINY!r}, a .gguf file or a local directory holding one of {', '.join(_TOKENIZER_FILES)} "
@@ -113,6 +113,11 @@ _GGUF_PRE: dict[str, tuple[str | None, bool, bool]] = {
     **{name: (_QWEN2_SPLIT, False, False) for name in ("qwen2", "deepseek-r1-qwen")},
 }
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+def is_gguf_path(path: str | pathlib.Path) -> bool:
+    """The path names a GGUF file (by its suffix; whether it exists is checked where it is read)."""
+    return pathlib.Path(path).suffix == GGUF_SUFFIX
 
 
 def _gguf_file(path: pathlib.Path) -> pathlib.Path:
@@ -270,7 +275,7 @@ def load_tokenizer(path_or_name: str | pathlib.Path = TINY, *, vocab_size: int |
     from transformers import AutoTokenizer
 
     path = _resolve(path_or_name)
-    if path.suffix == GGUF_SUFFIX and path.is_file():
+    if is_gguf_path(path) and path.is_file():
         tokenizer = gguf_tokenizer(path)
     else:
         try:

@@ -320,9 +320,9 @@ def save_hf(params: Any, cfg: ModelConfig, path: str | os.PathLike, *, dtype: An
     `overwrite=True`. Tokenizer files in `tokenizer_dir` are copied along; `tokenizer_dir` may also be a
     `.gguf` file, whose tokenizer and chat template are written as HF tokenizer files.
     """
-    if tokenizer_dir is not None and Path(tokenizer_dir).suffix == ".gguf" and Path(tokenizer_dir).is_file():
+    from jaxrl_llm.tokenizer import gguf_tokenizer, is_gguf_path
+    if tokenizer_dir is not None and is_gguf_path(tokenizer_dir) and Path(tokenizer_dir).is_file():
         # A GGUF's tokenizer lives in its metadata: written out as HF tokenizer files first.
-        from jaxrl_llm.tokenizer import gguf_tokenizer
         gguf_tok_dir = Path(tempfile.mkdtemp(prefix="jaxrl_llm-gguf-tokenizer-"))
         try:
             gguf_tokenizer(tokenizer_dir).save_pretrained(gguf_tok_dir)

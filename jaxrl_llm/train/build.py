@@ -20,7 +20,7 @@ from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.sharding import ShardingEnv, check_replication, make_mesh, multihost, replication_report
 from jaxrl_llm.sharding.params import param_shardings
 from jaxrl_llm.tasks import Example, Task, get_task
-from jaxrl_llm.tokenizer import load_tokenizer, tokenizer_info
+from jaxrl_llm.tokenizer import is_gguf_path, load_tokenizer, tokenizer_info
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     # The model's shape first (a preset, or the checkpoint's config.json), so memory is checked before any
     # parameter is created or read.
     numerics = model_numerics(m)
-    gguf = bool(m.path) and pathlib.Path(m.path).suffix == ".gguf"  # a llama.cpp file: config from its metadata
+    gguf = bool(m.path) and is_gguf_path(m.path)  # a llama.cpp file: config from its metadata
     if not m.path:
         model_cfg = get_preset(m.preset, **numerics)
     elif gguf:
