@@ -32,7 +32,7 @@ import numpy as np
 from jaxrl_llm.errors import ModelError, ModelNotFoundError
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.hf import CheckpointError, _few, _Spec, _tensor_specs, build_params
-from jaxrl_llm.models.hf_config import _dtype_name
+from jaxrl_llm.models.hf_config import with_overrides
 from jaxrl_llm.sharding.rules import ShardingEnv
 from jaxrl_llm.tokenizer import GGUF_SUFFIX, load_tokenizer, read_gguf_metadata
 
@@ -188,12 +188,8 @@ def _config(f: _GGUFFile, **overrides) -> ModelConfig:
         head_dim=head_dim, rope_theta=theta, rope_scaling=_rope(f, head_dim, theta), rms_norm_eps=eps,
         tie_word_embeddings="output.weight" not in f.tensors, qkv_bias=f.arch == "qwen2",
         qk_norm=f.arch == "qwen3", max_position_embeddings=_int(f, "context_length", 2048), family=f.arch)
-    for key in ("dtype", "param_dtype", "matmul_dtype"):
-        if overrides.get(key) is not None:
-            overrides[key] = _dtype_name(overrides[key])
-    fields.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return ModelConfig(**fields)
+        return ModelConfig(**with_overrides(fields, overrides))
     except ValueError as e:  # head counts that do not divide, ...
         raise ModelError(f"{f.path}: {e}") from None
 

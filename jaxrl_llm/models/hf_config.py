@@ -122,14 +122,19 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> ModelConfig:
         max_position_embeddings=c.get("max_position_embeddings")
         or _FAMILY_DEFAULTS[family]["max_position_embeddings"],
         initializer_range=float(c.get("initializer_range", 0.02)), family=family)
-    for key in ("dtype", "param_dtype", "matmul_dtype"):
-        if overrides.get(key) is not None:
-            overrides[key] = _dtype_name(overrides[key])
+    return ModelConfig(**with_overrides(fields, overrides))
+
+
+def with_overrides(fields: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`fields` (a checkpoint's ModelConfig fields) with the caller's `overrides` (None: keep the checkpoint's)
+    put over them; dtypes may be given as jnp dtypes or names. An override that is no ModelConfig field is a
+    TypeError."""
+    overrides = {k: (_dtype_name(v) if k in ("dtype", "param_dtype", "matmul_dtype") and v is not None else v)
+                 for k, v in overrides.items()}
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise TypeError(f"unknown ModelConfig field(s) {sorted(unknown)} in overrides")
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return ModelConfig(**fields)
+    return {**fields, **{k: v for k, v in overrides.items() if v is not None}}
 
 
 def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict[str, Any]:
