@@ -33,7 +33,7 @@ import ml_collections as mc
 from jaxrl_llm.algos.train_state import TrainState
 from jaxrl_llm.errors import DivergedError, ResumeError
 from jaxrl_llm.sharding import multihost
-from jaxrl_llm.train.build import Components, keys_for
+from jaxrl_llm.train.build import Components, jnp_tree_copy, keys_for
 from jaxrl_llm.train.checkpoint import CheckpointError
 from jaxrl_llm.train.run_dir import RunDir
 
@@ -134,6 +134,11 @@ class Stage:
     def adapter_key(self, which: int = 0) -> jax.Array:
         """The key of the stage's fresh adapters (`which`: one model of several, e.g. PPO's value model)."""
         return jax.random.fold_in(jax.random.fold_in(self.key, 0x10A), which)
+
+    def reference_copy(self, params, needed: bool):
+        """The stage's frozen reference as it starts (`self.ref`): a copy of `params` when the algorithm
+        `needed` one, else None; None under LoRA too, whose reference is the frozen base (`reference_params`)."""
+        return jnp_tree_copy(params) if needed and self.lora is None else None
 
     def reference_params(self):
         """The frozen reference policy: the stage-start copy (`self.ref`), or under LoRA the frozen base

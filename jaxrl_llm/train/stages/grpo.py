@@ -19,7 +19,6 @@ import ml_collections as mc
 
 from jaxrl_llm.algos import grpo
 from jaxrl_llm.algos.train_state import TrainState, jit_update, make_epoch_runner
-from jaxrl_llm.train.build import jnp_tree_copy
 from jaxrl_llm.train.config import (ConfigError, from_dataclass, nearest, optimizer_config, optimizer_from,
                                     to_dataclass)
 from jaxrl_llm.train.experience import Experience, step_metrics
@@ -153,8 +152,7 @@ class GRPOStage(RLStage):
 
     def init(self, params) -> None:
         self.state = self.make_state(params, self.opt_cfg)
-        # under LoRA the reference is the frozen base (reference_params), not a copy
-        self.ref = jnp_tree_copy(params) if self.algo.needs_reference and self.lora is None else None
+        self.ref = self.reference_copy(params, self.algo.needs_reference)
 
     def step(self, i: int) -> dict:
         exp = self.experience(i, self.state.model_params(), keep_groups_with_signal=self.algo.filter_zero_std_groups)

@@ -181,8 +181,7 @@ class PPOStage(RLStage):
         s, comp = self.section, self.comp
         self.kl_coef = jnp.asarray(self.algo.kl.init_coef, jnp.float32)
         lora = self.lora
-        # under LoRA the reference is the policy's frozen base (reference_params), not a copy
-        self.ref = jnp_tree_copy(params) if self.algo.needs_reference and lora is None else None
+        self.ref = self.reference_copy(params, self.algo.needs_reference)
         # run is None when a tool (cli eval) only needs the state's structure: the policy-shaped head will do
         rm = (load_reward_params(comp, self.run, s.reward_model_stage, self.stages_before, params)
               if self.run is not None and "reward_model" in (s.value_init, s.reward.source) else None)

@@ -259,8 +259,7 @@ class DPOStage(_PairStage):
 
     def init(self, params) -> None:
         self.state = self.make_state(params, self.opt_cfg)
-        # under LoRA the reference is the frozen base (reference_params), not a copy
-        self.ref = jnp_tree_copy(params) if self.algo.needs_reference and self.lora is None else None
+        self.ref = self.reference_copy(params, self.algo.needs_reference)
         self._eval_ref = None
 
     def step(self, i: int) -> dict:
