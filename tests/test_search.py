@@ -127,3 +127,101 @@ def test_select_and_append_reuse_the_cache(model):
     np.testing.assert_allclose(np.asarray(appended.logits), np.asarray(state.logits), rtol=2e-4, atol=2e-4)
     np.testing.assert_array_equal(np.asarray(appended.tokens), s.tokens)
     np.testing.assert_array_equal(np.asarray(appended.position), np.asarray(state.position))
+
+
+# ------------------------------------------------------------------------------------------- best-of-N selection
+from jaxrl_llm.search.beam import beam_search, dvts  # noqa: E402
+from jaxrl_llm.search.best_of_n import choose, sample_candidates  # noqa: E402
+
+
+def test_selection_rules_on_hand_made_answers():
+    answers = [["3", "5", "5", None, "3", "5"],   # 5 wins the vote (3 votes), first at index 1
+               [None, "7", "8", "8", "7", None],  # 7 and 8 tie at 2 votes: 7 appears first
+               [None, None, None, None, None, None]]
+    np.testing.assert_array_equal(choose("majority", answers), [1, 1, 0])
+    scores = np.array([[0.9, 0.1, 0.2, 5.0, 0.8, 0.3],
+                       [0.0, 0.1, 0.5, 0.6, 0.2, 0.0],
+                       [0.1, 0.3, 0.2, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(choose("score", scores=scores), [3, 3, 1])
+    # weighted: "3" 1.7 > "5" 0.6 (None's 5.0 never counts); "8" 1.1 > "7" 0.3; all None -> best score.
+    np.testing.assert_array_equal(choose("weighted_majority", answers, scores), [0, 3, 1])
+    with pytest.raises(Exception, match="scores"):
+        choose("score", answers)
+    with pytest.raises(Exception, match="expected one of"):
+        choose("vote", answers)
+
+
+def test_best_of_n_with_an_oracle_is_the_max_over_the_same_samples(model):
+    module, params = model
+    sc = StepConfig(step_tokens=3, max_steps=2, temperature=1.0, eos_token_ids=(EOS,))
+    sampler = make_sampler(module, CFG, sc.sampling(n_samples=8))
+    cands = sample_candidates(sampler, params, PROMPTS, PMASK, jax.random.key(4))
+    assert cands.tokens.shape == (3, 8, 6)
+    oracle = (cands.tokens == 40).sum(-1) - 0.01 * cands.lengths  # any function of the samples
+    pick = choose("score", scores=oracle)
+    np.testing.assert_array_equal(oracle[np.arange(3), pick], oracle.max(axis=1))
+    assert cands.generated_tokens == int(cands.lengths.sum())
+
+
+# ------------------------------------------------------------------------------------------------- tree search
+def _top2_model(model):
+    """Steps of one token, sampled from the policy's top-2 tokens: a binary tree of depth 6 per prompt."""
+    module, params = model
+    sc = StepConfig(step_tokens=1, max_steps=6, temperature=1.0, top_k=2, eos_token_ids=())
+    return module, params, sc, np.ones(CFG.vocab_size, bool)
+
+
+def _second_best_path(params, prompts, pmask, depth):
+    """The path that takes the policy's second-ranked token at every step (found by full forwards)."""
+    toks, mask = prompts.copy(), pmask.copy()
+    path = []
+    for _ in range(depth):
+        logits = np.asarray(_forward(params, toks, mask.astype(bool)))[:, -1]
+        nxt = np.argsort(-logits, axis=-1, kind="stable")[:, 1].astype(np.int32)
+        path.append(nxt)
+        toks = np.concatenate([toks, nxt[:, None]], 1)
+        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
+    return np.stack(path, 1)
+
+
+def _prefix_scorer(target, p):
+    """Host scorer: how many leading generated tokens match the problem's target path (rows in problem order)."""
+    def score(tokens, mask):
+        gen = np.asarray(tokens)[:, p:]
+        rows_per = gen.shape[0] // target.shape[0]
+        t = np.repeat(target, rows_per, axis=0)
+        match = np.cumprod(gen[:, :t.shape[1]] == t, axis=1)
+        return match.sum(1).astype(np.float32)
+    return score
+
+
+def test_beam_search_and_dvts_find_the_path_the_scorer_prefers(model):
+    module, params, sc, table = _top2_model(model)
+    target = _second_best_path(params, PROMPTS, PMASK, 6)
+    dec = StepDecoder(module, CFG, sc, table)
+    scorer = _prefix_scorer(target, PROMPTS.shape[1])
+    res = beam_search(dec, params, PROMPTS, PMASK, jax.random.key(0), scorer, beam_width=2, expansions=8)
+    best, _ = res.best_tokens()
+    np.testing.assert_array_equal(best, target)
+    assert res.scores.shape == (3, 2) and (res.scores[np.arange(3), res.best] == 6).all()
+    assert res.rounds == 6 and res.generated_tokens == 6 * 3 * 2 * 8
+    # The same key gives the same search; whole-solution sampling at the same budget does not find the path.
+    again = beam_search(dec, params, PROMPTS, PMASK, jax.random.key(0), scorer, beam_width=2, expansions=8)
+    np.testing.assert_array_equal(again.tokens, res.tokens)
+    cands = sample_candidates(make_sampler(module, CFG, sc.sampling(n_samples=16)), params, PROMPTS, PMASK,
+                              jax.random.key(0))
+    bon = scorer(np.concatenate([np.repeat(PROMPTS, 16, 0), cands.tokens.reshape(48, -1)], 1), None)
+    assert bon.reshape(3, 16).max(1).min() < 6
+    tree = dvts(dec, params, PROMPTS, PMASK, jax.random.key(1), scorer, subtrees=2, expansions=8)
+    assert tree.tokens.shape == (3, 2, 6)
+    np.testing.assert_array_equal(tree.best_tokens()[0], target)
+
+
+def test_sharded_search_equals_single_device(model):
+    module, params, sc, table = _top2_model(model)
+    prompts, pmask = np.concatenate([PROMPTS, PROMPTS[:1]]), np.concatenate([PMASK, PMASK[:1]])
+    scorer = _prefix_scorer(_second_best_path(params, prompts, pmask, 6), prompts.shape[1])
+    out = [beam_search(StepDecoder(module, CFG, sc, table, env=env), params, prompts, pmask, jax.random.key(2),
+                       scorer, beam_width=2, expansions=4) for env in (None, _env(2))]
+    np.testing.assert_array_equal(out[0].tokens, out[1].tokens)
+    np.testing.assert_allclose(out[0].logprob, out[1].logprob, rtol=1e-5, atol=1e-5)

@@ -33,10 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm.errors import ConfigError
+from jaxrl_llm.models.api import init_fn_for
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.layers import matmul_weights
 from jaxrl_llm.models.transformer import KVCache, positions_from_mask, unstack_layers
 from jaxrl_llm.rollout.sampling import SamplingConfig, process_logits, sample_tokens
+from jaxrl_llm.sharding.params import param_shardings as _param_shardings
 from jaxrl_llm.sharding.rules import ShardingEnv, constrain
 
 
@@ -152,11 +154,12 @@ class StepDecoder:
 
     step_ends: bool [V] (numpy or jax), True for tokens that end a step (their text contains the separator).
     env: a ShardingEnv: the functions are traced inside it, so rows are sharded over the data axes like the
-        sampler's (results equal the single-device ones).
+        sampler's (results equal the single-device ones); params are placed by `param_shardings` (computed
+        from the module when None; a no-op for params already placed so).
     """
 
     def __init__(self, module: nn.Module, model_cfg: ModelConfig, cfg: StepConfig, step_ends: Any,
-                 env: ShardingEnv | None = None):
+                 env: ShardingEnv | None = None, param_shardings: Any = None):
         if not isinstance(cfg, StepConfig):
             raise TypeError(f"cfg must be a StepConfig, got {type(cfg).__name__}")
         cfg.sampling().check_vocab(model_cfg.vocab_size)
@@ -166,6 +169,9 @@ class StepDecoder:
                               "flag per token of the model's vocabulary (algos.prm.step_end_table)")
         self.module, self.model_cfg, self.cfg, self.env = module, model_cfg, cfg, env
         self._step_ends = step_ends
+        if env is not None and param_shardings is None:
+            _, param_shardings = _param_shardings(init_fn_for(module), env)
+        self._param_shardings = param_shardings
         self.start = self._jit(self._start, static_argnames=("n",))
         self.extend = self._jit(self._extend)
         self.select = self._jit(self._select)
@@ -180,7 +186,13 @@ class StepDecoder:
         def traced(*a, **k):
             with env.activate():
                 return fn(*a, **k)
-        return jax.jit(traced, **kw)
+        jitted = jax.jit(traced, **kw)
+
+        def call(*a, **k):
+            if fn.__name__ != "_select":  # every other method takes params first
+                a = (jax.device_put(a[0], self._param_shardings),) + a[1:]
+            return jitted(*a, **k)
+        return call
 
     # ---------------------------------------------------------------------------------------------- pieces
     def _decode_params(self, params):
