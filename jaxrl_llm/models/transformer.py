@@ -270,6 +270,11 @@ def reward_model(cfg: ModelConfig, **kw) -> ScalarHeadModel:
     return ScalarHeadModel(cfg, per_token=False, **kw)
 
 
+def process_reward_model(cfg: ModelConfig, **kw) -> ScalarHeadModel:
+    """A process reward model: per-token logits [B, T], read at each step's end token (algos/prm.py)."""
+    return ScalarHeadModel(cfg, per_token=True, **kw)
+
+
 def unembedding(params: Any, cfg: ModelConfig) -> jax.Array:
     """The [embed, vocab] output matrix of a CausalLM's params (for chunked log-probs)."""
     if cfg.tie_word_embeddings:

@@ -10,15 +10,16 @@ memory planner) and its memory terms. Adding a kind is a module here plus its li
 """
 
 from jaxrl_llm.train.stage import StageKind
-from jaxrl_llm.train.stages import grpo, ppo, preference, sft
+from jaxrl_llm.train.stages import grpo, ppo, preference, prm, sft
 
 STAGE_KINDS: dict[str, StageKind] = {k.kind: k for k in (sft.KIND, grpo.KIND, ppo.KIND, preference.DPO_KIND,
-                                                         preference.REWARD_MODEL_KIND)}
+                                                         preference.REWARD_MODEL_KIND, prm.KIND)}
 
 # The config helpers (also importable from jaxrl_llm.train.config, as experiment files do).
 sft_stage, addition_warm_start = sft.sft_stage, sft.addition_warm_start
 grpo_stage, ppo_stage = grpo.grpo_stage, ppo.ppo_stage
 dpo_stage, reward_model_stage, preference_data = preference.dpo_stage, preference.reward_model_stage, preference.preference_data
+prm_stage, prm_data = prm.prm_stage, prm.prm_data
 
 
 def stage_kind(kind: str, where: str = "config") -> StageKind:
@@ -31,4 +32,4 @@ def stage_kind(kind: str, where: str = "config") -> StageKind:
 
 
 __all__ = ["STAGE_KINDS", "StageKind", "addition_warm_start", "dpo_stage", "grpo_stage", "ppo_stage",
-           "preference_data", "reward_model_stage", "sft_stage", "stage_kind"]
+           "preference_data", "prm_data", "prm_stage", "reward_model_stage", "sft_stage", "stage_kind"]
