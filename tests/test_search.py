@@ -225,3 +225,27 @@ def test_sharded_search_equals_single_device(model):
                        scorer, beam_width=2, expansions=4) for env in (None, _env(2))]
     np.testing.assert_array_equal(out[0].tokens, out[1].tokens)
     np.testing.assert_allclose(out[0].logprob, out[1].logprob, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_prm_scorer_equals_the_full_forward_and_gives_the_same_beams(model):
+    from jaxrl_llm.models.transformer import ScalarHeadModel
+    from jaxrl_llm.search.scorers import CachedPRMScorer, prm_scorer
+
+    module, params = model
+    prm = ScalarHeadModel(CFG, per_token=True, zero_init_head=False)
+    _, prm_params, _ = create_model(CFG, jax.random.key(7), _env(), module=prm)
+    sc = StepConfig(step_tokens=4, max_steps=4, temperature=1.0, eos_token_ids=(EOS,))
+    dec = StepDecoder(module, CFG, sc, _table())
+    full = prm_scorer(prm, prm_params, _table(), PROMPTS.shape[1], how="last")
+    cached = CachedPRMScorer(prm, prm_params, sc)
+    state, pst = dec.start(params, PROMPTS, PMASK, n=2), cached.start(PROMPTS, PMASK, 2)
+    for i in range(3):
+        state, step = dec.extend(params, state, jax.random.key(i))
+        pst, scores = cached.feed(pst, step)
+        np.testing.assert_allclose(np.asarray(scores), np.asarray(full(*state.sequences())), rtol=1e-4, atol=1e-5)
+        rows = jnp.array([1, 0, 3, 3, 5, 4], jnp.int32)
+        state, pst = dec.select(state, rows), cached.select(pst, rows)
+    a = beam_search(dec, params, PROMPTS, PMASK, jax.random.key(5), full, beam_width=2, expansions=3)
+    b = beam_search(dec, params, PROMPTS, PMASK, jax.random.key(5), cached, beam_width=2, expansions=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-5)

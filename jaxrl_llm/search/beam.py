@@ -93,7 +93,8 @@ def beam_search(decoder: StepDecoder, params: Any, prompt_tokens, prompt_mask, k
     """Step-level beam search (see the module docstring); returns the W final beams of each problem.
 
     scorer(tokens, mask) scores R = B * beam_width * expansions rows of prompt + partial solution (e.g.
-    `search.scorers.prm_scorer`); it may run on the device or the host. max_steps: rounds (default the
+    `search.scorers.prm_scorer`); it may run on the device or the host. A scorer with `start / feed / select`
+    (`search.scorers.CachedPRMScorer`) is fed each round's step instead and follows the beams' rows. max_steps: rounds (default the
     decoder's `max_steps`). Deterministic for `key` (round r uses fold_in(key, r)).
     """
     _check_budget(beam_width=beam_width, expansions=expansions)
@@ -102,6 +103,8 @@ def beam_search(decoder: StepDecoder, params: Any, prompt_tokens, prompt_mask, k
     b = int(np.shape(prompt_tokens)[0])
     w, e = beam_width, expansions
     state = decoder.start(params, prompt_tokens, prompt_mask, n=w * e)
+    incremental = hasattr(scorer, "feed")  # e.g. search.scorers.CachedPRMScorer: fed one step per round
+    sstate = scorer.start(prompt_tokens, prompt_mask, w * e) if incremental else None
     generated, rounds = 0, 0
     chosen = np.arange(b * w * e)
     scores = np.zeros(b * w * e, np.float32)
@@ -110,13 +113,20 @@ def beam_search(decoder: StepDecoder, params: Any, prompt_tokens, prompt_mask, k
         state, step = decoder.extend(params, state, jax.random.fold_in(key, r))
         rounds += 1
         generated += int(jax.device_get(jnp.sum(step.mask)))
-        scores = np.asarray(jax.device_get(scorer(*state.sequences())), np.float32).reshape(-1)
+        if incremental:
+            sstate, scores = scorer.feed(sstate, step)
+        else:
+            scores = scorer(*state.sequences())
+        scores = np.asarray(jax.device_get(scores), np.float32).reshape(-1)
         # An ended beam has E identical copies: only the first competes.
         valid = live | (np.arange(live.shape[0]) % e == 0)
         chosen = _top_rows(scores, valid, b, w)
         if r == max_steps - 1 or bool(jax.device_get(jnp.all(state.done))):
             break
-        state = decoder.select(state, jnp.asarray(np.repeat(chosen, e), jnp.int32))
+        rows = jnp.asarray(np.repeat(chosen, e), jnp.int32)
+        state = decoder.select(state, rows)
+        if incremental:
+            sstate = scorer.select(sstate, rows)
     return _result(state, chosen, scores, b, w, generated, rounds)
 
 

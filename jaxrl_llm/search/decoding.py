@@ -310,11 +310,8 @@ class StepDecoder:
         if t > m:
             raise ConfigError(f"append: {t} tokens per row is more than the generated buffer's "
                               f"max_steps * step_tokens = {m}")
-        n = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-        positions = state.position[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        hidden, cache = self._forward(params, tokens, positions, mask.astype(jnp.bool_), state.cache)
-        last = jnp.maximum(n - 1, 0)
-        h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+        fwd = lambda *a: self._forward(params, *a)  # noqa: E731
+        h_last, cache, position, n = feed_tokens(fwd, state.cache, state.position, tokens, mask)
         logits = jnp.where((n > 0)[:, None], self._logits(params, h_last), state.logits)
         # Write the tokens into the compact buffer after each row's current length.
         cols = state.lengths[:, None] + jnp.arange(t)[None, :]
@@ -326,4 +323,16 @@ class StepDecoder:
         lengths = state.lengths + n
         return _constrain_rows(state.replace(
             tokens=buf, lengths=lengths, finished=state.finished | got_eos,
-            done=state.done | got_eos | (lengths >= m), cache=cache, logits=logits, position=state.position + n))
+            done=state.done | got_eos | (lengths >= m), cache=cache, logits=logits, position=position))
+
+
+def feed_tokens(forward, cache: KVCache, position, tokens, mask):
+    """Feeds right-padded tokens [R, T] (`mask` 1 for real ones) into `cache` after each row's `position`:
+    `forward(tokens, positions, mask, cache) -> (hidden [R, T, E], cache)` is the model's cached forward.
+    Returns (hidden of each row's last real token [R, 1, E] (row 0's column for a row with none), the cache,
+    the advanced positions [R], the number of real tokens [R])."""
+    n = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    positions = position[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    hidden, cache = forward(tokens, positions, mask.astype(jnp.bool_), cache)
+    last = jnp.maximum(n - 1, 0)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1), cache, position + n, n

@@ -90,3 +90,91 @@ def step_grade_scorer(tokenizer, task, examples: Sequence[Example], prompt_len: 
         exs = _row_examples(examples, len(texts))
         return np.asarray([agg(list(task.grade_steps(t, e))) for t, e in zip(texts, exs)], np.float32)
     return score
+
+
+def _cached_values(mod, tokens, positions, mask, cache):
+    """A `ScalarHeadModel`'s per-token values of `tokens` written into a KV cache (a `method=` for apply)."""
+    hidden, cache = mod.model(tokens, positions, mask, cache)
+    return hidden, cache
+
+
+def _head(mod, hidden):
+    return mod.score(hidden.astype(jnp.float32))[..., 0]
+
+
+class CachedPRMScorer:
+    """A PRM that scores each new step incrementally, for beam search: it keeps its own KV cache of every row's
+    prompt and solution so far and is fed only the step each round (one forward of [R, step_tokens] tokens
+    attending over the cache), instead of a forward over the whole prompt + prefix. Its rows follow the
+    search's (`select` gathers its cache with the beam's). A row's score is sigmoid of the PRM's logit at the
+    last token of its latest step: the value `prm_scorer(..., how="last")` computes from scratch.
+
+        scorer = CachedPRMScorer(prm_module, prm_params, step_cfg)   # pass it to beam_search / dvts
+    """
+
+    def __init__(self, module: Any, params: Any, step_cfg, env=None):
+        from jaxrl_llm.models.transformer import KVCache, positions_from_mask, unstack_layers
+        from jaxrl_llm.search.decoding import feed_tokens
+        from jaxrl_llm.sharding.rules import constrain
+
+        check_prm_module(module)
+        self.params, self.cfg = params, module.cfg
+        m = step_cfg.max_new_tokens
+
+        def fwd(pp, *a):
+            return module.apply({"params": pp}, *a, method=_cached_values)
+
+        def score_of(pp, hidden):
+            return jax.nn.sigmoid(module.apply({"params": pp}, hidden, method=_head)[:, 0])
+
+        def start(pp, prompt_tokens, prompt_mask, n):
+            pp = unstack_layers(pp)
+            b, p = prompt_tokens.shape
+            cache = KVCache.zeros(self.cfg, b, p + m)
+            mask = prompt_mask.astype(jnp.int32)
+            _, cache = fwd(pp, prompt_tokens.astype(jnp.int32), positions_from_mask(mask), mask.astype(bool), cache)
+            pos = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+            rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731
+            return {"cache": cache.repeat(n) if n > 1 else cache, "position": rep(pos),
+                    "score": constrain(jnp.zeros((b * n,), jnp.float32), ("batch",))}
+
+        def feed(pp, st, tokens, mask):
+            pp = unstack_layers(pp)
+            h, cache, pos, n = feed_tokens(lambda *a: fwd(pp, *a), st["cache"], st["position"],
+                                           tokens.astype(jnp.int32), mask.astype(jnp.int32))
+            score = jnp.where(n > 0, score_of(pp, h), st["score"])
+            return {"cache": cache, "position": pos, "score": score}, score
+
+        def select(st, rows):
+            take = lambda a: jnp.take(a, rows.astype(jnp.int32), axis=0)  # noqa: E731
+            c = st["cache"]
+            cache = KVCache(k=tuple(take(a) for a in c.k), v=tuple(take(a) for a in c.v), mask=take(c.mask),
+                            index=c.index)
+            return {"cache": cache, "position": take(st["position"]), "score": take(st["score"])}
+
+        def in_env(fn, **kw):
+            if env is None:
+                return jax.jit(fn, **kw)
+
+            def traced(*a, **k):
+                with env.activate():
+                    return fn(*a, **k)
+            return jax.jit(traced, **kw)
+
+        self._start = in_env(start, static_argnames=("n",))
+        self._feed = in_env(feed)
+        self._select = in_env(select)
+
+    def start(self, prompt_tokens, prompt_mask, n: int = 1):
+        return self._start(self.params, prompt_tokens, prompt_mask, n=n)
+
+    def feed(self, st, step):
+        """(new state, scores [R]) after the rows' new `step` (a `decoding.Step`)."""
+        return self._feed(self.params, st, step.tokens, step.mask)
+
+    def select(self, st, rows):
+        return self._select(st, rows)
+
+    def __call__(self, tokens, mask):
+        raise TypeError("CachedPRMScorer scores step by step (start / feed / select) inside beam_search and "
+                        "dvts; use prm_scorer for whole sequences")
