@@ -505,3 +505,24 @@ def test_prm_stage_trains_from_a_file_and_its_params_load(tmp_path):
     bad.prm.data.shepherd_n, bad.prm.data.source = 8, "tasks"
     with pytest.raises(ConfigError, match=r"data.source='tasks' is not a step-label source.*did you mean 'task'"):
         validate(bad)
+
+
+def test_prm_stage_labels_sampled_solutions(tmp_path):
+    """data.source="shepherd": the stage samples chain_arithmetic solutions from the policy it starts from (here a
+    random one), cuts them with task.split_steps, labels the training steps by Math-Shepherd rollouts and the
+    held-out steps by the task's grades (what data.source="task" trains on)."""
+    from jaxrl_llm.tasks import registered_tasks
+    from jaxrl_llm.train.config import prm_stage
+    from jaxrl_llm.train.trainer import train
+    if "chain_arithmetic" not in registered_tasks():
+        pytest.skip("needs the chain_arithmetic task")
+    s = prm_stage(steps=2, batch_size=8, learning_rate=1e-3, max_prompt_len=12, max_response_len=12)
+    s.data.source, s.data.num_examples, s.data.samples_per_example, s.data.eval_rows = "shepherd", 16, 4, 8
+    s.data.sampling.max_new_tokens, s.data.shepherd_n = 8, 2
+    cfg = _stage_config(tmp_path, s, task="chain_arithmetic")
+    summary = train(cfg)
+    assert summary["prm/solutions/train"] + summary["prm/solutions/train_unusable"] + \
+        summary["prm/solutions/dropped"] == 64
+    assert summary["prm/steps/train"] >= summary["prm/solutions/train"] >= 8
+    assert summary["prm/solutions/held_out"] > 0 and 0.0 <= summary["prm/accuracy_after"] <= 1.0
+    assert 0.0 <= summary["prm/steps/label_mean"] <= 1.0
