@@ -131,7 +131,7 @@ def test_mcts_finds_the_path_the_value_prefers(model, decoder, target):
     # Every sampled row wrote one token; the count is the rows' tokens over the simulations that expanded.
     expanded = (res.leaves >= 0) & ~np.take_along_axis(res.terminal, np.maximum(res.leaves, 0), axis=1)
     np.testing.assert_array_equal(res.generated_tokens, K * expanded.sum(1))
-    params_logits = []
+    parent_seqs = []
     for b in range(4):
         n = int(res.num_nodes[b])
         kids = np.arange(1, n)
@@ -148,10 +148,10 @@ def test_mcts_finds_the_path_the_value_prefers(model, decoder, target):
             if node:  # a child's value is the value of its own path (the decoder fed the right path)
                 padded = np.pad(path, (0, DEPTH - len(path)), constant_values=-1)[None]
                 assert res.value[b, node] == _matched(padded, target[b:b + 1])[0]
-        params_logits.append([list(_prompt(b)) + list(path_tokens(res, b, int(p))) for p in par])
+        parent_seqs.append([list(_prompt(b)) + list(path_tokens(res, b, int(p))) for p in par])
     # Each child is one of the policy's top-2 tokens after its parent's path (uncached forwards).
     for b in range(4):
-        logits = _forward_next(params, params_logits[b])
+        logits = _forward_next(params, parent_seqs[b])
         top2 = np.argsort(-logits, axis=-1, kind="stable")[:, :2]
         kids = np.arange(1, int(res.num_nodes[b]))
         assert (top2 == res.step_tokens[b, kids, :1]).any(axis=1).all()
