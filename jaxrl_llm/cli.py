@@ -270,8 +270,7 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
 
     from jaxrl_llm.eval.evaluator import Evaluator
     from jaxrl_llm.train.build import build
-    from jaxrl_llm.train.checkpoint import Checkpointer, abstract_like
-    from jaxrl_llm.train.trainer import stage_class
+    from jaxrl_llm.train.trainer import load_stage_policy
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.json").is_file():
@@ -287,22 +286,8 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
         raise ConfigError(f"--k {max(ks)} needs --n-samples >= {max(ks)} (got {n})")
 
     comp, params = build(cfg)
-    # The checkpoint holds the stage's whole state (optimizer, reference params): restore into its structure.
-    stage = stage_class(cfg[name].kind)(comp, None, name, len(stages) - 1, stages[:-1])
-    stage.init(params)
-    with Checkpointer(ck_dir, max_to_keep=None, async_save=False) as ck:
-        step = ck.latest_step()
-        if step is None:
-            raise ResumeError(f"no complete checkpoint in {ck_dir}")
-        tree, meta = ck.restore(step, abstract_like(stage.tree()))
-    if stage.lora is None:
-        params = tree["params"]
-    else:  # LoRA: the checkpoint holds the adapters; the stage puts them on the base it rebuilt
-        stage.restore(tree, meta)
-        params = stage.model_params()
-    stage.close()
-    del stage
-    if not meta.get("done"):
+    params, step, done = load_stage_policy(comp, cfg, run_dir, name, params)
+    if not done:
         print(f"warning: {ck_dir}/{step} is not the final checkpoint of stage {name!r} (the run did not finish)")
 
     examples = comp.task.examples(split, int(num_examples or cfg.eval.num_examples), int(cfg.seed))
@@ -312,7 +297,7 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
                           n_samples=n, temperature=float(temperature), chat=comp.chat, batch_size=batch_size,
                           param_shardings=comp.shardings)
     result = evaluator.evaluate(params, ks, seed=seed)
-    info = {"run_dir": str(run_dir), "stage": name, "step": int(step), "final": bool(meta.get("done")),
+    info = {"run_dir": str(run_dir), "stage": name, "step": int(step), "final": done,
             "split": split, "n_samples": n, "temperature": float(temperature), "max_new_tokens": mnt, "seed": seed}
     (run_dir / "eval.json").write_text(json.dumps({**info, **result.to_dict()}, indent=1, default=str) + "\n")
     return result, info

@@ -249,3 +249,62 @@ def test_cached_prm_scorer_equals_the_full_forward_and_gives_the_same_beams(mode
     b = beam_search(dec, params, PROMPTS, PMASK, jax.random.key(5), cached, beam_width=2, expansions=3)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ accuracy against compute
+class _FirstCharTask:
+    """A stand-in task on decoded text: the answer is the solution's first character."""
+
+    step_separator = ";"
+
+    def extract_answer(self, text):
+        return text[:1] or None
+
+    def is_correct(self, text, example):
+        return text[:1] == example.answer
+
+
+def test_evaluate_search_runs_every_method_at_its_budget(model):
+    from jaxrl_llm.eval.search_eval import SearchEvalConfig, evaluate_search, search_table
+    from jaxrl_llm.models.transformer import ScalarHeadModel
+    from jaxrl_llm.tasks.base import Example
+    from jaxrl_llm.tokenizer import load_tokenizer
+
+    module, params = model
+    tok = load_tokenizer()
+    prm = ScalarHeadModel(CFG, per_token=True, zero_init_head=False)
+    orm = ScalarHeadModel(CFG, per_token=False, zero_init_head=False)
+    prm_params = create_model(CFG, jax.random.key(7), _env(), module=prm)[1]
+    orm_params = create_model(CFG, jax.random.key(8), _env(), module=orm)[1]
+    examples = [Example(prompt=p, answer=a) for p, a in (("1+2=", "3"), ("4+4=", "8"), ("2+5=", "7"))]
+    sc = StepConfig(step_tokens=3, max_steps=3, temperature=1.0, eos_token_ids=(EOS,))
+    cfg = SearchEvalConfig(budgets=(4,), expansions=2, step=sc, batch_size=2, max_prompt_len=6)
+    rows = evaluate_search((module, CFG, params), tok, _FirstCharTask(), examples, cfg, step_ends=_table(),
+                           prm=(prm, prm_params), orm=(orm, orm_params))
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"greedy", "majority", "orm", "prm", "prm_vote", "beam", "dvts", "mcts"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["problems"] == 3 for r in rows)
+    assert 0 < by["greedy"]["tokens_per_problem"] <= 9
+    for m in ("majority", "orm", "prm", "prm_vote", "beam", "dvts"):  # 4 candidates of at most 9 tokens
+        assert by[m]["tokens_per_problem"] <= 4 * 9
+    # The same samples (one key per budget and chunk): the votes and scores choose among identical candidates.
+    assert by["majority"]["tokens_per_problem"] == by["orm"]["tokens_per_problem"] == by["prm"]["tokens_per_problem"]
+    assert "| greedy |" in search_table(rows) and "| mcts |" in search_table(rows)
+
+
+def test_mcts_answer_takes_the_best_whole_solution():
+    from types import SimpleNamespace
+
+    from jaxrl_llm.eval.search_eval import mcts_answer
+
+    # one problem: root 0 -> 1 (terminal, q .4), 2 (not terminal, q .9) -> 3 (terminal, q .7)
+    out = SimpleNamespace(
+        tokens=np.array([[5, 6, 0, 0]]), lengths=np.array([2]), best_q=np.array([0.9]),
+        best_terminal=np.array([False]), num_nodes=np.array([4]), terminal=np.array([[False, True, False, True]]),
+        q=np.array([[0.5, 0.4, 0.9, 0.7]]), visits=np.array([[3, 1, 2, 1]]), finished=np.array([[False, True, False, True]]),
+        depth=np.array([[0, 1, 1, 2]]), parent=np.array([[-1, 0, 0, 2]]),
+        step_tokens=np.array([[[0, 0], [9, 2], [5, 6], [7, 2]]]), step_lengths=np.array([[0, 2, 2, 2]]),
+        generated_tokens=np.array([8]), simulations=np.array([2]))
+    res = mcts_answer(out)
+    np.testing.assert_array_equal(res.tokens[0, 0, :4], [5, 6, 7, 2])
+    assert res.lengths[0, 0] == 4 and res.scores[0, 0] == np.float32(0.7) and res.num_steps[0, 0] == 2

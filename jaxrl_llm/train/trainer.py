@@ -32,6 +32,37 @@ def stage_class(kind: str):
     return stage_kind(kind).stage
 
 
+def load_stage_policy(comp, cfg: mc.ConfigDict, run_dir, name: str, params) -> tuple[Any, int, bool]:
+    """The policy params in the latest checkpoint of stage `name` of the run in `run_dir`: (params, step, done).
+
+    `params` (the initial model's, from `build(cfg)`) give the structure the checkpoint is restored into; under
+    LoRA the checkpoint holds the adapters and they are put on the base the stage rebuilds."""
+    import pathlib
+
+    from jaxrl_llm.errors import ResumeError
+    from jaxrl_llm.train.checkpoint import abstract_like
+
+    stages = tuple(cfg.stages)
+    ck_dir = pathlib.Path(run_dir) / "checkpoints" / name
+    if not ck_dir.is_dir():
+        raise ResumeError(f"{run_dir} has no checkpoints of stage {name!r} ({ck_dir})")
+    index = stages.index(name)
+    stage = stage_class(cfg[name].kind)(comp, None, name, index, stages[:index])
+    stage.init(params)
+    with Checkpointer(ck_dir, max_to_keep=None, async_save=False) as ck:
+        step = ck.latest_step()
+        if step is None:
+            raise ResumeError(f"no complete checkpoint in {ck_dir}")
+        tree, meta = ck.restore(step, abstract_like(stage.tree()))
+    if stage.lora is None:
+        out = tree["params"]
+    else:  # LoRA: the checkpoint holds the adapters; the stage puts them on the base it rebuilt
+        stage.restore(tree, meta)
+        out = stage.model_params()
+    stage.close()
+    return out, int(step), bool(meta.get("done"))
+
+
 def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
     """Runs (or resumes) every stage of `cfg`; returns the run summary (also written to summary.json).
 
