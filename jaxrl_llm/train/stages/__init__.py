@@ -10,15 +10,17 @@ memory planner) and its memory terms. Adding a kind is a module here plus its li
 """
 
 from jaxrl_llm.train.stage import StageKind
-from jaxrl_llm.train.stages import grpo, ppo, preference, prm, sft
+from jaxrl_llm.train.stages import expert_iteration, grpo, ppo, preference, prm, sft
 
 STAGE_KINDS: dict[str, StageKind] = {k.kind: k for k in (sft.KIND, grpo.KIND, ppo.KIND, preference.DPO_KIND,
-                                                         preference.REWARD_MODEL_KIND, prm.KIND)}
+                                                         preference.REWARD_MODEL_KIND, prm.KIND,
+                                                         expert_iteration.KIND)}
 
 # The config helpers (also importable from jaxrl_llm.train.config, as experiment files do).
 sft_stage, addition_warm_start = sft.sft_stage, sft.addition_warm_start
 grpo_stage, ppo_stage = grpo.grpo_stage, ppo.ppo_stage
 dpo_stage, reward_model_stage, preference_data = preference.dpo_stage, preference.reward_model_stage, preference.preference_data
+expert_iteration_stage = expert_iteration.expert_iteration_stage
 prm_stage, prm_data = prm.prm_stage, prm.prm_data
 
 
@@ -31,5 +33,5 @@ def stage_kind(kind: str, where: str = "config") -> StageKind:
     return STAGE_KINDS[kind]
 
 
-__all__ = ["STAGE_KINDS", "StageKind", "addition_warm_start", "dpo_stage", "grpo_stage", "ppo_stage",
-           "preference_data", "prm_data", "prm_stage", "reward_model_stage", "sft_stage", "stage_kind"]
+__all__ = ["STAGE_KINDS", "StageKind", "addition_warm_start", "dpo_stage", "expert_iteration_stage", "grpo_stage",
+           "ppo_stage", "preference_data", "prm_data", "prm_stage", "reward_model_stage", "sft_stage", "stage_kind"]
