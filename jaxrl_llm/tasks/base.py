@@ -16,8 +16,14 @@ callers test with `isinstance` rather than by the task's name:
 * `InJitRewardTask` (arithmetic): its reward also runs inside jit, so a
   whole RL iteration can stay on the device;
 * `PreferencePairTask` (arithmetic, knights_knaves, math with integer
-  answers): it makes a (chosen, rejected) completion pair from one of its
-  examples, for DPO-family and reward-model stages.
+  answers, chain_arithmetic): it makes a (chosen, rejected) completion pair
+  from one of its examples, for DPO-family and reward-model stages;
+* `SteppedTask` (chain_arithmetic, knights_knaves, math): its completions are
+  written as steps separated by `step_separator`, and `split_steps` cuts one
+  into them, for process reward models and step-level search;
+* `StepGradedTask` (chain_arithmetic): a `SteppedTask` that also knows which
+  steps are right (`grade_steps`), the ground truth a process reward model is
+  measured against.
 
 Layering: this package imports only `jaxrl_llm.errors`, `jaxrl_llm.records` (file reading) and
 `jaxrl_llm.tokenizer` below it, never data/, rewards/, eval/ or train/.
@@ -196,6 +202,58 @@ class PreferencePairTask(Protocol):
     """
 
     def preference_pair(self, example: Example, rng: random.Random) -> tuple[str, str]: ...
+
+
+@runtime_checkable
+class SteppedTask(Protocol):
+    """Ability: the task's completions are written as steps, one after another, separated by a string.
+
+    step_separator: the text between two steps (chain_arithmetic ";", knights_knaves and math "\\n"); a task
+        knob, so the format the policy is taught and the one a process reward model reads are the same.
+    split_steps(completion) -> list[str]: the completion's steps, each stripped of surrounding whitespace
+        (`split_on_separator` is the shared rule).
+
+    Process reward models score a completion step by step and step-level search extends a partial
+    solution one step at a time; both cut completions with `split_steps` and join steps with
+    `step_separator`. A task with this ability alone has no per-step ground truth (knights_knaves, math).
+    """
+
+    step_separator: str
+
+    def split_steps(self, completion: str) -> list[str]: ...
+
+
+@runtime_checkable
+class StepGradedTask(SteppedTask, Protocol):
+    """Ability: a `SteppedTask` that can tell, for each step of a completion, whether the step is right.
+
+    grade_steps(completion, example) -> list[bool]: one flag per step of `split_steps(completion)`; what
+        makes a step right is the task's (chain_arithmetic: "x op y = z" with x the true running value, op
+        and y the prompt's operation, z the true result; a step beyond the last operation is wrong).
+
+    The ground truth that a process reward model's step scores, and a search's step choices, are
+    measured against (e.g. the index of the first wrong step).
+    """
+
+    def grade_steps(self, completion: str, example: Example) -> list[bool]: ...
+
+
+def split_on_separator(completion: str, separator: str, drop_empty: bool = False) -> list[str]:
+    """The pieces of `completion` between separators, each stripped of surrounding whitespace.
+
+    The split is on the separator with its surrounding whitespace removed ("; " splits on ";"), since the
+    pieces are stripped anyway: a model that writes "a;b" where the format says "a; b" still gives two
+    steps. A separator of whitespace only splits on its line breaks (" \\n" on "\\n"), or on itself. A
+    trailing empty piece (the completion ends with a separator, or is empty) is dropped; with drop_empty,
+    every empty piece is (blank lines in free text are not steps); without it, an empty piece inside the
+    completion stays, a step that is wrong.
+    """
+    if not separator:
+        raise ValueError("step separator is empty; give the text that stands between two steps, e.g. ';' or '\\n'")
+    pieces = [p.strip() for p in completion.split(separator.strip() or separator.strip(" \t") or separator)]
+    if drop_empty:
+        return [p for p in pieces if p]
+    return pieces[:-1] if pieces and not pieces[-1] else pieces
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}

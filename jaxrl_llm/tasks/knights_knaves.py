@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrl_llm.tasks.base import Example, RewardInputs, RewardOutput, register_task
+from jaxrl_llm.tasks.base import Example, RewardInputs, RewardOutput, register_task, split_on_separator
 
 Statement = tuple  # ('telling-truth', i) | ('lying', i) | (op, *children)
 LEAVES = ("telling-truth", "lying")
@@ -299,6 +299,7 @@ class KnightsKnavesTask:
     random_templates: bool = True
     test_fraction: float = 0.1
     reward_config: Any = KKRewardConfig()
+    step_separator: str = "\n"  # SteppedTask: the reasoning's steps are its lines; no per-step ground truth
     name: str = "knights_knaves"
 
     def __post_init__(self):
@@ -315,6 +316,9 @@ class KnightsKnavesTask:
                              "assistant turn)")
         if isinstance(self.reward_config, Mapping):
             object.__setattr__(self, "reward_config", KKRewardConfig(**self.reward_config))
+        if not isinstance(self.step_separator, str) or not self.step_separator:
+            raise ValueError(f"knights_knaves: step_separator={self.step_separator!r}; expected non-empty text, "
+                             "e.g. '\\n'")
 
     # ------------------------------------------------------------------ examples
 
@@ -370,6 +374,10 @@ class KnightsKnavesTask:
         return self._completion(example.answer), self._completion(format_answer(example.meta["names"], flipped))
 
     # ------------------------------------------------------------------ verification
+
+    def split_steps(self, completion: str) -> list[str]:
+        """The completion's non-empty pieces between `step_separator`s, stripped (blank lines are not steps)."""
+        return split_on_separator(completion, self.step_separator, drop_empty=True)
 
     def extract_answer(self, completion: str) -> str | None:
         """The last answer block as "(1) Name is a knight\\n(2) ..." in the order the names first appear;

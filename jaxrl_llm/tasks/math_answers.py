@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 
 from jaxrl_llm.records import DataError, json_type, read_records
-from jaxrl_llm.tasks.base import Example, RewardInputs, RewardOutput, register_task
+from jaxrl_llm.tasks.base import Example, RewardInputs, RewardOutput, register_task, split_on_separator
 from jaxrl_llm.tasks.wrong_answers import wrong_number
 
 PercentMode = Literal["lenient", "value", "strip"]
@@ -303,6 +303,8 @@ class MathTask:
     Prompt: `template` with "{question}" replaced (other braces are literal); chat messages unless chat=False.
     Reward: correct_reward / wrong_reward / unparseable_reward (no final answer found), plus
         format_weight x (1 if the answer is in \\boxed{} or after ####).
+    Steps (`SteppedTask`): the reasoning's pieces between `step_separator`s (lines by default); there is no
+        per-step ground truth.
     """
 
     name = "math"
@@ -312,7 +314,8 @@ class MathTask:
                  answer_field: str | None = None, gold_format: Literal["auto", "extract", "raw"] = "auto",
                  template: str = DEFAULT_TEMPLATE, chat: bool = True, system_prompt: str | None = None,
                  correct_reward: float = 1.0, wrong_reward: float = 0.0, unparseable_reward: float = 0.0,
-                 format_weight: float = 0.0, policy: AnswerPolicy | None = None, **policy_kwargs):
+                 format_weight: float = 0.0, step_separator: str = "\n", policy: AnswerPolicy | None = None,
+                 **policy_kwargs):
         if (path is None) == (train_path is None):
             raise ValueError("math task: pass exactly one of path= (one file, split by test_fraction) or "
                              "train_path= (with an optional test_path=)")
@@ -328,6 +331,9 @@ class MathTask:
         if set(policy_kwargs) - fields or (policy is not None and policy_kwargs):
             raise TypeError(f"math task: unexpected arguments {sorted(policy_kwargs)}; besides its own it takes "
                             f"the AnswerPolicy fields {sorted(fields)}, or policy=AnswerPolicy(...), not both")
+        if not isinstance(step_separator, str) or not step_separator:
+            raise ValueError(f"math task: step_separator={step_separator!r}; expected non-empty text, e.g. '\\n'")
+        self.step_separator = step_separator
         self.policy = policy or AnswerPolicy(**policy_kwargs)
         self.template, self.chat, self.system_prompt = template, chat, system_prompt
         self.rewards = (correct_reward, wrong_reward, unparseable_reward, format_weight)
@@ -399,6 +405,10 @@ class MathTask:
                              f"{example.answer!r}{at} is not an integer (generated math pairs need integer "
                              "gold answers); give pairs in a file with data.source='jsonl' and data.path=...") from None
         return f"\\boxed{{{example.answer}}}", f"\\boxed{{{wrong}}}"
+
+    def split_steps(self, completion: str) -> list[str]:
+        """The completion's non-empty pieces between `step_separator`s, stripped (blank lines are not steps)."""
+        return split_on_separator(completion, self.step_separator, drop_empty=True)
 
     def extract_answer(self, completion: str) -> str | None:
         """The final answer in canonical form (see `canonical_answer`), None when there is none."""

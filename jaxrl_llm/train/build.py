@@ -142,11 +142,14 @@ def encode_prompt_batch(comp: Components, examples: Sequence[Example], max_len: 
 
 
 def encode_answers(comp: Components, examples: Sequence[Example], max_len: int):
-    """Right-padded answer + EOS tokens [B, max_len] and mask, for SFT on a task's gold answers."""
+    """Right-padded target + EOS tokens [B, max_len] and mask, for SFT on a task's gold completions: the
+    example's `meta["sft_target"]` when it has one (a worked solution, e.g. chain_arithmetic's steps), else
+    its answer."""
     toks = np.full((len(examples), max_len), comp.pad_id, np.int32)
     mask = np.zeros((len(examples), max_len), np.int32)
     for i, e in enumerate(examples):
-        ids = comp.tokenizer.encode(e.answer, add_special_tokens=False)[:max_len - 1] + [comp.eos_ids[0]]
+        target = e.meta.get("sft_target", e.answer)
+        ids = comp.tokenizer.encode(target, add_special_tokens=False)[:max_len - 1] + [comp.eos_ids[0]]
         toks[i, :len(ids)] = ids
         mask[i, :len(ids)] = 1
     return toks, mask
