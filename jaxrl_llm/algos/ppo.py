@@ -145,12 +145,15 @@ class PPOConfig:
 
 def compute_targets(cfg: PPOConfig, scores_b: jax.Array, old_logprobs_bn: jax.Array, ref_logprobs_bn: jax.Array,
                     old_values_bn: jax.Array, completion_mask_bn: jax.Array, kl_coef: jax.Array | float,
-                    finished_b: jax.Array | None = None) -> dict[str, jax.Array]:
+                    finished_b: jax.Array | None = None,
+                    process_rewards_bn: jax.Array | None = None) -> dict[str, jax.Array]:
     """Advantages and value targets for one rollout batch (call once, before the epochs; jittable).
 
     score_i <- missing_eos_penalty where not finished_b (when set);
     r_t = -kl_coef * kl(old_t, ref_t) on every real token, + score_i on the last real token
-    (`kl.kl_penalty_rewards`); optionally r <- r / std(r) (mean kept, `whiten_rewards`);
+    (`kl.kl_penalty_rewards`), + process_rewards_bn[t] when given (dense per-step rewards at the steps'
+    end tokens, `algos.process_rewards.step_token_rewards`; masked positions ignored);
+    optionally r <- r / std(r) (mean kept, `whiten_rewards`);
     (A, R) = GAE(r, V_old, gamma, lam) with R = A + V_old; A whitened over every real token
     of the batch (`whiten_advantages`); R is not whitened.
 
@@ -177,6 +180,8 @@ def compute_targets(cfg: PPOConfig, scores_b: jax.Array, old_logprobs_bn: jax.Ar
     kl_bn = jnp.where(m, kl_estimate(old, ref, cfg.reward_kl_estimator, cfg.reward_kl_clamp), 0.0)
     token_rewards = kl_penalty_rewards(scores, old, ref, m, coef, kind=cfg.reward_kl_estimator,
                                        clamp=cfg.reward_kl_clamp)
+    if process_rewards_bn is not None:
+        token_rewards = token_rewards + jnp.where(m, jnp.asarray(process_rewards_bn, jnp.float32), 0.0)
     if cfg.whiten_rewards:
         token_rewards = adv_lib.whiten(token_rewards, m, shift_mean=False)
     advantages, returns = adv_lib.gae(token_rewards, old_values_bn, m, gamma=cfg.gamma, lam=cfg.lam)

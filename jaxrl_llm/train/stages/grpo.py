@@ -23,6 +23,8 @@ from jaxrl_llm.train.config import (ConfigError, from_dataclass, nearest, optimi
                                     to_dataclass)
 from jaxrl_llm.train.experience import Experience, step_metrics
 from jaxrl_llm.train.stage import StageKind
+from jaxrl_llm.train.stages.process_reward import (ProcessRewards, add_memory_terms, check_process_reward,
+                                                   process_reward_section)
 from jaxrl_llm.train.stages.rl import (RLStage, check_divisible_rows, check_loss, check_rl_section,
                                        optional_temperature, resolve_temperature, reward_section, sampling_section,
                                        with_norm_length)
@@ -47,7 +49,8 @@ def grpo_stage(variant: str = "grpo", iterations: int = 200, prompts_per_iter: i
         kind="grpo", variant=variant, iterations=iterations, prompts_per_iter=prompts_per_iter,
         max_prompt_len=16, sampling=sampling_section(max_new_tokens),
         algo=optional_temperature(from_dataclass(algo)),
-        optimizer=optimizer_config(learning_rate), reward=reward_section()))
+        optimizer=optimizer_config(learning_rate), reward=reward_section(),
+        process_reward=process_reward_section()))
 
 
 def algo_config(s: mc.ConfigDict, where: str) -> grpo.GRPOConfig:
@@ -104,8 +107,10 @@ class GRPOLearner:
         self.update = None
 
     def __call__(self, state: TrainState, ref_params, exp: Experience, key: jax.Array,
-                 on_phase: Callable[[str, Any], None] | None = None) -> tuple[TrainState, dict]:
-        """(new state, metrics of the update) from one scored rollout; `ref_params` when algo.needs_reference."""
+                 on_phase: Callable[[str, Any], None] | None = None,
+                 extra_advantages: jax.Array | None = None) -> tuple[TrainState, dict]:
+        """(new state, metrics of the update) from one scored rollout; `ref_params` when algo.needs_reference.
+        `extra_advantages` [B, N] (e.g. coef x process advantages) are added to the outcome advantages."""
         phase = on_phase or (lambda name, value: None)
         batch = dict(exp.batch)
         if self.need_old:
@@ -117,6 +122,8 @@ class GRPOLearner:
         batch["advantages"] = grpo.compute_advantages(
             self.algo, exp.rewards, batch["completion_mask"], old_logprobs_bn=batch.get("old_logprobs"),
             ref_logprobs_bn=batch.get("ref_logprobs"))
+        if extra_advantages is not None:
+            batch["advantages"] = batch["advantages"] + extra_advantages
         if self.update is None:
             self.update = jit_update(self.step_fn, state, batch, self.env)
         state, stacked = self.update(state, batch, key)
@@ -133,6 +140,8 @@ class GRPOStage(RLStage):
         self.opt_cfg = optimizer_from(self.section.optimizer, f"config.{self.name}.optimizer")
         self.learner = GRPOLearner(self.comp.module, self.comp.model_cfg, self.algo, self.comp.env)
         self.ref = None
+        p = self.section.get("process_reward")
+        self.process = ProcessRewards(self, "grpo") if p is not None and p.source != "none" else None
 
     @classmethod
     def check_config(cls, cfg: mc.ConfigDict, name: str) -> None:
@@ -143,6 +152,7 @@ class GRPOStage(RLStage):
         check_rl_section(cfg, name, algo.group_size, f"{where}.algo.group_size")
         check_divisible_rows(s, where, algo.group_size, f"{where}.algo.group_size", algo)
         optimizer_from(s.optimizer, f"{where}.optimizer")
+        check_process_reward(cfg, name, "grpo", algo.group_size)
 
     def algo_config(self) -> grpo.GRPOConfig:
         return algo_config(self.section, f"config.{self.name}")
@@ -153,11 +163,27 @@ class GRPOStage(RLStage):
     def init(self, params) -> None:
         self.state = self.make_state(params, self.opt_cfg)
         self.ref = self.reference_copy(params, self.algo.needs_reference)
+        if self.process is not None:
+            self.process.init(params)
 
     def step(self, i: int) -> dict:
         exp = self.experience(i, self.state.model_params(), keep_groups_with_signal=self.algo.filter_zero_std_groups)
-        self.state, metrics = self.learner(self.state, self.reference_params(), exp, self.update_key(i))
-        return self.iteration_metrics(i, exp, metrics)
+        if self.process is None:
+            self.state, metrics = self.learner(self.state, self.reference_params(), exp, self.update_key(i))
+            return self.iteration_metrics(i, exp, metrics)
+        dense, process_metrics = self.process(exp, jax.random.fold_in(self.update_key(i), 0x9E3))
+        self.state, metrics = self.learner(self.state, self.reference_params(), exp, self.update_key(i),
+                                           extra_advantages=dense)
+        return self.iteration_metrics(i, exp, {**metrics, **process_metrics})
+
+    def tree(self) -> dict:
+        tree = super().tree()
+        return tree if self.process is None else {**tree, **self.process.tree()}
+
+    def restore(self, tree: dict, meta: dict) -> None:
+        super().restore(tree, meta)
+        if self.process is not None:
+            self.process.restore(tree)
 
 
 
@@ -174,7 +200,7 @@ def memory(cfg, s, z) -> dict[str, int]:
     t.update(z.rollout_terms(rows, int(s.prompts_per_iter), p, n, s.sampling))
     if a.needs_old_logprobs or a.needs_reference:  # over the update's micro-batches in turn (grpo.make_logprob_fn)
         t.update(z.score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk))
-    return t | z.eval_terms(cfg, s)
+    return add_memory_terms(t, s, z, a.needs_reference and z.lora is None) | z.eval_terms(cfg, s)
 
 
 def _update_rows(s) -> int:

@@ -46,6 +46,8 @@ from jaxrl_llm.train.config import ConfigError, from_dataclass, optimizer_config
 from jaxrl_llm.train.experience import step_metrics
 from jaxrl_llm.train.stage import StageKind
 from jaxrl_llm.train.stages.preference import load_reward_params, scalar_head_params
+from jaxrl_llm.train.stages.process_reward import (ProcessRewards, add_memory_terms, check_process_reward,
+                                                   process_reward_section)
 from jaxrl_llm.train.stages.rl import (RLStage, check_divisible_rows, check_loss, check_rl_section,
                                        optional_temperature, resolve_temperature, reward_section, sampling_section,
                                        with_norm_length)
@@ -69,7 +71,8 @@ def ppo_stage(iterations: int = 200, prompts_per_iter: int = 32, samples_per_pro
         algo=optional_temperature(from_dataclass(ppo.PPOConfig(kl=kl, **algo_kw))),
         optimizer=optimizer_config(learning_rate),
         value_optimizer=optimizer_config(value_learning_rate),  # unused with algo.shared_backbone
-        value_init="policy", reward_model_stage="", reward=reward_section(source="task")))
+        value_init="policy", reward_model_stage="", reward=reward_section(source="task"),
+        process_reward=process_reward_section()))
 
 
 def algo_config(s: mc.ConfigDict, where: str) -> ppo.PPOConfig:
@@ -149,6 +152,8 @@ class PPOStage(RLStage):
                                          a.num_minibatches, a.epochs)
         self.update = None
         self.rm_params = None
+        p = s.get("process_reward")
+        self.process = ProcessRewards(self, "ppo") if p is not None and p.source != "none" else None
 
     def algo_config(self) -> ppo.PPOConfig:
         return algo_config(self.section, f"config.{self.name}")
@@ -166,6 +171,7 @@ class PPOStage(RLStage):
         check_rl_section(cfg, name, n, f"{where}.samples_per_prompt")
         check_divisible_rows(s, where, n, f"{where}.samples_per_prompt", algo)
         check_reward_model_options(cfg, name)
+        check_process_reward(cfg, name, "ppo", n)
         optimizer_from(s.optimizer, f"{where}.optimizer")
         if algo.shared_backbone:  # one model, one optimizer
             default = ppo_stage().value_optimizer
@@ -207,6 +213,8 @@ class PPOStage(RLStage):
             self.state = TrainState.create(tree, self.opt)
         else:
             self.state = self.make_state(tree, self.opt, adapters=adapters)
+        if self.process is not None:
+            self.process.init(params)
 
     def policy(self):
         return ppo.policy_params(self.algo, self.state.params)
@@ -230,6 +238,8 @@ class PPOStage(RLStage):
                 "step": self.state.step}
         if self.ref is not None:
             tree["ref_params"] = self.ref
+        if self.process is not None:
+            tree.update(self.process.tree())
         return tree
 
     def meta(self) -> dict:
@@ -246,6 +256,8 @@ class PPOStage(RLStage):
         self.kl_coef = jnp.asarray(meta["kl_coef"], jnp.float32)
         self.iterator.restore(meta["iterator"])
         self.watch.restore(meta.get("reward_watch"))
+        if self.process is not None:
+            self.process.restore(tree)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -257,8 +269,14 @@ class PPOStage(RLStage):
         batch.update(self.rollout_fn(self.state.model_params(), batch))
         batch["ref_logprobs"] = (self.ref_fn(self.reference_params(), batch) if self.algo.needs_reference
                                  else batch["old_logprobs"])
-        t = self.targets_fn(exp.rewards, batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"],
-                            batch["completion_mask"], self.kl_coef, exp.rollout.finished)
+        args = (exp.rewards, batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"],
+                batch["completion_mask"], self.kl_coef, exp.rollout.finished)
+        process_metrics = {}
+        if self.process is None:
+            t = self.targets_fn(*args)
+        else:  # per-step rewards at the steps' end tokens, added to the token rewards before GAE
+            dense, process_metrics = self.process(exp, jax.random.fold_in(self.update_key(i), 0x9E3))
+            t = self.targets_fn(*args, dense)
         batch.update(advantages=t["advantages"], returns=t["returns"])
         if self.update is None:
             self.update = jit_update(self.step_fn, self.state, batch, self.comp.env)
@@ -267,7 +285,7 @@ class PPOStage(RLStage):
         metrics = step_metrics(stacked)
         metrics.update({k: t[k] for k in ("kl", "kl_token_mean", "kl_coef", "non_score_reward", "rlhf_reward",
                                           "score_mean", "missing_eos_frac")})
-        return self.iteration_metrics(i, exp, metrics)
+        return self.iteration_metrics(i, exp, {**metrics, **process_metrics})
 
 
 def memory(cfg, s, z) -> dict[str, int]:
@@ -295,7 +313,7 @@ def memory(cfg, s, z) -> dict[str, int]:
     t.update(z.rollout_terms(rows, int(s.prompts_per_iter), p, n, s.sampling))
     # old log-probs, values, reference and reward-model scores run over the update's micro-batches in turn
     t.update(z.score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk))
-    return t | z.eval_terms(cfg, s)
+    return add_memory_terms(t, s, z, a.needs_reference and z.lora is None) | z.eval_terms(cfg, s)
 
 
 def _update_rows(s) -> int:
