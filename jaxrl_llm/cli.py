@@ -181,12 +181,12 @@ SUMMARY_LABELS = {"pref_accuracy": "preference accuracy"}  # others: the metric 
 def print_summary(summary: dict) -> None:
     print(f"\nrun {summary['name']}: {summary['run_dir']} ({summary['wall_time_s']:.0f} s)")
     for k, v in summary.items():
-        if k.endswith("accuracy_before") or k.endswith("accuracy_after"):
+        if (k.endswith("accuracy_before") or k.endswith("accuracy_after")) and v is not None:
             print(f"  {k}: {v:.3f}")
     for k in summary:
         if k.endswith("accuracy_before"):
             after = summary.get(k[:-len("_before")] + "_after")  # the same metric of the same stage
-            if after is not None:
+            if after is not None and summary[k] is not None:
                 stage, metric = k[:-len("_before")].rsplit("/", 1)
                 label = SUMMARY_LABELS.get(metric, metric.replace("_", " "))
                 print(f"  {stage}: held-out {label} {summary[k]:.3f} -> {after:.3f} "

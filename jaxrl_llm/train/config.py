@@ -29,7 +29,8 @@ from jaxrl_llm.errors import ConfigError, UserError  # ConfigError: re-exported
 # The config helpers of the stage kinds live with their stages (`train.stages`); experiment files import
 # them from here as well (module __getattr__ below).
 _STAGE_HELPERS = ("sft_stage", "addition_warm_start", "grpo_stage", "ppo_stage", "dpo_stage",
-                  "reward_model_stage", "preference_data", "prm_stage", "prm_data", "expert_iteration_stage")
+                  "reward_model_stage", "preference_data", "prm_stage", "prm_data", "expert_iteration_stage",
+                  "step_dpo_stage")
 
 
 def __getattr__(name: str):
