@@ -505,6 +505,13 @@ def test_prm_stage_trains_from_a_file_and_its_params_load(tmp_path):
     bad.prm.data.shepherd_n, bad.prm.data.source = 8, "tasks"
     with pytest.raises(ConfigError, match=r"data.source='tasks' is not a step-label source.*did you mean 'task'"):
         validate(bad)
+    bad.prm.data.source, bad.prm.data.path = "task", ""
+    validate(bad)
+    from jaxrl_llm.tasks import get_task
+    from jaxrl_llm.train.stages.prm import PRMStage
+    with pytest.raises(ConfigError, match=r"data.source='task': task 'arithmetic' has no split_steps, step_separator, "
+                                          r"grade_steps \(the StepGradedTask ability"):
+        PRMStage.check_data(bad, "prm", get_task("arithmetic"))
 
 
 def test_prm_stage_labels_sampled_solutions(tmp_path):

@@ -300,6 +300,7 @@ class PRMStage(Stage):
                                                               b["completion_tokens"], b["completion_mask"],
                                                               self.table)[0])
         self.with_data, self.update = with_data, None
+        self._finished = False  # set by run_stage: the stage's final checkpoint is there (no data needed)
         self.arrays = self.eval_arrays = self.iterator = None
 
     # --- data
@@ -375,7 +376,7 @@ class PRMStage(Stage):
         return prev_params
 
     def init(self, params) -> None:
-        if self.with_data and self.arrays is None and not getattr(self, "_finished", False):
+        if self.with_data and self.arrays is None and not self._finished:
             self._make_data(params)
         tree = scalar_head_params(params, self.comp, self.shardings)
         if self.lora is None:
