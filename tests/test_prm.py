@@ -483,6 +483,9 @@ def test_prm_stage_trains_from_a_file_and_its_params_load(tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert any("eval/auc" in r for r in rows)
+    (tmp_path / "steps.jsonl").unlink()  # run again: the finished stage is restored, its file not read again
+    again = train(cfg)
+    assert again == {k: v for k, v in summary.items() if k != "plots"}
     comp, params = build(cfg)
     run = RunDir(cfg.run_root, cfg.name, cfg)
     try:
