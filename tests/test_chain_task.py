@@ -65,7 +65,8 @@ def test_difficulty_splits_change_the_difficulty_and_stay_out_of_train():
     six = task.examples("test@steps=6", 100, seed=0)
     assert {e.meta["n_steps"] for e in six} == {6}
     wide = task.examples("test@max_operand=20", 300, seed=0)
-    assert max(y for e in wide for y in e.meta["operands"]) > 9 and all(y <= 20 for e in wide for y in e.meta["operands"])
+    operands = [y for e in wide for y in e.meta["operands"]]
+    assert max(operands) > 9 and all(y <= 20 for y in operands)
     both = task.examples("test@steps=5,max_operand=20", 100, seed=0)
     assert {e.meta["n_steps"] for e in both} == {5} and max(y for e in both for y in e.meta["operands"]) > 9
     # the same generator as a train split: no problem of a held-out split is ever a train problem
@@ -211,7 +212,8 @@ def test_preference_pairs_have_one_wrong_step_carried_to_a_wrong_answer():
         assert grades == [True] * k + [False] * (len(grades) - k) and len(grades) == e.meta["n_steps"]
         steps = task.split_steps(rejected)
         for prev, step in zip(steps[k:], steps[k + 1:]):  # every later step computes right from the wrong value
-            assert step.startswith(prev.rpartition("=")[2]) and eval(step.replace("=", "==")), (rejected, e.prompt)  # noqa: S307
+            x_op_y, _, z = step.partition("=")
+            assert step.startswith(prev.rpartition("=")[2]) and eval(x_op_y) == int(z), (rejected, e.prompt)  # noqa: S307
     assert task.preference_pair(EX, random.Random(0)) == task.preference_pair(EX, random.Random(0))
 
 
