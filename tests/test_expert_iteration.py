@@ -51,7 +51,7 @@ def _config(run_root, name="ei", rounds=3) -> mc.ConfigDict:
     c.stages = ("sft", "ei")
     c.sft = sft_stage(steps=30, batch_size=32, learning_rate=3e-3, max_prompt_len=12, max_response_len=4)
     c.ei = expert_iteration_stage(rounds=rounds, prompts_per_round=PROMPTS, n=N, keep_per_prompt=KEEP, sft_steps=2,
-                                  batch_size=8, learning_rate=1e-3, max_new_tokens=4)
+                                  batch_size=8, learning_rate=1e-3, max_new_tokens=4, reset_optimizer=True)
     c.ei.max_prompt_len = 12
     return c
 
@@ -178,6 +178,9 @@ def test_rounds_keep_only_verified_completions_and_count_them(runs):
     assert any_kept and any_rejected  # the test can fail either way
     trained = [m for m in metrics.values() if "loss" in m]
     assert trained and all(np.isfinite(m["loss"]) and m["skipped"] == 0 for m in trained)
+    # reset_optimizer: every round starts a fresh optimizer, so its step count is that round's SFT steps
+    for step in (1, 2, 3):
+        assert int(_state(run_dir, step)["['step']"]) == metrics[step]["sft/steps"]
 
 
 def test_resume_equals_never_stopping(runs):

@@ -198,7 +198,7 @@ class ExpertIterationStage(Stage):
     def step(self, i: int) -> dict:
         s = self.section
         if s.reset_optimizer and i > 0:  # a fresh optimizer (and schedule) every round
-            self.state = self.make_state_like(self.state)
+            self.state = self._fresh_optimizer(self.state)
         found = self.search(i, self.model_params())
         self._log_samples(i, found)
         metrics = dict(found["metrics"])
@@ -221,7 +221,7 @@ class ExpertIterationStage(Stage):
         sft_metrics = step_metrics(jax.tree.map(lambda *x: jnp.stack(x), *stacked))
         return {**metrics, **sft_metrics, "sft/steps": float(steps)}
 
-    def make_state_like(self, state):
+    def _fresh_optimizer(self, state):
         """`state` with a fresh optimizer state and step 0 (its params and frozen base kept)."""
         opt_state = jax.jit(state.tx.init)(state.params)
         return state.replace(opt_state=opt_state, step=jnp.zeros_like(state.step))
