@@ -60,7 +60,7 @@ def _config(run_root, name="ei", rounds=3) -> mc.ConfigDict:
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("search.method", "beam", r"^config\.ei\.search\.method='beam': step-level search needs a process reward model"),
+    ("search.method", "beam", r"^config\.ei\.search\.prm_stage='' must name a prm stage that runs before 'ei'"),
     ("search.method", "sampel", r"^config\.ei\.search\.method='sampel' is not a search method .*did you mean 'sample'"),
     ("search.n", 0, r"^config\.ei\.search\.n=0 is out of range: expected an integer >= 1"),
     ("keep_per_prompt", 5, r"^config\.ei\.keep_per_prompt=5 is out of range: expected an integer in \[1, 4\]"),
@@ -198,3 +198,59 @@ def test_resume_equals_never_stopping(runs):
         np.testing.assert_array_equal(again[k], final[k], err_msg=k)
     for file, rows in before.items():
         assert _strip(_records(a, file)) == rows, file
+
+
+def _prm_config(tmp_path, method: str = "beam") -> mc.ConfigDict:
+    """SFT, a PRM on a small step-labelled file (steps: digits, separated by " "), then expert iteration with a
+    step-level search ranked by it ("ei"; with both methods, "ei" beam and "ei_dvts" DVTS)."""
+    from jaxrl_llm.train.config import prm_stage
+    rows = [{"prompt": f"{a} + {b} =", "steps": [str((a + b) % 10), str((a + b) // 10)], "labels": [1, a % 2]}
+            for a in range(4) for b in range(4)]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = _config(tmp_path, name="ei_step", rounds=2)
+    c.stages = ("sft", "prm", "ei")  # a policy that ends its answers, so that some candidates are kept
+    c.prm = prm_stage(steps=1, batch_size=4, learning_rate=1e-3, max_prompt_len=12, max_response_len=4)
+    c.prm.data.update(dict(source="jsonl", path=str(tmp_path / "steps.jsonl"), separator=" "))
+    c.ei.search.update(dict(method=method, prm_stage="prm", expansions=2, step_tokens=2))
+    c.ei.keep_per_prompt = 1
+    return c
+
+
+def test_step_search_needs_an_earlier_prm_stage(tmp_path):
+    c = _prm_config(tmp_path, "beam")
+    c.ei.search.prm_stage = "sft"
+    with pytest.raises(ConfigError, match=r"^config\.ei\.search\.prm_stage='sft' must name a prm stage that runs "
+                                          r"before 'ei' .*earlier prm stages: \['prm'\]$"):
+        validate(c)
+    c = _config(tmp_path)
+    c.ei.search.expansions = 2
+    with pytest.raises(ConfigError, match=r"^config\.ei\.search\.expansions=2 is not read by method='sample'"):
+        validate(c)
+    c = _prm_config(tmp_path, "dvts")
+    c.ei.search.expansions = 3
+    with pytest.raises(ConfigError, match=r"^config\.ei\.search\.n=4 is not divisible by config\.ei\.search\."
+                                          r"expansions=3"):
+        validate(c)
+
+
+def test_prm_guided_beam_search_and_dvts_rounds(tmp_path):
+    """Beam search and DVTS ranked by the earlier prm stage's PRM: n / expansions = 2 candidates per prompt are
+    verified and kept like samples, and trained on."""
+    c = _prm_config(tmp_path, "beam")
+    c.ei_dvts = mc.ConfigDict(c.ei.to_dict())
+    c.ei_dvts.search.method = "dvts"
+    c.stages = ("sft", "prm", "ei", "ei_dvts")
+    train(c)
+    run_dir = tmp_path / "ei_step"
+    for stage in ("ei", "ei_dvts"):
+        metrics = [r for r in _records(run_dir, "metrics.jsonl", stage) if "search/kept" in r]
+        samples = _records(run_dir, "samples.jsonl", stage)
+        assert [m["step"] for m in metrics] == [1, 2], stage
+        assert len(samples) == 2 * PROMPTS * (N // 2), stage
+        for m in metrics:
+            rows = [r for r in samples if r["step"] == m["step"]]
+            assert 0 < m["search/sampled_tokens"] <= PROMPTS * N * 4
+            assert m["search/kept"] == sum(r["kept"] for r in rows)
+            assert all(r["correct"] and r["finished"] for r in rows if r["kept"])
+            assert m["search/accuracy"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+        assert any("loss" in m for m in metrics), stage  # something was kept and trained on

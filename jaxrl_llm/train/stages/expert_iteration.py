@@ -31,8 +31,15 @@ Randomness: round i samples with fold_in(fold_in(stage key, i), 0); its SFT step
 fold_in(fold_in(fold_in(stage key, i), 1), j). The round's data is a pure function of (seed, round, the
 policy at the round's start), so resuming from a round's checkpoint equals never stopping.
 
-Only "sample" (best-of-N sampling) is a search method here: the step-level searches (beam, dvts) need a
-process reward model stage to score partial solutions.
+Search methods (`search.method`):
+
+* "sample": best-of-N sampling, search.n samples per prompt with the rollout sampler (`sampling` section);
+* "beam" / "dvts": step-level beam search / diverse verifier tree search (`search.beam`) on the
+  `StepDecoder`, guided by the process reward model of the earlier prm stage `search.prm_stage` (its final
+  params, `load_prm_params`; steps end at that stage's separator). search.n = beam width (or subtrees) x
+  `search.expansions` rows decode per round, the budget of best-of-n; the search.n / expansions final
+  candidates of each prompt are verified like samples. A step has at most `search.step_tokens` tokens and a
+  solution `sampling.max_new_tokens` (a multiple of it). Step search runs on one process.
 """
 
 from __future__ import annotations
@@ -57,10 +64,10 @@ from jaxrl_llm.train.experience import encode_prompts, step_metrics
 from jaxrl_llm.train.stage import Stage, StageKind
 from jaxrl_llm.train.stages.rl import sampling_section
 from jaxrl_llm.train.stages.sft import algo_config
-from jaxrl_llm.train.validation import choice, divides, flag, integer, run_steps, short
+from jaxrl_llm.train.validation import choice, divides, flag, integer, run_steps, short, unread
 
-METHODS = ("sample",)
-STEP_METHODS = ("beam", "dvts")  # known, not available here yet (see the module docstring)
+METHODS = ("sample", "beam", "dvts")
+STEP_METHODS = ("beam", "dvts")
 
 
 def expert_iteration_stage(rounds: int = 10, prompts_per_round: int = 64, n: int = 8, keep_per_prompt: int = 1,
@@ -71,13 +78,39 @@ def expert_iteration_stage(rounds: int = 10, prompts_per_round: int = 64, n: int
     pairs); `kw` sets other section keys."""
     s = mc.ConfigDict(dict(
         kind="expert_iteration", rounds=rounds, prompts_per_round=prompts_per_round, max_prompt_len=16,
-        num_train_examples=0, search=mc.ConfigDict(dict(method="sample", n=n)),
+        num_train_examples=0, search=search_section(n),
         sampling=sampling_section(max_new_tokens), keep_per_prompt=keep_per_prompt, sft_steps=sft_steps,
         batch_size=batch_size, num_micro_batches=1, loss_agg="token-mean",
         norm_length=mc.FieldReference(None, field_type=float), exclude_empty_rows=False, reset_optimizer=False,
         optimizer=optimizer_config(learning_rate)))
     s.update(kw)
     return s
+
+
+def search_section(n: int = 8) -> mc.ConfigDict:
+    """The `search` section: method, budget n, and the step-level keys (read by "beam" / "dvts" only)."""
+    return mc.ConfigDict(dict(method="sample", n=n, prm_stage="", expansions=4, step_tokens=8))
+
+
+def check_search(cfg: mc.ConfigDict, name: str) -> None:
+    s, sw = cfg[name].search, f"config.{name}.search"
+    choice(s.method, f"{sw}.method", METHODS, means="a search method of expert iteration")
+    n = integer(s.n, f"{sw}.n", 1, means="samples (rows) per prompt", example=8)
+    d = search_section()
+    if s.method not in STEP_METHODS:
+        for key in ("prm_stage", "expansions", "step_tokens"):
+            unread(s, key, sw, d[key], f"by method={s.method!r} (only by the step-level 'beam' and 'dvts')")
+        return
+    stages_before = tuple(cfg.stages)[:tuple(cfg.stages).index(name)] if name in cfg.stages else ()
+    if s.prm_stage not in stages_before or cfg[s.prm_stage].get("kind") != "prm":
+        earlier = [x for x in stages_before if cfg[x].get("kind") == "prm"]
+        raise ConfigError(f"{sw}.prm_stage={s.prm_stage!r} must name a prm stage that runs before {name!r} (method="
+                          f"{s.method!r} ranks partial solutions with its PRM); earlier prm stages: {earlier or 'none'}")
+    e = integer(s.expansions, f"{sw}.expansions", 1, means="candidate next steps per beam per round", example=4)
+    divides(n, f"{sw}.n", e, f"{sw}.expansions", "n rows per prompt = beam width (or subtrees) x expansions")
+    st = integer(s.step_tokens, f"{sw}.step_tokens", 1, means="tokens per step at most", example=8)
+    divides(int(cfg[name].sampling.max_new_tokens), f"config.{name}.sampling.max_new_tokens", st, f"{sw}.step_tokens",
+            "a solution is at most max_new_tokens / step_tokens steps")
 
 
 def check_section(s: mc.ConfigDict, where: str) -> None:
@@ -88,19 +121,15 @@ def check_section(s: mc.ConfigDict, where: str) -> None:
     integer(s.num_train_examples, f"{where}.num_train_examples", 0,
             means="training prompts drawn from the task; 0 = 64 rounds' worth", example=0)
     sw = f"{where}.search"
-    if s.search.method in STEP_METHODS:
-        raise ConfigError(f"{sw}.method={s.search.method!r}: step-level search needs a process reward model stage "
-                          f"to score partial solutions, which expert iteration cannot use yet; set "
-                          f"{short(sw)}.method='sample'")
-    choice(s.search.method, f"{sw}.method", METHODS, means="a search method of expert iteration")
-    n = integer(s.search.n, f"{sw}.n", 1, means="samples per prompt", example=8)
+    n = s.search.n
     sampling = to_dataclass(SamplingConfig, s.sampling, f"{where}.sampling")
     if sampling.temperature == 0 and n > 1:
         raise ConfigError(f"{where}.sampling.temperature=0.0 (greedy) with {sw}.n={n}: the {n} samples of a prompt "
                           f"would be identical; set {short(where)}.sampling.temperature > 0 (e.g. 1.0) or "
                           f"{short(sw)}.n=1")
-    integer(s.keep_per_prompt, f"{where}.keep_per_prompt", 1, n,
-            means=f"distinct verified completions kept per prompt, at most {sw}.n", example=1)
+    k = n // int(s.search.expansions) if s.search.method in STEP_METHODS else n
+    integer(s.keep_per_prompt, f"{where}.keep_per_prompt", 1, k,
+            means=f"distinct verified completions kept per prompt, at most the {k} candidates", example=1)
     integer(s.sft_steps, f"{where}.sft_steps", 1, means="SFT steps per round", example=20)
     integer(s.batch_size, f"{where}.batch_size", 1, means="kept pairs per SFT step", example=64)
     integer(s.num_micro_batches, f"{where}.num_micro_batches", 1, means="gradient-accumulation parts", example=1)
@@ -146,7 +175,16 @@ class ExpertIterationStage(Stage):
         n_train = max(int(s.num_train_examples), self.prompts * 64)
         self.examples = comp.task.examples("train", n_train, self.cfg.seed)
         self.iterator = prompt_iterator(comp, self.examples, self.prompts, self.cfg.seed + self.index)
-        self.sampling, self.sampler = stage_sampler(comp, s.sampling, self.n)
+        self.method, self.prm = s.search.method, None
+        if self.method in STEP_METHODS:
+            if jax.process_count() > 1:
+                raise ConfigError(f"{where}.search.method={self.method!r} runs on one process; this run has "
+                                  f"{jax.process_count()} (use method='sample')")
+            self.decoder, self.separator = self._step_decoder()
+            self.k = self.n // int(s.search.expansions)  # final candidates per prompt
+        else:
+            self.sampling, self.sampler = stage_sampler(comp, s.sampling, self.n)
+            self.k = self.n
         self.opt_cfg = optimizer_from(s.optimizer, f"{where}.optimizer")
         self.step_fn = sft.make_sft_step(comp.module, comp.model_cfg, algo_config(s, where),
                                          num_micro_batches=int(s.num_micro_batches))
@@ -156,10 +194,52 @@ class ExpertIterationStage(Stage):
 
     @classmethod
     def check_config(cls, cfg: mc.ConfigDict, name: str) -> None:
+        check_search(cfg, name)
         check_section(cfg[name], f"config.{name}")
 
     def init(self, params) -> None:
         self.state = self.make_state(params, self.opt_cfg)
+        if self.method in STEP_METHODS and self.prm is None:
+            from jaxrl_llm.models import process_reward_model
+            from jaxrl_llm.search.scorers import CachedPRMScorer
+            from jaxrl_llm.train.stages.prm import load_prm_params
+            prm = load_prm_params(self.comp, self.run, self.section.search.prm_stage, self.stages_before, params)
+            self.prm = CachedPRMScorer(process_reward_model(self.comp.model_cfg), prm, self.decoder.cfg,
+                                       env=self.comp.env)
+
+    def _step_decoder(self):
+        from jaxrl_llm.algos.prm import step_end_table
+        from jaxrl_llm.search.decoding import StepConfig, StepDecoder
+        from jaxrl_llm.train.stages.prm import stage_separator
+        s, comp = self.section, self.comp
+        separator = stage_separator(self.cfg[s.search.prm_stage], comp.task)
+        try:
+            table = step_end_table(comp.tokenizer, separator, comp.model_cfg.vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"config.{s.search.prm_stage}.data.separator: {e}") from None
+        st = int(s.search.step_tokens)
+        sc = StepConfig(step_tokens=st, max_steps=int(s.sampling.max_new_tokens) // st,
+                        temperature=float(s.sampling.temperature), top_k=int(s.sampling.top_k),
+                        top_p=float(s.sampling.top_p), eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
+        return StepDecoder(comp.module, comp.model_cfg, sc, table, env=comp.env,
+                           param_shardings=comp.shardings), separator
+
+    def _step_search(self, params, prompts, key) -> tuple[dict, list]:
+        """beam / dvts candidates of this process's prompts as rollout-like rows (prompt-major, k per prompt)."""
+        from jaxrl_llm.search.beam import beam_search, dvts
+        e = int(self.section.search.expansions)
+        pt, pm = multihost.local_rows(prompts.tokens), multihost.local_rows(prompts.mask).astype(np.int32)
+        if self.method == "beam":
+            res = beam_search(self.decoder, params, pt, pm, key, self.prm, beam_width=self.k, expansions=e)
+        else:
+            res = dvts(self.decoder, params, pt, pm, key, self.prm, subtrees=self.k, expansions=e)
+        b, k, m = res.tokens.shape
+        flat = lambda a: np.asarray(a).reshape((b * k,) + np.asarray(a).shape[2:])  # noqa: E731
+        lengths = flat(res.lengths)
+        rows = {"prompt_tokens": np.repeat(pt, k, axis=0), "prompt_mask": np.repeat(pm, k, axis=0),
+                "tokens": flat(res.tokens), "lengths": lengths, "finished": flat(res.finished),
+                "mask": (np.arange(m)[None, :] < lengths[:, None]).astype(np.int32)}
+        return rows, [e_ for e_ in prompts.examples for _ in range(k)], int(res.generated_tokens)
 
     def meta(self) -> dict:
         return {**super().meta(), "sampled_tokens": self.sampled_tokens}
@@ -177,21 +257,25 @@ class ExpertIterationStage(Stage):
         examples = next(self.iterator)
         prompts = encode_prompts(self.comp.tokenizer, self.comp.env, examples, int(self.section.max_prompt_len),
                                  self.prompts, chat=self.comp.chat)
-        ro = self.sampler(params, prompts.tokens, prompts.mask, self.round_key(i, 0))
-        rows = {k: multihost.local_rows(getattr(ro, k)) for k in ("prompt_tokens", "prompt_mask", "tokens", "mask",
-                                                                  "lengths", "finished")}
-        row_examples = rollout_examples(self.comp.env, ro, prompts.examples, self.n)
+        if self.method in STEP_METHODS:
+            rows, row_examples, generated = self._step_search(params, prompts, self.round_key(i, 0))
+        else:
+            ro = self.sampler(params, prompts.tokens, prompts.mask, self.round_key(i, 0))
+            rows = {k: multihost.local_rows(getattr(ro, k)) for k in ("prompt_tokens", "prompt_mask", "tokens",
+                                                                      "mask", "lengths", "finished")}
+            row_examples = rollout_examples(self.comp.env, ro, prompts.examples, self.n)
+            generated = int(np.sum(rows["lengths"]))
         texts = decode_completions(self.comp.tokenizer, rows["tokens"], rows["mask"])
-        kept, correct, solved = keep_verified(texts, row_examples, rows["finished"], self.n,
+        kept, correct, solved = keep_verified(texts, row_examples, rows["finished"], self.k,
                                               int(self.section.keep_per_prompt), self.comp.task)
         total = lambda x: multihost.process_sum(float(x))  # noqa: E731
-        tokens = int(total(np.sum(rows["lengths"])))
+        tokens = int(total(generated))
         self.sampled_tokens += tokens
         metrics = {"search/solve_rate": total(np.sum(solved)) / self.prompts,
-                   "search/accuracy": total(np.sum(correct)) / (self.prompts * self.n),
+                   "search/accuracy": total(np.sum(correct)) / (self.prompts * self.k),
                    "search/kept": total(len(kept)), "search/sampled_tokens": float(tokens),
                    "search/sampled_tokens_total": float(self.sampled_tokens),
-                   "response_length": total(np.sum(rows["lengths"])) / (self.prompts * self.n)}
+                   "response_length": total(np.sum(rows["lengths"])) / (self.prompts * self.k)}
         return {"rows": rows, "kept": kept, "texts": texts, "examples": row_examples, "correct": correct,
                 "metrics": metrics, "empty_anywhere": total(len(kept) == 0) > 0}
 
@@ -247,6 +331,8 @@ def memory(cfg, s, z) -> dict[str, int]:
          "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, sft.SFTConfig().logprob_chunk,
                                                                               True)}
     t.update(z.rollout_terms(int(s.prompts_per_round) * int(s.search.n), int(s.prompts_per_round), p, n, s.sampling))
+    if s.search.method in STEP_METHODS:  # the PRM that ranks the steps (its own KV cache about the decoder's)
+        t["reward_model"] = z.params("value")
     return t | z.eval_terms(cfg, s)
 
 
