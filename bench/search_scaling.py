@@ -4,9 +4,12 @@ best-of-N (majority, ORM, PRM, PRM-weighted vote), PRM-guided beam search, DVTS 
     .venv/bin/python bench/search_scaling.py                            # trains experiments/search_chain.py first
     .venv/bin/python bench/search_scaling.py --budgets 4,16,64 --problems 256 --plot docs/img/search_scaling.png
     .venv/bin/python bench/search_scaling.py --experiment experiments/search_chain.py:smoke --problems 8 --budgets 4
+    .venv/bin/python bench/search_scaling.py --experiment experiments/smollm2_chain_search.py --prm oracle \
+        --orm none --methods majority,prm,beam,mcts --problems 32 --step-tokens 12 --max-steps 4   # a real model
 
-The run (policy after SFT, the PRM and the ORM stages) is trained by the experiment unless it has finished
-already (the trainer skips finished stages). Budgets are in candidate solutions per problem (see
+The run (the policy stage `--policy`, the PRM and the ORM stages) is trained by the experiment unless it has
+finished already (the trainer skips finished stages). `--prm oracle` ranks steps by the task's true step grades
+instead of a learned PRM (the bound a PRM approaches; a real model with no PRM trained for it). Budgets are in candidate solutions per problem (see
 `eval.search_eval`); every row reports the tokens actually generated per problem. Writes
 <run_dir>/search_scaling.json and, with --plot, the curve.
 """
@@ -45,6 +48,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy", default="sft", help="the stage whose policy searches")
+    ap.add_argument("--prm", default="prm", help="a prm stage's name, 'oracle' (the task's step grades) or 'none'")
+    ap.add_argument("--orm", default="orm", help="a reward_model stage's name or 'none'")
     ap.add_argument("--plot", default="")
     args = ap.parse_args()
 
@@ -68,12 +74,15 @@ def main() -> None:
     run_dir = pathlib.Path(cfg.run_root) / cfg.name
     comp, params = build(cfg)
     stages = tuple(cfg.stages)
-    policy, _, _ = load_stage_policy(comp, cfg, run_dir, "sft", params)
+    policy, _, _ = load_stage_policy(comp, cfg, run_dir, args.policy, params)
     run = types.SimpleNamespace(checkpoint_dir=lambda name: run_dir / "checkpoints" / name)  # read only
-    prm = (process_reward_model(comp.model_cfg), load_prm_params(comp, run, "prm", stages, policy)) \
-        if "prm" in stages else None
-    orm = (reward_model(comp.model_cfg), load_reward_params(comp, run, "orm", stages, policy)) \
-        if "orm" in stages else None
+    prm = orm = None
+    if args.prm == "oracle":
+        prm = "oracle"
+    elif args.prm != "none":
+        prm = (process_reward_model(comp.model_cfg), load_prm_params(comp, run, args.prm, stages, policy))
+    if args.orm != "none":
+        orm = (reward_model(comp.model_cfg), load_reward_params(comp, run, args.orm, stages, policy))
     task, tok = comp.task, comp.tokenizer
     table = step_end_table(tok, task.step_separator, comp.model_cfg.vocab_size)
     eos = tuple(tokenizer_info(tok).eos_ids)
@@ -81,7 +90,7 @@ def main() -> None:
                     eos_token_ids=eos, pad_token_id=tokenizer_info(tok).pad_id)
     ecfg = SearchEvalConfig(budgets=tuple(int(k) for k in args.budgets.split(",")),
                             methods=tuple(args.methods.split(",")), expansions=args.expansions, step=sc,
-                            batch_size=args.batch_size, max_prompt_len=int(cfg.sft.max_prompt_len))
+                            batch_size=args.batch_size, max_prompt_len=int(cfg[args.policy].max_prompt_len))
     examples = task.examples(args.split, args.problems, int(cfg.seed))
     t1 = time.time()
     rows = evaluate_search((comp.module, comp.model_cfg, policy), tok, task, examples, ecfg, step_ends=table,

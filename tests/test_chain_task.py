@@ -257,3 +257,15 @@ def test_sft_trains_on_the_worked_solution_when_an_example_has_one():
     texts = [tok.decode(t[m.astype(bool)][:-1]) for t, m in zip(toks, mask)]
     assert texts == ["12+7=19;19-3=16;16+9=25", "19"]
     assert [t[m.astype(bool)][-1] for t, m in zip(toks, mask)] == [info.eos_ids[0]] * 2
+
+
+def test_templates_make_chat_prompts_with_the_same_problems():
+    from jaxrl_llm.tasks.chain_arithmetic import ChainArithmeticTask
+    plain = ChainArithmeticTask(step_separator="\n")
+    chat = ChainArithmeticTask(step_separator="\n", templates=("Compute {problem}, one step per line.",))
+    a, b = plain.examples("test", 20, 3), chat.examples("test", 20, 3)
+    assert [e.answer for e in a] == [e.answer for e in b]
+    assert b[0].prompt == [{"role": "user", "content": f"Compute {a[0].prompt[:-1]}, one step per line."}]
+    assert chat.is_correct(a[0].meta["sft_target"], b[0]) and all(chat.grade_steps(a[0].meta["sft_target"], b[0]))
+    with pytest.raises(ValueError, match=r"template 'Compute' must be a string with \{problem\}"):
+        ChainArithmeticTask(templates=("Compute",))

@@ -27,7 +27,7 @@ from jaxrl_llm.search.beam import SearchResult, beam_search, dvts
 from jaxrl_llm.search.best_of_n import choose, sample_candidates
 from jaxrl_llm.search.decoding import StepConfig, StepDecoder
 from jaxrl_llm.search.mcts import mcts, path_tokens
-from jaxrl_llm.search.scorers import CachedPRMScorer, orm_scorer, prm_scorer
+from jaxrl_llm.search.scorers import CachedPRMScorer, orm_scorer, prm_scorer, step_grade_scorer
 from jaxrl_llm.tasks.base import Example
 from jaxrl_llm.tokenizer import decode_completions, encode_prompts
 
@@ -75,7 +75,8 @@ def evaluate_search(policy: tuple[Any, Any, Any], tokenizer, task, examples: Seq
                     orm: tuple[Any, Any] | None = None, env=None, param_shardings=None, chat: bool = False,
                     seed: int = 0) -> list[dict]:
     """Rows {method, budget, accuracy, tokens_per_problem, problems}: greedy once, then every method at every
-    budget. policy = (module, model_cfg, params); prm / orm = (module, params)."""
+    budget. policy = (module, model_cfg, params); prm / orm = (module, params); prm="oracle" scores steps with
+    the task's true grades (`search.scorers.step_grade_scorer`: the bound a learned PRM approaches)."""
     module, model_cfg, params = policy
     sc = cfg.step
     enc = encode_prompts(tokenizer, [e.prompt for e in examples], cfg.max_prompt_len, chat=chat)
@@ -85,7 +86,10 @@ def evaluate_search(policy: tuple[Any, Any, Any], tokenizer, task, examples: Seq
     key = jax.random.key(seed)
     dec = StepDecoder(module, model_cfg, sc, step_ends, env=env, param_shardings=param_shardings)
     prm_sc = prm_last = prm_steps = orm_sc = None
-    if prm is not None:
+    oracle = isinstance(prm, str)
+    if oracle and prm != "oracle":
+        raise ConfigError(f"search eval prm={prm!r}: a (module, params) pair or 'oracle' (the task's step grades)")
+    if prm is not None and not oracle:
         prm_sc = prm_scorer(prm[0], prm[1], step_ends, p, how=cfg.prm_agg)
         prm_last = prm_scorer(prm[0], prm[1], step_ends, p, how="last")  # MCTS's leaf values
         prm_steps = CachedPRMScorer(prm[0], prm[1], sc, env=env)  # beam search and DVTS: fed step by step
@@ -137,6 +141,9 @@ def evaluate_search(policy: tuple[Any, Any, Any], tokenizer, task, examples: Seq
             corr, toks = [], 0
             for j, (start, stop, pt, pm, exs) in enumerate(batches()):
                 k = jax.random.fold_in(jax.random.fold_in(key, budget), j)
+                if oracle:  # the task's true step grades, on the host, for this chunk's examples
+                    prm_sc = step_grade_scorer(tokenizer, task, exs, p, how=cfg.prm_agg)
+                    prm_last = prm_steps = step_grade_scorer(tokenizer, task, exs, p, how="last")
                 res = _run(method, budget, cfg, dec, sampler, params, pt, pm, k, prm_sc, prm_last, prm_steps,
                            orm_sc, greedy_tokens)
                 texts = [_texts(tokenizer, res.tokens[b], res.lengths[b]) for b in range(len(exs))]

@@ -70,6 +70,11 @@ class ChainArithmeticTask:
     is not 0, step_score times the fraction of steps that are right (component "steps", out of
     max(operations, steps written), so padding a solution with extra steps does not pay); the fraction
     itself is always reported as the diagnostic component "step_accuracy" (not added to the score).
+
+    For chat models: `templates` (strings with {problem}, the chain without "=", e.g. "12+7-3+9", and
+    optionally {separator}; one per problem, picked by a hash of it) make each prompt a user message, e.g. "Compute
+    {problem} one operation per line, each written as a+b=c." with step_separator="\n". The splits do not
+    change (they hash the plain chain).
     """
 
     min_steps: int = 2
@@ -85,10 +90,17 @@ class ChainArithmeticTask:
     correct_score: float = 1.0
     wrong_score: float = 0.0
     step_score: float = 0.0
+    templates: tuple[str, ...] = ()
     name: str = "chain_arithmetic"
 
     def __post_init__(self):
         object.__setattr__(self, "operators", tuple(self.operators))
+        templates = (self.templates,) if isinstance(self.templates, str) else tuple(self.templates)
+        object.__setattr__(self, "templates", templates)
+        for t in templates:
+            if not isinstance(t, str) or "{problem}" not in t:
+                raise ValueError(f"chain_arithmetic: template {t!r} must be a string with {{problem}} (the chain, "
+                                 "e.g. '12+7-3+9'); {separator} may name the step separator")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"chain_arithmetic: need 1 <= min_steps ({self.min_steps}) <= max_steps "
                              f"({self.max_steps})")
@@ -163,6 +175,10 @@ class ChainArithmeticTask:
             if (_stable_fraction(prompt) < self.test_fraction) != want_test:
                 continue
             steps = _steps(start, ops, operands, values)
+            if self.templates:  # a chat prompt; the split is still decided by the plain chain's hash
+                pick = self.templates[int(_stable_fraction("template/" + prompt) * len(self.templates))]
+                text = pick.format(problem=prompt[:-1], separator=self.step_separator)
+                prompt = [{"role": "user", "content": text}]
             out.append(Example(prompt=prompt, answer=str(values[-1]),
                                meta={"start": start, "ops": ops, "operands": operands, "values": values,
                                      "n_steps": len(ops), "steps": steps,
