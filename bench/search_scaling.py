@@ -19,19 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import time
 import types
 
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from rl_iteration import cpu_model  # bench/, the script's own directory
 
 
 def main() -> None:
@@ -98,9 +89,9 @@ def main() -> None:
                            seed=args.seed)
     search_s = time.time() - t1
     print(f"{cfg.name}: {len(examples)} held-out problems ({args.split}), {jax.devices()[0].device_kind} "
-          f"({_cpu()}); training {train_s:.0f} s (0 when the run had finished), search {search_s:.0f} s\n")
+          f"({cpu_model()}); training {train_s:.0f} s (0 when the run had finished), search {search_s:.0f} s\n")
     print(search_table(rows))
-    out = {"experiment": args.experiment, "args": vars(args), "cpu": _cpu(), "rows": rows, "search_s": search_s}
+    out = {"experiment": args.experiment, "args": vars(args), "cpu": cpu_model(), "rows": rows, "search_s": search_s}
     (run_dir / "search_scaling.json").write_text(json.dumps(out, indent=1) + "\n")
     if args.plot:
         plot_search(rows, args.plot, title=f"{cfg.name}: held-out accuracy vs generated tokens")

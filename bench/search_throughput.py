@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from rl_iteration import cpu_model  # bench/, the script's own directory
 
 from jaxrl_llm.models import create_model, get_preset
 from jaxrl_llm.models.transformer import ScalarHeadModel
@@ -32,16 +32,6 @@ from jaxrl_llm.search.beam import beam_search, dvts
 from jaxrl_llm.search.decoding import StepConfig, StepDecoder
 from jaxrl_llm.search.scorers import CachedPRMScorer, prm_scorer
 from jaxrl_llm.sharding import ShardingEnv, make_mesh
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -124,7 +114,7 @@ def main() -> None:
             times[m].append(time.perf_counter() - t0)
     med = {m: float(np.median(v)) for m, v in times.items()}
     base = counts["sample"] / med["sample"] if "sample" in med else None
-    print(f"device: {jax.devices()[0].device_kind} ({_cpu()}), {len(jax.devices())} device(s); model {args.model}, "
+    print(f"device: {jax.devices()[0].device_kind} ({cpu_model()}), {len(jax.devices())} device(s); model {args.model}, "
           f"{b} problems, W={w} E={e}, {args.steps} steps x {args.step_tokens} tokens, scorer {args.scorer}")
     print("| method | tokens | median s | tokens/s | vs sampling |")
     print("|---|---:|---:|---:|---:|")
@@ -136,7 +126,7 @@ def main() -> None:
         print(f"| {m} | {counts[m]} | {med[m]:.3f} | {tps:,.0f} | {ratio} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "cpu": _cpu(), "results": out}, f, indent=1)
+            json.dump({"args": vars(args), "cpu": cpu_model(), "results": out}, f, indent=1)
 
 
 if __name__ == "__main__":

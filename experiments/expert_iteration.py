@@ -14,19 +14,13 @@ rounds or GRPO iterations, both ~15.3k sampled tokens per 10): expert iteration 
 78.9 90.2%; demo GRPO 56.6 78.9 86.7 87.5 90.6 88.7 92.2%. GRPO leads at every point. 612 s (the demo 579 s)
 on the loaded machine."""
 
-import ml_collections as mc
-
-from jaxrl_llm.train.config import base_config, expert_iteration_stage, sft_stage
+from jaxrl_llm.train.config import digit_addition_config, expert_iteration_stage, sft_stage
 
 PRESETS = ("smoke",)
 
 
 def get_config(preset=None):
-    c = base_config()
-    c.task.name = "arithmetic"
-    c.task.kwargs = mc.ConfigDict(dict(min_digits=1, max_digits=2, operators=("+",), spaced=True, pad_operands=True,
-                                       reverse_answer=True))
-    c.eval.num_examples, c.eval.max_new_tokens, c.eval.every = 256, 6, 10
+    c = digit_addition_config(eval_every=10)
     c.stages = ("sft", "ei")
     c.sft = sft_stage(steps=200, batch_size=128, learning_rate=1e-3, max_prompt_len=12, max_response_len=6)
     c.sft.optimizer.warmup_steps = 20

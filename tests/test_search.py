@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm.models import CausalLM, ModelConfig, create_model
-from jaxrl_llm.rollout import SamplingConfig, make_sampler
+from jaxrl_llm.rollout import make_sampler
 from jaxrl_llm.search.decoding import StepConfig, StepDecoder
 from jaxrl_llm.sharding import ShardingEnv, make_mesh
 

@@ -320,13 +320,7 @@ class RewardModelStage(_PairStage):
         self.eval_fn = _in_env(comp, lambda p, b: pair_rewards(self.module, p, b))
 
     def init(self, params) -> None:
-        tree = scalar_head_params(params, self.comp, self.shardings)
-        if self.lora is None:
-            self.state = TrainState.create(tree, self.opt_cfg)
-        else:
-            from jaxrl_llm.models.lora import init_adapters
-            self.state = self.make_state(tree, self.opt_cfg,
-                                         adapters=init_adapters(self.module, self.adapter_key(), self.comp.env))
+        self.state = head_state(self, params)
 
     def run_stage(self, prev_params, checkpointer) -> Any:
         """Trains (or resumes) the reward model; returns `prev_params`: the next stage continues the policy."""
@@ -355,26 +349,45 @@ class RewardModelStage(_PairStage):
         return {"eval/accuracy": float(np.mean(rc > rr)), "eval/margin": float(np.mean(rc - rr))}
 
 
+def head_state(stage: Stage, params) -> TrainState:
+    """The TrainState of a scalar-head stage (reward model, PRM) starting from the policy `params`: the backbone
+    copied and a fresh head (`scalar_head_params`), all trained; under LoRA fresh adapters of the stage's module
+    and the head are trained on the policy's frozen base."""
+    tree = scalar_head_params(params, stage.comp, stage.shardings)
+    if stage.lora is None:
+        return TrainState.create(tree, stage.opt_cfg)
+    from jaxrl_llm.models.lora import init_adapters
+    return stage.make_state(tree, stage.opt_cfg, adapters=init_adapters(stage.module, stage.adapter_key(),
+                                                                        stage.comp.env))
+
+
 def load_reward_params(comp: Components, run, stage_name: str, stages: tuple[str, ...], policy_params) -> Any:
     """The final params of the finished reward_model stage `stage_name` of this run (a ScalarHeadModel tree,
     placed like the policy's backbone). `policy_params` only give the structure to restore into."""
     index = stages.index(stage_name)
     rm = RewardModelStage(comp, run, stage_name, index, stages[:index], with_data=False)
     rm.init(policy_params)
-    directory = run.checkpoint_dir(stage_name)
+    return final_head_params(rm, run, "reward_params", "reward model")
+
+
+def final_head_params(stage: Stage, run, key: str, what: str) -> Any:
+    """The params under `key` in the final checkpoint of `stage` (a scalar-head stage built without its data
+    and `init` with the policy's params, which give the structure): a reward model or a PRM. Under LoRA the
+    checkpoint holds the adapters and the head; they are merged onto the base the stage rebuilt."""
+    directory = run.checkpoint_dir(stage.name)
     with Checkpointer(directory, max_to_keep=None, async_save=False) as ck:
         step = ck.latest_step()
         if step is None:
-            raise ValueError(f"reward model stage {stage_name!r} has no checkpoint in {directory}; it must run "
-                             "(and finish) before the stage that reads it")
-        tree, meta = ck.restore(step, abstract_like(rm.tree()))
+            raise ValueError(f"{what} stage {stage.name!r} has no checkpoint in {directory}; it must run (and "
+                             "finish) before the stage that reads it")
+        tree, meta = ck.restore(step, abstract_like(stage.tree()))
     if not meta.get("done"):
-        raise ValueError(f"reward model stage {stage_name!r} did not finish (latest checkpoint {directory}/{step} "
-                         "is not final)")
-    if rm.lora is None:
-        return tree["reward_params"]
-    rm.restore(tree, meta)  # LoRA: the checkpoint holds the adapters and head; the base is rebuilt
-    return rm.params()  # the adapters merged: a reward model of the base's shape
+        raise ValueError(f"{what} stage {stage.name!r} did not finish (latest checkpoint {directory}/{step} is not "
+                         "final)")
+    if stage.lora is None:
+        return tree[key]
+    stage.restore(tree, meta)
+    return stage.params()  # the adapters merged: a model of the base's shape
 
 
 def dpo_memory(cfg, s, z) -> dict[str, int]:

@@ -44,7 +44,6 @@ import numpy as np
 
 from jaxrl_llm.algos.prm import PRMConfig, binary_auc, make_prm_step, separator_core, step_end_mask, step_end_table, \
     step_scores
-from jaxrl_llm.algos.train_state import TrainState
 from jaxrl_llm.data.iterator import tokenize_batch
 from jaxrl_llm.errors import ConfigError, DataError
 from jaxrl_llm.models import init_fn_for, process_reward_model
@@ -53,10 +52,9 @@ from jaxrl_llm.sharding import multihost
 from jaxrl_llm.sharding.params import param_shardings
 from jaxrl_llm.tasks.base import Example, Prompt
 from jaxrl_llm.train.build import Components, encode_prompt_batch, prompt_iterator, stage_sampler
-from jaxrl_llm.train.checkpoint import Checkpointer, abstract_like
 from jaxrl_llm.train.config import from_dataclass, optimizer_config, optimizer_from, to_dataclass
 from jaxrl_llm.train.stage import Stage, StageKind
-from jaxrl_llm.train.stages.preference import EVAL_CHUNK, _chunks, _in_env, scalar_head_params
+from jaxrl_llm.train.stages.preference import EVAL_CHUNK, _chunks, _in_env, final_head_params, head_state
 from jaxrl_llm.train.validation import choice, enough_rows, flag, integer, number, supervised_batches, unread
 
 SOURCES = ("jsonl", "task", "shepherd")
@@ -378,13 +376,7 @@ class PRMStage(Stage):
     def init(self, params) -> None:
         if self.with_data and self.arrays is None and not self._finished:
             self._make_data(params)
-        tree = scalar_head_params(params, self.comp, self.shardings)
-        if self.lora is None:
-            self.state = TrainState.create(tree, self.opt_cfg)
-        else:
-            from jaxrl_llm.models.lora import init_adapters
-            self.state = self.make_state(tree, self.opt_cfg,
-                                         adapters=init_adapters(self.module, self.adapter_key(), self.comp.env))
+        self.state = head_state(self, params)
 
     def step(self, i: int) -> dict:
         idx = np.asarray(next(self.iterator))
@@ -426,19 +418,7 @@ def load_prm_params(comp: Components, run, stage_name: str, stages: tuple[str, .
     index = stages.index(stage_name)
     st = PRMStage(comp, run, stage_name, index, stages[:index], with_data=False)
     st.init(policy_params)
-    directory = run.checkpoint_dir(stage_name)
-    with Checkpointer(directory, max_to_keep=None, async_save=False) as ck:
-        step = ck.latest_step()
-        if step is None:
-            raise ValueError(f"prm stage {stage_name!r} has no checkpoint in {directory}; it must run (and finish) "
-                             "before the stage that reads it")
-        tree, meta = ck.restore(step, abstract_like(st.tree()))
-    if not meta.get("done"):
-        raise ValueError(f"prm stage {stage_name!r} did not finish (latest checkpoint {directory}/{step} is not final)")
-    if st.lora is None:
-        return tree["prm_params"]
-    st.restore(tree, meta)  # LoRA: the checkpoint holds the adapters and head; the base is rebuilt
-    return st.params()  # the adapters merged: a PRM of the base's shape
+    return final_head_params(st, run, "prm_params", "prm")
 
 
 def prm_memory(cfg, s, z) -> dict[str, int]:
