@@ -263,6 +263,11 @@ class _FirstCharTask:
     def is_correct(self, text, example):
         return text[:1] == example.answer
 
+    def reward(self, inputs):
+        from jaxrl_llm.tasks.base import RewardOutput
+        ok = np.asarray([self.is_correct(t, e) for t, e in zip(inputs.completions, inputs.examples)])
+        return RewardOutput(scores=ok.astype(np.float32), correct=ok)
+
 
 def test_evaluate_search_runs_every_method_at_its_budget(model):
     from jaxrl_llm.eval.search_eval import SearchEvalConfig, evaluate_search, search_table
@@ -282,10 +287,12 @@ def test_evaluate_search_runs_every_method_at_its_budget(model):
     rows = evaluate_search((module, CFG, params), tok, _FirstCharTask(), examples, cfg, step_ends=_table(),
                            prm=(prm, prm_params), orm=(orm, orm_params))
     by = {r["method"]: r for r in rows}
-    assert set(by) == {"greedy", "majority", "orm", "prm", "prm_vote", "beam", "dvts", "mcts"}
+    assert set(by) == {"greedy", "majority", "verifier", "orm", "prm", "prm_vote", "beam", "dvts", "mcts"}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["problems"] == 3 for r in rows)
     assert 0 < by["greedy"]["tokens_per_problem"] <= 9
-    for m in ("majority", "orm", "prm", "prm_vote", "beam", "dvts"):  # 4 candidates of at most 9 tokens
+    # The verifier picks among the same samples as the votes and scorers: pass@4, their upper bound.
+    assert all(by["verifier"]["accuracy"] >= by[m]["accuracy"] for m in ("majority", "orm", "prm", "prm_vote"))
+    for m in ("majority", "verifier", "orm", "prm", "prm_vote", "beam", "dvts"):  # 4 candidates of <= 9 tokens
         assert by[m]["tokens_per_problem"] <= 4 * 9
     # The same samples (one key per budget and chunk): the votes and scores choose among identical candidates.
     assert by["majority"]["tokens_per_problem"] == by["orm"]["tokens_per_problem"] == by["prm"]["tokens_per_problem"]

@@ -5,6 +5,7 @@ beam search, DVTS and MCTS on the same held-out problems, at matched budgets of 
                            prm=(prm_module, prm_params), orm=(rm_module, rm_params), step_ends=table)
     print(search_table(rows)); plot_search(rows, "scaling.png")
 
+"verifier" picks by the task's own verifier: pass@k, the bound any selection of the same samples reaches.
 A budget k means k candidate solutions' worth of sampling per problem: best-of-k; beam search with k / E beams
 of E expansions each (k rows in lock step); DVTS with k / E subtrees of E expansions; MCTS with a budget of
 k * (greedy's mean tokens per problem) generated tokens. Every row of the result reports the tokens each
@@ -27,11 +28,11 @@ from jaxrl_llm.search.beam import SearchResult, beam_search, dvts
 from jaxrl_llm.search.best_of_n import choose, sample_candidates
 from jaxrl_llm.search.decoding import StepConfig, StepDecoder
 from jaxrl_llm.search.mcts import mcts, path_tokens
-from jaxrl_llm.search.scorers import CachedPRMScorer, orm_scorer, prm_scorer, step_grade_scorer
+from jaxrl_llm.search.scorers import CachedPRMScorer, orm_scorer, prm_scorer, step_grade_scorer, verifier_scorer
 from jaxrl_llm.tasks.base import Example
 from jaxrl_llm.tokenizer import decode_completions, encode_prompts
 
-METHODS = ("majority", "orm", "prm", "prm_vote", "beam", "dvts", "mcts")
+METHODS = ("majority", "verifier", "orm", "prm", "prm_vote", "beam", "dvts", "mcts")
 NEEDS = {"orm": "orm", "prm": "prm", "prm_vote": "prm", "beam": "prm", "dvts": "prm", "mcts": "prm"}
 
 
@@ -141,11 +142,12 @@ def evaluate_search(policy: tuple[Any, Any, Any], tokenizer, task, examples: Seq
             corr, toks = [], 0
             for j, (start, stop, pt, pm, exs) in enumerate(batches()):
                 k = jax.random.fold_in(jax.random.fold_in(key, budget), j)
+                ver_sc = verifier_scorer(tokenizer, task, exs, p) if method == "verifier" else None
                 if oracle:  # the task's true step grades, on the host, for this chunk's examples
                     prm_sc = step_grade_scorer(tokenizer, task, exs, p, how=cfg.prm_agg)
                     prm_last = prm_steps = step_grade_scorer(tokenizer, task, exs, p, how="last")
                 res = _run(method, budget, cfg, dec, sampler, params, pt, pm, k, prm_sc, prm_last, prm_steps,
-                           orm_sc, greedy_tokens)
+                           orm_sc if method == "orm" else ver_sc, greedy_tokens)
                 texts = [_texts(tokenizer, res.tokens[b], res.lengths[b]) for b in range(len(exs))]
                 pick = _pick(method, res, texts, task)
                 chosen = [texts[b][pick[b]] for b in range(len(exs))]
@@ -158,8 +160,9 @@ def evaluate_search(policy: tuple[Any, Any, Any], tokenizer, task, examples: Seq
     return rows
 
 
-def _run(method, budget, cfg, dec, sampler, params, pt, pm, key, prm_sc, prm_last, prm_steps, orm_sc,
+def _run(method, budget, cfg, dec, sampler, params, pt, pm, key, prm_sc, prm_last, prm_steps, outcome_sc,
          greedy_tokens) -> SearchResult:
+    """One search of a chunk of problems; outcome_sc scores whole solutions for "orm" / "verifier"."""
     e = cfg.expansions
     if method == "beam":
         return beam_search(dec, params, pt, pm, key, prm_steps, beam_width=budget // e, expansions=e)
@@ -171,7 +174,7 @@ def _run(method, budget, cfg, dec, sampler, params, pt, pm, key, prm_sc, prm_las
                    c_puct=cfg.mcts_c_puct, max_generated_tokens=int(math.ceil(budget * greedy_tokens)))
         return mcts_answer(out)
     cands = sample_candidates(sampler, params, pt, pm, key)
-    scorer = {"orm": orm_sc, "prm": prm_sc, "prm_vote": prm_sc}.get(method)
+    scorer = {"orm": outcome_sc, "verifier": outcome_sc, "prm": prm_sc, "prm_vote": prm_sc}.get(method)
     return cands if scorer is None else _rescore(cands, scorer, pt, pm)
 
 
