@@ -96,8 +96,8 @@ def main() -> None:
         from jaxrl_llm.search.mcts import mcts
         # MCTS's budget in the same tokens: each simulation expands E children of one step per problem.
         sims = w * args.steps
-        runs["mcts"] = lambda: mcts(dec, params, prompts, pmask, key, scorer, simulations=sims,
-                                    expansions=e).generated_tokens
+        runs["mcts"] = lambda: int(np.sum(mcts(dec, params, prompts, pmask, key, scorer, simulations=sims,
+                                               expansions=e).generated_tokens))
     except ImportError:
         pass
     methods = [m for m in args.methods.split(",") if m in runs]

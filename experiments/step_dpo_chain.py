@@ -9,7 +9,7 @@ step_dpo: MCTS over 128 train problems (16 simulations of 4 expansions; leaf val
 scored by the task's verifier), sibling steps with a Q gap >= 0.3 as pairs, sigmoid DPO (beta 0.1) against
 the SFT policy. Greedy held-out accuracy (final value) before and after.
 
-Measured figures: docs/search_training.md.
+Not measured yet at the default settings: only the smoke preset has run (the test suite runs it).
 """
 
 from jaxrl_llm.train.config import base_config, prm_stage, sft_stage, step_dpo_stage
