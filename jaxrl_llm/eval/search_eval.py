@@ -30,7 +30,8 @@ from jaxrl_llm.search.decoding import StepConfig, StepDecoder
 from jaxrl_llm.search.mcts import mcts, path_tokens
 from jaxrl_llm.search.scorers import CachedPRMScorer, orm_scorer, prm_scorer, step_grade_scorer, verifier_scorer
 from jaxrl_llm.tasks.base import Example
-from jaxrl_llm.tokenizer import decode_completions, encode_prompts
+from jaxrl_llm.data.iterator import tokenize_batch
+from jaxrl_llm.tokenizer import decode_completions
 
 METHODS = ("majority", "verifier", "orm", "prm", "prm_vote", "beam", "dvts", "mcts")
 NEEDS = {"orm": "orm", "prm": "prm", "prm_vote": "prm", "beam": "prm", "dvts": "prm", "mcts": "prm"}
@@ -73,14 +74,14 @@ def _texts(tokenizer, res_tokens: np.ndarray, res_lengths: np.ndarray) -> list[s
 
 def evaluate_search(policy: tuple[Any, Any, Any], tokenizer, task, examples: Sequence[Example],
                     cfg: SearchEvalConfig, *, step_ends: np.ndarray, prm: tuple[Any, Any] | None = None,
-                    orm: tuple[Any, Any] | None = None, env=None, param_shardings=None, chat: bool = False,
+                    orm: tuple[Any, Any] | None = None, env=None, param_shardings=None, chat: bool | None = None,
                     seed: int = 0) -> list[dict]:
     """Rows {method, budget, accuracy, tokens_per_problem, problems}: greedy once, then every method at every
     budget. policy = (module, model_cfg, params); prm / orm = (module, params); prm="oracle" scores steps with
     the task's true grades (`search.scorers.step_grade_scorer`: the bound a learned PRM approaches)."""
     module, model_cfg, params = policy
     sc = cfg.step
-    enc = encode_prompts(tokenizer, [e.prompt for e in examples], cfg.max_prompt_len, chat=chat)
+    enc = tokenize_batch(tokenizer, list(examples), cfg.max_prompt_len, chat=chat)  # chat None: by prompt type
     p = enc.tokens.shape[1]
     n = len(examples)
     bs = min(cfg.batch_size, n)
