@@ -9,7 +9,10 @@ step_dpo: MCTS over 128 train problems (16 simulations of 4 expansions; leaf val
 scored by the task's verifier), sibling steps with a Q gap >= 0.3 as pairs, sigmoid DPO (beta 0.1) against
 the SFT policy. Greedy held-out accuracy (final value) before and after.
 
-Not measured yet at the default settings: only the smoke preset has run (the test suite runs it).
+Measured (2-core AMD EPYC Zen 4, one seed, 5 min 14 s): SFT 57.4%; MCTS found a right solution for 92.2% of the
+128 problems (26404 tokens) and 688 pairs (199 held out); after 100 DPO steps held-out preference accuracy 52.3%
+(84% on training batches) and greedy accuracy fell to 22.7%: the task-accuracy collapse of DPO stages
+(docs/search_training.md).
 """
 
 from jaxrl_llm.train.config import base_config, prm_stage, sft_stage, step_dpo_stage
