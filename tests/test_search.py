@@ -1,5 +1,7 @@
 """Search: the step decoder against the sampler and full forwards, best-of-N selection, beam search, DVTS, MCTS."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,7 +116,7 @@ def test_select_and_append_reuse_the_cache(model):
         np.testing.assert_array_equal(np.asarray(getattr(picked, f)), np.asarray(getattr(state, f))[np.asarray(rows)])
     # Continuing a selected row gives the same step as continuing the original with the same key row-for-row:
     # rows 1 and 2 of `picked` are both copies of row 0, so greedy continuation is identical.
-    g = StepDecoder(module, CFG, sc.__class__(**{**sc.__dict__, "temperature": 0.0}), _table())
+    g = StepDecoder(module, CFG, dataclasses.replace(sc, temperature=0.0), _table())
     a, st_a = g.extend(params, picked, jax.random.key(9))
     np.testing.assert_array_equal(np.asarray(st_a.tokens)[1], np.asarray(st_a.tokens)[2])
     # append: feeding row r's generated tokens to a fresh prompt state gives the same next-token logits.

@@ -35,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_llm.errors import ConfigError
-from jaxrl_llm.search.decoding import SearchState, StepDecoder
+from jaxrl_llm.search.decoding import SearchState, StepDecoder, check_count
 
 # A scorer: (tokens [R, T], mask [R, T]) of prompt + generated tokens -> float [R], higher is better.
 Scorer = Callable[[Any, Any], Any]
@@ -72,12 +71,6 @@ class SearchResult:
         return toks, mask
 
 
-def _check_budget(**kw) -> None:
-    for name, v in kw.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"search.{name}={v!r}: must be an integer >= 1")
-
-
 def _top_rows(scores: np.ndarray, valid: np.ndarray, b: int, width: int) -> np.ndarray:
     """Global row indices of the `width` best valid rows of each of the b problems ([b * width]); ties go to
     the lower row. scores/valid are [b * C]."""
@@ -97,9 +90,8 @@ def beam_search(decoder: StepDecoder, params: Any, prompt_tokens, prompt_mask, k
     (`search.scorers.CachedPRMScorer`) is fed each round's step instead and follows the beams' rows. max_steps: rounds (default the
     decoder's `max_steps`). Deterministic for `key` (round r uses fold_in(key, r)).
     """
-    _check_budget(beam_width=beam_width, expansions=expansions)
     max_steps = decoder.cfg.max_steps if max_steps is None else max_steps
-    _check_budget(max_steps=max_steps)
+    check_count("beam_search", beam_width=beam_width, expansions=expansions, max_steps=max_steps)
     b = int(np.shape(prompt_tokens)[0])
     w, e = beam_width, expansions
     state = decoder.start(params, prompt_tokens, prompt_mask, n=w * e)
@@ -145,7 +137,7 @@ def dvts(decoder: StepDecoder, params: Any, prompt_tokens, prompt_mask, key: jax
          subtrees: int = 4, expansions: int = 4, max_steps: int | None = None) -> SearchResult:
     """Diverse verifier tree search: `subtrees` independent width-1 beam searches per problem (each expanding
     `expansions` candidates per round); the result has one candidate per subtree ([B, subtrees, M])."""
-    _check_budget(subtrees=subtrees)
+    check_count("dvts", subtrees=subtrees)
     pt = np.repeat(np.asarray(prompt_tokens), subtrees, axis=0)
     pm = np.repeat(np.asarray(prompt_mask), subtrees, axis=0)
     res = beam_search(decoder, params, pt, pm, key, scorer, beam_width=1, expansions=expansions,

@@ -42,6 +42,14 @@ from jaxrl_llm.sharding.params import param_shardings as _param_shardings
 from jaxrl_llm.sharding.rules import ShardingEnv, constrain
 
 
+def check_count(where: str, minimum: int = 1, **values) -> None:
+    """Raises a ConfigError naming `where.name` for any value that is not an integer >= minimum (a search's
+    budgets and sizes)."""
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ConfigError(f"{where}.{name}={v!r}: must be an integer >= {minimum}")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """How steps are sampled.
@@ -60,10 +68,7 @@ class StepConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
-        for name in ("step_tokens", "max_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"StepConfig.{name}={v!r}: must be an integer >= 1")
+        check_count("StepConfig", step_tokens=self.step_tokens, max_steps=self.max_steps)
         # The sampling fields are checked (and normalised) by SamplingConfig's own rules.
         sc = self.sampling()
         object.__setattr__(self, "eos_token_ids", sc.eos_token_ids)

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm.errors import ConfigError
-from jaxrl_llm.search.decoding import SearchState, StepDecoder
+from jaxrl_llm.search.decoding import SearchState, StepDecoder, check_count
 from jaxrl_llm.tokenizer import decode_completions
 
 # (tokens [R, T], mask [R, T]) of prompt + generated tokens (jax arrays) -> float [R], higher is better.
@@ -192,11 +192,9 @@ class _Trees:
         return nodes
 
 
-def _check(name: str, v: Any, choices: Sequence[str] | None = None, minimum: int | None = None) -> None:
-    if choices is not None and v not in choices:
+def _check(name: str, v: Any, choices: Sequence[str]) -> None:
+    if v not in choices:
         raise ConfigError(f"mcts: {name}={v!r} is not one of {tuple(choices)}")
-    if minimum is not None and (not isinstance(v, int) or isinstance(v, bool) or v < minimum):
-        raise ConfigError(f"mcts: {name}={v!r} must be an integer >= {minimum}")
 
 
 def _stop_rows(state: SearchState, stop: np.ndarray) -> SearchState:
@@ -231,10 +229,9 @@ def mcts(decoder: StepDecoder, params: Any, prompt_tokens, prompt_mask, key: jax
     cfg = decoder.cfg
     _check("leaf", leaf, LEAF_MODES)
     _check("best", best, BEST_RULES)
-    _check("simulations", simulations, minimum=1)
-    _check("expansions", expansions, minimum=1)
+    check_count("mcts", simulations=simulations, expansions=expansions)
     if max_generated_tokens is not None:
-        _check("max_generated_tokens", max_generated_tokens, minimum=1)
+        check_count("mcts", max_generated_tokens=max_generated_tokens)
     if not c_puct >= 0:
         raise ConfigError(f"mcts: c_puct={c_puct} must be >= 0 (0: pick children by Q alone)")
     if not prior_temperature > 0:
@@ -385,7 +382,7 @@ def sibling_pairs(result: MCTSResult, min_q_gap: float, *, min_visits: int = 1) 
     problem, parent, chosen (by Q, highest first), rejected (by Q, highest first)."""
     if not min_q_gap >= 0:
         raise ConfigError(f"sibling_pairs: min_q_gap={min_q_gap} must be >= 0")
-    _check("min_visits", min_visits, minimum=1)
+    check_count("sibling_pairs", min_visits=min_visits)
     pairs = []
     for i in range(result.parent.shape[0]):
         prompt = result.prompt_tokens[i][np.asarray(result.prompt_mask[i]) > 0]

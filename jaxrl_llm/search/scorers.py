@@ -93,7 +93,8 @@ def step_grade_scorer(tokenizer, task, examples: Sequence[Example], prompt_len: 
 
 
 def _cached_values(mod, tokens, positions, mask, cache):
-    """A `ScalarHeadModel`'s per-token values of `tokens` written into a KV cache (a `method=` for apply)."""
+    """A `ScalarHeadModel`'s backbone over `tokens` written into a KV cache: (hidden, cache) (a `method=` for
+    apply; `_head` reads the score from a hidden state)."""
     hidden, cache = mod.model(tokens, positions, mask, cache)
     return hidden, cache
 

@@ -22,6 +22,7 @@ max_response_len one step (search.step_tokens); both are checked before anything
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -112,30 +113,33 @@ class StepDPOStage(DPOStage):
 
     # --- the pairs
 
-    def _value_fn(self, examples, prompt_len: int):
-        from jaxrl_llm.search.scorers import prm_scorer, verifier_scorer
-        g = self.section.search
-        if g.value == "verifier":
-            return verifier_scorer(self.comp.tokenizer, self.comp.task, examples, prompt_len)
+    def _searchers(self, params):
+        """(sampling decoder, greedy rollout decoder, value_fn(examples) -> the MCTS value function of a chunk),
+        built once for the stage's pairs: one set of compiled programs for the train and held-out searches."""
         from jaxrl_llm.models import process_reward_model
-        from jaxrl_llm.train.stages.prm import load_prm_params
-        if getattr(self, "_prm", None) is None:
-            stages = tuple(self.cfg.stages)
-            self._prm = load_prm_params(self.comp, self.run, g.value, stages, self._start_params)
-        return prm_scorer(process_reward_model(self.comp.model_cfg), self._prm, self._table, prompt_len, how="last")
-
-    def _pairs_of(self, params, split: str, num: int, salt: int) -> tuple[dict[str, np.ndarray], dict]:
         from jaxrl_llm.search.decoding import StepConfig, StepDecoder
-        from jaxrl_llm.search.mcts import mcts, sibling_pairs
-        from jaxrl_llm.tokenizer import tokenizer_info
+        from jaxrl_llm.search.scorers import prm_scorer, verifier_scorer
+        from jaxrl_llm.train.stages.prm import load_prm_params
 
         s, g, comp = self.section, self.section.search, self.comp
-        info = tokenizer_info(comp.tokenizer)
         sc = StepConfig(step_tokens=int(g.step_tokens), max_steps=int(g.max_steps), temperature=float(g.temperature),
-                        eos_token_ids=tuple(info.eos_ids), pad_token_id=info.pad_id)
-        dec = StepDecoder(comp.module, comp.model_cfg, sc, self._table, env=comp.env, param_shardings=comp.shardings)
-        greedy = StepDecoder(comp.module, comp.model_cfg, sc.__class__(**{**sc.__dict__, "temperature": 0.0}),
-                             self._table, env=comp.env, param_shardings=comp.shardings)
+                        eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
+        dec, greedy = (StepDecoder(comp.module, comp.model_cfg, c, self._table, env=comp.env,
+                                   param_shardings=comp.shardings)
+                       for c in (sc, dataclasses.replace(sc, temperature=0.0)))
+        p_len = int(s.max_prompt_len)  # every chunk's prompts are padded to it
+        if g.value == "verifier":
+            return dec, greedy, lambda examples: verifier_scorer(comp.tokenizer, comp.task, examples, p_len)
+        prm = load_prm_params(comp, self.run, g.value, tuple(self.cfg.stages), params)
+        score = prm_scorer(process_reward_model(comp.model_cfg), prm, self._table, p_len, how="last")
+        return dec, greedy, lambda examples: score
+
+    def _pairs_of(self, params, searchers, split: str, num: int, salt: int) -> tuple[dict[str, np.ndarray], dict]:
+        from jaxrl_llm.search.mcts import mcts, sibling_pairs
+
+        s, g, comp = self.section, self.section.search, self.comp
+        dec, greedy, value_fn = searchers
+        leaf = "rollout" if g.value == "verifier" else "value"
         examples = comp.task.examples(split, num, int(self.cfg.seed))
         p_len, n_resp = int(s.max_prompt_len), int(s.max_response_len)
         rows = {"prompt": [], "chosen": [], "rejected": []}
@@ -147,8 +151,7 @@ class StepDPOStage(DPOStage):
             toks, mask, _ = encode_prompt_batch(comp, batch, p_len)
             toks, mask = np.asarray(jax.device_get(toks)), np.asarray(jax.device_get(mask))
             key = jax.random.fold_in(jax.random.fold_in(self.key, salt), c)
-            leaf = "rollout" if g.value == "verifier" else "value"
-            res = mcts(dec, params, toks, mask, key, self._value_fn(batch, toks.shape[1]),
+            res = mcts(dec, params, toks, mask, key, value_fn(batch),
                        simulations=int(g.simulations), expansions=int(g.expansions), c_puct=float(g.c_puct),
                        leaf=leaf, rollout_decoder=greedy if leaf == "rollout" else None)
             stats["problems"] += valid
@@ -164,14 +167,14 @@ class StepDPOStage(DPOStage):
                 rows["prompt"].append(pair.prefix)
                 rows["chosen"].append(pair.chosen[:n_resp])
                 rows["rejected"].append(pair.rejected[:n_resp])
-        return _arrays(rows, p_len, n_resp, info.pad_id), stats
+        return _arrays(rows, p_len, n_resp, comp.pad_id), stats
 
     def _make_pairs(self, params) -> None:
         from jaxrl_llm.algos.prm import step_end_table
         g = self.section.search
-        self._start_params = params
         self._table = step_end_table(self.comp.tokenizer, self.comp.task.step_separator, self.comp.model_cfg.vocab_size)
-        self.arrays, st = self._pairs_of(params, "train", int(g.num_problems), 0x57E9)
+        searchers = self._searchers(params)
+        self.arrays, st = self._pairs_of(params, searchers, "train", int(g.num_problems), 0x57E9)
         n = len(self.arrays["prompt_tokens"])
         self.summary.update({"pairs/train": n, "mcts/problems": st["problems"],
                              "mcts/solved": st["solved"] / max(st["problems"], 1),
@@ -181,7 +184,7 @@ class StepDPOStage(DPOStage):
                         f"{g.min_q_gap} (raise search.num_problems or search.simulations, or lower min_q_gap)",
                         int(self.section.batch_size), f"{self.where}.batch_size")
         if int(g.eval_problems) > 0:
-            held, _ = self._pairs_of(params, "test", int(g.eval_problems), 0x7E57)
+            held, _ = self._pairs_of(params, searchers, "test", int(g.eval_problems), 0x7E57)
             self.eval_arrays = held if len(held["prompt_tokens"]) else None
             self.summary["pairs/held_out"] = len(held["prompt_tokens"])
         self.iterator = prompt_iterator(self.comp, np.arange(n), int(self.section.batch_size),
