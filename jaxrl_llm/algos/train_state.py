@@ -17,7 +17,8 @@ built from three pieces here:
   (parameters and optimiser state unchanged) when the loss or gradient is not
   finite.
 * `jit_update(step, state, batch_example, env)`: `jax.jit` with explicit
-  shardings and the state donated.
+  shardings and the state donated (`aux_example`: an extra argument the step
+  reads, such as a frozen teacher's params, placed and never donated).
 
 `make_epoch_runner` runs epochs x minibatches of a step over one rollout batch
 inside a single jitted `lax.scan`.
@@ -363,67 +364,81 @@ def state_shardings(state: TrainState, env: ShardingEnv) -> Any:
 
 
 def jit_update(step: Callable, state: TrainState, batch_example: Any, env: ShardingEnv | None = None,
-               donate: bool = True) -> Callable:
+               donate: bool = True, aux_example: Any = None) -> Callable:
     """`jax.jit(step)` with explicit shardings (state as it is placed, batch by logical axes), state donated.
 
     The step is traced inside `env.activate()` so the model places its
     activations by logical axis names.
+
+    `aux_example`: a pytree the step reads but does not update (e.g. a frozen teacher's params). When given,
+    the step is `step(state, batch, rng, aux)` and so is the returned update; aux is placed with its own
+    shardings (each leaf's sharding when it lives on the mesh, else replicated) and never donated.
     """
     donate_argnums = (0,) if donate else ()
     if state.frozen is not None:
-        return _jit_update_frozen(step, state, batch_example, env, donate_argnums)
+        return _jit_update_frozen(step, state, batch_example, env, donate_argnums, aux_example)
     if env is None:
         return jax.jit(step, donate_argnums=donate_argnums)
 
-    def traced(state, batch, rng):
+    def traced(state, batch, rng, *aux):
         with env.activate():
-            return step(state, batch, rng)
+            return step(state, batch, rng, *aux)
 
     replicated = NamedSharding(env.mesh, PartitionSpec())
     st_sh = state_shardings(state, env)
     b_sh = batch_shardings(batch_example, env)
-    jitted = jax.jit(traced, in_shardings=(st_sh, b_sh, replicated), out_shardings=(st_sh, replicated),
+    aux_sh = () if aux_example is None else (state_shardings(aux_example, env),)
+    jitted = jax.jit(traced, in_shardings=(st_sh, b_sh, replicated, *aux_sh), out_shardings=(st_sh, replicated),
                      donate_argnums=donate_argnums)
 
-    def update(state, batch, rng):
+    def update(state, batch, rng, *aux):
         # Host arrays, or arrays placed elsewhere, are put on the batch shardings (a no-op when already there).
-        return jitted(place(state, st_sh), place(batch, b_sh), place(rng, replicated))
+        return jitted(place(state, st_sh), place(batch, b_sh), place(rng, replicated), *_place_aux(aux, aux_sh))
 
     update.jitted = jitted
     return update
 
 
+def _place_aux(aux: tuple, aux_sh: tuple) -> tuple:
+    """The optional non-donated argument of `jit_update`'s update, placed on its shardings."""
+    if len(aux) != len(aux_sh):
+        raise TypeError(f"update takes (state, batch, rng{', aux' if aux_sh else ''}); got {3 + len(aux)} "
+                        "arguments (pass aux_example to jit_update for a step with an aux argument)")
+    return tuple(place(a, s) for a, s in zip(aux, aux_sh))
+
+
 def _jit_update_frozen(step: Callable, state: TrainState, batch_example: Any, env: ShardingEnv | None,
-                       donate_argnums: tuple) -> Callable:
+                       donate_argnums: tuple, aux_example: Any = None) -> Callable:
     """`jit_update` of a state with a frozen tree: the jitted function takes it as an argument of its own,
-    `jitted(state without frozen, frozen, batch, rng)`, so the donated state holds only what the step
+    `jitted(state without frozen, frozen, batch, rng[, aux])`, so the donated state holds only what the step
     changes and the frozen arrays stay valid (and shared, e.g. as the reference policy)."""
-    def split_step(st, frozen, batch, rng):
-        new, metrics = step(st.replace(frozen=frozen), batch, rng)
+    def split_step(st, frozen, batch, rng, *aux):
+        new, metrics = step(st.replace(frozen=frozen), batch, rng, *aux)
         return new.replace(frozen=None), metrics
 
     if env is None:
         jitted = jax.jit(split_step, donate_argnums=donate_argnums)
 
-        def update(state, batch, rng):
-            new, metrics = jitted(state.replace(frozen=None), state.frozen, batch, rng)
+        def update(state, batch, rng, *aux):
+            new, metrics = jitted(state.replace(frozen=None), state.frozen, batch, rng, *aux)
             return new.replace(frozen=state.frozen), metrics
     else:
-        def traced(st, frozen, batch, rng):
+        def traced(st, frozen, batch, rng, *aux):
             with env.activate():
-                return split_step(st, frozen, batch, rng)
+                return split_step(st, frozen, batch, rng, *aux)
 
         replicated = NamedSharding(env.mesh, PartitionSpec())
         st_sh = state_shardings(state.replace(frozen=None), env)
         fr_sh = state_shardings(state.frozen, env)
         b_sh = batch_shardings(batch_example, env)
-        jitted = jax.jit(traced, in_shardings=(st_sh, fr_sh, b_sh, replicated), out_shardings=(st_sh, replicated),
-                         donate_argnums=donate_argnums)
+        aux_sh = () if aux_example is None else (state_shardings(aux_example, env),)
+        jitted = jax.jit(traced, in_shardings=(st_sh, fr_sh, b_sh, replicated, *aux_sh),
+                         out_shardings=(st_sh, replicated), donate_argnums=donate_argnums)
 
-        def update(state, batch, rng):
+        def update(state, batch, rng, *aux):
             frozen = place(state.frozen, fr_sh)
             new, metrics = jitted(place(state.replace(frozen=None), st_sh), frozen, place(batch, b_sh),
-                                  place(rng, replicated))
+                                  place(rng, replicated), *_place_aux(aux, aux_sh))
             return new.replace(frozen=frozen), metrics
 
     update.jitted = jitted
