@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -155,13 +155,15 @@ def encode_answers(comp: Components, examples: Sequence[Example], max_len: int):
     return toks, mask
 
 
-def make_evaluator(comp: Components, max_prompt_len: int):
+def make_evaluator(comp: Components, max_prompt_len: int, prompts: Callable[[list], list] | None = None):
     """The held-out evaluator of a stage (`eval.Evaluator`): `config.eval`'s examples of the task's test split,
-    samples and temperature, prompts of `max_prompt_len` tokens."""
+    samples and temperature, prompts of `max_prompt_len` tokens. `prompts`: maps the examples to the ones
+    evaluated (e.g. lessons injected into their prompts; the answers stay)."""
     from jaxrl_llm.eval.evaluator import Evaluator
     ev, seed = comp.config.eval, int(comp.config.seed)
+    examples = comp.task.examples("test", ev.num_examples, seed)
     return Evaluator(comp.module, comp.model_cfg, comp.env, comp.tokenizer, comp.task,
-                     comp.task.examples("test", ev.num_examples, seed), max_prompt_len=int(max_prompt_len),
+                     prompts(examples) if prompts is not None else examples, max_prompt_len=int(max_prompt_len),
                      max_new_tokens=int(ev.max_new_tokens), n_samples=int(ev.n_samples),
                      temperature=float(ev.temperature), chat=comp.chat, seed=seed + 7919,
                      param_shardings=comp.shardings)

@@ -50,7 +50,7 @@ def grpo_stage(variant: str = "grpo", iterations: int = 200, prompts_per_iter: i
         max_prompt_len=16, sampling=sampling_section(max_new_tokens),
         algo=optional_temperature(from_dataclass(algo)),
         optimizer=optimizer_config(learning_rate), reward=reward_section(),
-        process_reward=process_reward_section()))
+        process_reward=process_reward_section(), lessons=""))
 
 
 def algo_config(s: mc.ConfigDict, where: str) -> grpo.GRPOConfig:

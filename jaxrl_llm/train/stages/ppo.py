@@ -72,7 +72,7 @@ def ppo_stage(iterations: int = 200, prompts_per_iter: int = 32, samples_per_pro
         optimizer=optimizer_config(learning_rate),
         value_optimizer=optimizer_config(value_learning_rate),  # unused with algo.shared_backbone
         value_init="policy", reward_model_stage="", reward=reward_section(source="task"),
-        process_reward=process_reward_section()))
+        process_reward=process_reward_section(), lessons=""))
 
 
 def algo_config(s: mc.ConfigDict, where: str) -> ppo.PPOConfig:

@@ -50,6 +50,7 @@ from jaxrl_llm.errors import RewardFailureError
 from jaxrl_llm.rewards.rollout import RolloutScorer
 from jaxrl_llm.rewards.runner import HostRewardRunner
 from jaxrl_llm.rollout.sampling import SamplingConfig
+from jaxrl_llm.tasks.base import Example
 from jaxrl_llm.train.build import make_evaluator, prompt_iterator, stage_sampler
 from jaxrl_llm.train.config import ConfigError, keyed, to_dataclass
 from jaxrl_llm.train.experience import Experience, collect, encode_prompts
@@ -133,6 +134,9 @@ def check_rl_section(cfg: mc.ConfigDict, name: str, n: int, n_key: str) -> None:
         for key, default in (("top_k", 0), ("top_p", 1.0)):
             unread(s.sampling, key, f"{where}.sampling", default,
                    "with sampling.temperature=0.0 (greedy decoding takes the most likely token)")
+    if s.get("lessons"):
+        from jaxrl_llm.train.stages.lessons import check_lessons_from
+        check_lessons_from(cfg, name)
     r, rw = s.reward, f"{where}.reward"
     flag(r.in_jit, f"{rw}.in_jit")
     choice(r.on_error, f"{rw}.on_error", ("score", "abort"),
@@ -271,7 +275,12 @@ class RLStage(Stage):
         self.scorer = RolloutScorer(comp.task, comp.tokenizer, comp.env, vocab_size=comp.model_cfg.vocab_size,
                                     in_jit=bool(s.reward.in_jit), timeout_s=float(s.reward.timeout_s),
                                     on_error=s.reward.on_error, error_score=float(s.reward.error_score))
-        self.evaluator = make_evaluator(comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
+        self.lessons = None  # (texts, InjectConfig) injected into every prompt (`lessons`), or None
+        if s.get("lessons"):
+            from jaxrl_llm.train.stages.lessons import lessons_for
+            self.lessons = lessons_for(self.cfg, self.name, self.run)
+        self.evaluator = (make_evaluator(comp, s.max_prompt_len, self.with_lessons) if self.cfg.eval.every > 0
+                          else None)
         self.watch = RewardWatch(self, abort_on_failure=s.reward.get("source", "task") == "task")
 
     @classmethod
@@ -293,11 +302,23 @@ class RLStage(Stage):
 
     def experience(self, i: int, params, scorer=None, **kw) -> Experience:
         """Iteration i's prompts, sampled with `params` (key fold_in(stage key, i), 0) and scored."""
-        examples = next(self.iterator)
+        examples = self.with_lessons(next(self.iterator))
         prompts = encode_prompts(self.comp.tokenizer, self.comp.env, examples, int(self.section.max_prompt_len),
                                  self.prompts, chat=self.comp.chat)
+        if self.lessons is not None and int(prompts.num_truncated):
+            raise ConfigError(f"config.{self.name}.max_prompt_len={self.section.max_prompt_len}: "
+                              f"{int(prompts.num_truncated)} prompt(s) with the injected lessons are longer (left "
+                              "truncation would cut the lessons); raise it")
         key = jax.random.fold_in(jax.random.fold_in(self.key, i), 0)
         return collect(self.sampler, params, prompts, key, scorer or self.scorer, self.n, **kw)
+
+    def with_lessons(self, examples: list[Example]) -> list[Example]:
+        """`examples` with the stage's lessons in their prompts (`lessons`; unchanged without)."""
+        if self.lessons is None:
+            return list(examples)
+        from jaxrl_llm.lessons.inject import inject_example
+        texts, inject_cfg = self.lessons
+        return [inject_example(e, texts, inject_cfg) for e in examples]
 
     def update_key(self, i: int) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(self.key, i), 1)
