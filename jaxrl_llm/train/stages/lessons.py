@@ -37,7 +37,8 @@ Metrics per round: lessons/proposed, lessons/kept, lessons/merged, lessons/rejec
 lessons/tokens (the active block's tokens per prompt), lessons/gain_kept (mean gain of this round's kept
 lessons); val/reward_plain (no lessons, before distillation), val/reward_lessons (the kept base injected),
 val/reward_plain_after (no lessons, after distillation), val/retention ((after - plain) / (lessons - plain));
-rollout/reward_mean; distill/* (the update's metrics averaged over the round's steps); tokens/sampled and
+rollout/reward_mean; distill/* (the update's metrics averaged over the round's steps), lessons/prompt_tokens_saved
+(the prompt tokens of the lessons distilled and dropped, per call); tokens/sampled and
 tokens/sampled_total (every token this stage sampled: rollouts, reflections, scoring, distillation).
 
 Randomness: round i uses fold_in(fold_in(stage key, i), j) with j = 0 rollouts, 1 reflection, 2 scoring,
@@ -615,7 +616,8 @@ class LessonsStage(Stage):
             stacked.append(m)
         out = {f"distill/{k}" if not k.startswith("distill/") else k: float(v) for k, v in
                jax.device_get(step_metrics(jax.tree.map(lambda *x: jnp.stack(x), *stacked))).items()}
-        if d.drop_lessons:
+        if d.drop_lessons:  # the prompt tokens each call no longer spends on them
+            out["lessons/prompt_tokens_saved"] = float(self._block_tokens(texts))
             for lesson in self.base.active():
                 self.base.replace(lesson.id, status="distilled", note=f"{lesson.note}; distilled in round {i + 1}")
         return out
