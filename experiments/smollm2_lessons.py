@@ -8,19 +8,14 @@ against the plain prompt, kept when they help, then distilled into the weights s
     jaxrl-llm train experiments/smollm2_lessons.py:grpo_only  # GRPO alone, for the same sampled tokens
     jaxrl-llm train experiments/smollm2_lessons.py:smoke      # the machinery on the dummy model (tests)
 
-Task (`train.config.chat_arithmetic_config`): one-digit + - * asked in chat ("What is 7 * 8? Answer with just
-the number."), the reply's last integer is its answer, reward 1 when right. The base model rambles and often
-ends on a wrong number (greedy 45.8% held out, docs/experiments.md).
-Lessons stage, one round: 8 prompts x 4 samples at temperature 1 (32 new tokens) for the reflector; the three
-hand-written lessons of HAND proposed ("fixed" reflector); each scored greedily on 48 validation prompts (train
-split) against the base so far, kept when the 90% interval of the paired gain is above 0; 24 distillation
-updates of 16 prompts (reverse KL on the student's own samples, AdamW lr 1e-5), the kept lessons then leave
-the prompt. Held-out greedy accuracy (96 prompts, 48 new tokens) with and without the lessons before and after.
-`:self`: the policy reflects (4 contexts of 6 attempts, 2 lessons each, temperature 0.7), two rounds.
-`:grpo`: the default round, then 16 GRPO iterations (8 prompts x 8 samples, lr 2e-5, no KL; the setting of
-experiments/smollm2_arithmetic_grpo.py); `:grpo_only`: 24 GRPO iterations from the base model, evaluated every 4,
-to read GRPO alone at the sampled-token count of `:grpo` (tokens/sampled_total of the lessons stage + the GRPO
-stage's response_tokens).
+Task (`train.config.chat_arithmetic_config`): one-digit + - * asked in chat, reward 1 when the reply's last
+integer is right; the base model rambles (greedy 45.8% held out). One round: 8 prompts x 4 samples (32 new
+tokens); the HAND lessons proposed; each scored greedily on 48 validation prompts (train split) against the base
+so far, kept when the 90% interval of the paired gain is above 0; 24 distillation updates of 16 prompts (reverse
+KL on the student's samples, lr 1e-5); the kept lessons leave the prompt. Held-out greedy accuracy (96 prompts)
+with and without lessons before and after. `:self`: the policy writes the lessons (4 contexts of 6 attempts, 2
+each), two rounds. `:grpo`: the default round, then 16 GRPO iterations (8 x 8 samples, lr 2e-5, no KL);
+`:grpo_only`: 24 GRPO iterations evaluated every 4, read at the sampled tokens of `:grpo`.
 Expect: measured in docs/lessons.md (2-core AMD EPYC Zen 4, one seed).
 """
 
@@ -28,6 +23,9 @@ from jaxrl_llm.train.config import chat_arithmetic_config, grpo_stage, lessons_s
 
 PRESETS = ("self", "grpo", "grpo_only", "smoke")
 
+# SmolLM2's chat template puts this system message in when a prompt has none: given explicitly, it stays in
+# both the plain prompt and the one with lessons (which then differ only by the lesson block).
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 HAND = ("Reply with the number alone: no words, no steps, no explanation.",
         "Do the operation exactly as written, then give its result.",
         "For a product, recall the times table; for a difference, subtract the second number from the first.")
@@ -37,7 +35,7 @@ def _lessons(reflector: str = "fixed", rounds: int = 1):
     s = lessons_stage(rounds=rounds, prompts_per_round=8, group_size=4, max_new_tokens=32, reflector=reflector,
                       distill_steps=24, learning_rate=1e-5)
     s.max_prompt_len = 48
-    s.base.token_budget = 96
+    s.base.token_budget, s.inject.system_prompt = 96, SYSTEM
     s.score.num_prompts = 48
     s.distill.batch_size = 16
     if reflector == "fixed":
@@ -77,7 +75,7 @@ def get_config(preset=None):
         s.prompts_per_round, s.group_size, s.sampling.max_new_tokens = 2, 2, 4
         s.score.num_prompts, s.distill.steps, s.distill.batch_size = 4, 2, 2
         s.reflect.lessons = ("Be brief.",)
-        s.inject.header, s.base.token_budget = "", 16
+        s.inject.header, s.inject.system_prompt, s.base.token_budget = "", "", 16
         c.rl = _grpo(1)
         c.rl.prompts_per_iter, c.rl.algo.group_size, c.rl.sampling.max_new_tokens = 2, 2, 4
         c.eval.every, c.eval.num_examples, c.eval.max_new_tokens = 1, 4, 4
