@@ -42,6 +42,7 @@ def _lessons(reflector: str = "fixed", rounds: int = 1):
         s.reflect.lessons, s.reflect.contexts = HAND, 1
     else:
         s.reflect.contexts, s.reflect.attempts, s.reflect.samples = 4, 6, 2
+        s.reflect.max_prompt_len = 1024
     return s
 
 

@@ -235,3 +235,65 @@ def test_distillation_keys_are_not_accepted_without_distillation(tmp_path):
     with pytest.raises(ConfigError, match=r"^config\.lessons\.distill\.samples='teacher' is not read with "
                                           r"distill\.steps=0"):
         validate(c)
+
+
+def _reflection_stage(tmp_path, kind: str, path: str = ""):
+    from jaxrl_llm.train.build import build
+    from jaxrl_llm.train.stages.lessons import LessonsStage
+    c = _config(tmp_path, name=f"reflect_{kind}", distill_steps=0)
+    c.stages, c.eval.every = ("lessons",), 0
+    c.lessons.reflect.update(dict(kind=kind, lessons=(), path=path, samples=2, max_new_tokens=6,
+                                  max_prompt_len=400, template="{attempts}\nLesson:"))
+    validate(c)
+    comp, params = build(c)
+    stage = LessonsStage(comp, None, "lessons", 0, ())
+    stage.init(params)
+    return stage
+
+
+def _attempts():
+    from jaxrl_llm.lessons.reflect import Attempt
+    return [[Attempt("3+4=", "?", 0.0, "wrong; the expected answer is 7"), Attempt("2+2=", "!", 1.0, "correct")],
+            [Attempt("5+1=", "!", 1.0, "correct")]]
+
+
+@pytest.mark.parametrize("kind", ["policy", "model"])
+def test_sampled_reflectors_write_lessons_per_context_deterministically(tmp_path, kind):
+    """The policy, or a second model read from an HF directory, reads one reflection prompt per context and
+    samples reflect.samples texts for each; the same key gives the same texts."""
+    path = ""
+    if kind == "model":
+        from jaxrl_llm.models import create_model, get_preset
+        from jaxrl_llm.models.hf import save_hf
+        from jaxrl_llm.sharding import ShardingEnv, make_mesh
+        from jaxrl_llm.tokenizer import tiny_tokenizer_dir
+        cfg = get_preset("dummy")
+        _, params, _ = create_model(cfg, jax.random.key(11), ShardingEnv(make_mesh({"data": 1},
+                                                                                   devices=jax.devices()[:1])))
+        path = str(save_hf(params, cfg, tmp_path / "reflector", tokenizer_dir=tiny_tokenizer_dir()))
+    stage = _reflection_stage(tmp_path, kind, path)
+    fn, source = stage.reflector
+    assert source == ("policy" if kind == "policy" else f"model:{path}")
+    before = stage.sampled_tokens
+    a = fn(_attempts(), 0, jax.random.key(1))
+    assert [len(x) for x in a] == [2, 2] and all(isinstance(t, str) for x in a for t in x)
+    assert stage.sampled_tokens > before  # counted with the stage's sampled tokens
+    assert fn(_attempts(), 0, jax.random.key(1)) == a
+    stage.close()
+
+
+def test_lessons_go_into_smollm2s_system_message_exactly():
+    """With the real chat template (SmolLM2's, from its GGUF file): the block goes into the system message, and
+    inject.system_prompt keeps the template's default system message in both prompts."""
+    pytest.importorskip("gguf")
+    from jaxrl_llm.models.gguf import smollm2_path
+    from jaxrl_llm.tokenizer import load_tokenizer
+    tok = load_tokenizer(str(smollm2_path()))
+    user = [{"role": "user", "content": "What is 2 + 3?"}]
+    render = lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    default = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    cfg = InjectConfig(system_prompt=default)
+    assert render(inject(user, [], cfg)) == render(user)  # the baseline is the prompt as the template makes it
+    assert render(inject(user, [GOOD, BAD], cfg)) == (
+        f"<|im_start|>system\n{default}\n\nLessons learned from earlier attempts:\n- Shout\n- Ask<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
