@@ -23,8 +23,7 @@ from jaxrl_llm.train.config import chat_arithmetic_config, grpo_stage, lessons_s
 
 PRESETS = ("self", "grpo", "grpo_only", "smoke")
 
-# SmolLM2's chat template puts this system message in when a prompt has none: given explicitly, it stays in
-# both the plain prompt and the one with lessons (which then differ only by the lesson block).
+# SmolLM2's template adds it to a prompt without a system message: given, the prompts differ only by the lessons
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 HAND = ("Reply with the number alone: no words, no steps, no explanation.",
         "Do the operation exactly as written, then give its result.",
@@ -34,10 +33,8 @@ HAND = ("Reply with the number alone: no words, no steps, no explanation.",
 def _lessons(reflector: str = "fixed", rounds: int = 1):
     s = lessons_stage(rounds=rounds, prompts_per_round=8, group_size=4, max_new_tokens=32, reflector=reflector,
                       distill_steps=24, learning_rate=1e-5)
-    s.max_prompt_len = 48
-    s.base.token_budget, s.inject.system_prompt = 96, SYSTEM
-    s.score.num_prompts = 48
-    s.distill.batch_size = 16
+    s.max_prompt_len, s.base.token_budget, s.inject.system_prompt = 48, 96, SYSTEM
+    s.score.num_prompts, s.distill.batch_size = 48, 16
     if reflector == "fixed":
         s.reflect.lessons, s.reflect.contexts = HAND, 1
     else:
@@ -49,8 +46,7 @@ def _lessons(reflector: str = "fixed", rounds: int = 1):
 def _grpo(iterations: int):
     s = grpo_stage("grpo", iterations=iterations, prompts_per_iter=8, group_size=8, learning_rate=2e-5,
                    max_new_tokens=32, beta=0.0)
-    s.max_prompt_len = 48
-    s.reward.in_jit = False
+    s.max_prompt_len, s.reward.in_jit = 48, False
     return s
 
 
