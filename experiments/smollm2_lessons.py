@@ -66,8 +66,7 @@ def get_config(preset=None):
         c.rl = _grpo(24)
         c.eval.every, c.checkpoint.every = 4, 8
     if preset == "smoke":  # the dummy model and the tiny tokenizer: chat prompts, scoring, distillation, GRPO after
-        c.model.preset, c.model.path = "dummy", ""
-        c.stages = ("lessons", "rl")
+        c.model.preset, c.model.path, c.stages = "dummy", "", ("lessons", "rl")
         s = c.lessons
         s.prompts_per_round, s.group_size, s.sampling.max_new_tokens = 2, 2, 4
         s.score.num_prompts, s.distill.steps, s.distill.batch_size = 4, 2, 2
@@ -75,6 +74,7 @@ def get_config(preset=None):
         s.inject.header, s.inject.system_prompt, s.base.token_budget = "", "", 16
         c.rl = _grpo(1)
         c.rl.prompts_per_iter, c.rl.algo.group_size, c.rl.sampling.max_new_tokens = 2, 2, 4
+        c.rl.lessons = "lessons"  # the lessons stage's base (what is left in the prompt)
         c.eval.every, c.eval.num_examples, c.eval.max_new_tokens = 1, 4, 4
         c.checkpoint.every = 0
     return c

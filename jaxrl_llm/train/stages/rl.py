@@ -305,7 +305,7 @@ class RLStage(Stage):
         examples = self.with_lessons(next(self.iterator))
         prompts = encode_prompts(self.comp.tokenizer, self.comp.env, examples, int(self.section.max_prompt_len),
                                  self.prompts, chat=self.comp.chat)
-        if self.lessons is not None and int(prompts.num_truncated):
+        if self.lessons is not None and self.lessons[0] and int(prompts.num_truncated):
             raise ConfigError(f"config.{self.name}.max_prompt_len={self.section.max_prompt_len}: "
                               f"{int(prompts.num_truncated)} prompt(s) with the injected lessons are longer (left "
                               "truncation would cut the lessons); raise it")
