@@ -115,6 +115,8 @@ def test_a_helpful_lesson_is_kept_a_hurtful_one_is_not_and_distillation_keeps_th
     first, last = [r for r in _metrics(run) if "eval/accuracy" in r][0], [r for r in _metrics(run)
                                                                               if "eval/accuracy" in r][-1]
     assert last["eval/accuracy"] > first["eval/accuracy"]
+    # held out: with the lesson in the prompt (before distillation) as good as the plain prompt after it
+    assert m["eval/accuracy_with_lessons"] > first["eval/accuracy"] + 0.2
 
 
 def test_the_base_file_records_provenance_and_every_round(distilled):

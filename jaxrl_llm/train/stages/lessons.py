@@ -39,7 +39,9 @@ lessons); val/reward_plain (no lessons, before distillation), val/reward_lessons
 val/reward_plain_after (no lessons, after distillation), val/retention ((after - plain) / (lessons - plain));
 rollout/reward_mean; distill/* (the update's metrics averaged over the round's steps), lessons/prompt_tokens_saved
 (the prompt tokens of the lessons distilled and dropped, per call); tokens/sampled and
-tokens/sampled_total (every token this stage sampled: rollouts, reflections, scoring, distillation).
+tokens/sampled_total (every token this stage sampled: rollouts, reflections, scoring, distillation). Held-out
+evaluation: eval/accuracy (plain prompts) and eval/accuracy_with_lessons (the active lessons injected; in a round
+that distills, measured before the distillation).
 
 Randomness: round i uses fold_in(fold_in(stage key, i), j) with j = 0 rollouts, 1 reflection, 2 scoring,
 3 + step distillation sampling, 1000 + step distillation updates. Resuming from a round's checkpoint and its
@@ -481,6 +483,10 @@ class LessonsStage(Stage):
         metrics.update(self._curate(i, params, candidates))
         # 4. distillation
         if self.distill_steps and self.base.active_texts():
+            every = int(self.cfg.eval.every)
+            if every > 0 and ((i + 1) % every == 0 or i + 1 == self.total_steps):
+                # the held-out accuracy with the lessons in the prompt, before they go into the weights
+                metrics["eval/accuracy_with_lessons"] = self._accuracy_with(self.base.active_texts(), params)
             metrics.update(self._distill(i))
             after = float(np.mean(self.validation_rewards(self.model_params(), [], self.round_key(i, 2))))
             gap = metrics["val/reward_lessons"] - metrics["val/reward_plain"]
@@ -629,20 +635,19 @@ class LessonsStage(Stage):
             return {}
         params = self.model_params()
         out = self.evaluator(params)
-        texts = tuple(self.base.active_texts())
-        if texts:
-            ev = self._lesson_evaluators.get(texts)
-            if ev is None:
-                from jaxrl_llm.eval.evaluator import Evaluator
-                e, comp = self.evaluator, self.comp
-                exs = [inject_example(x, list(texts), self.inject_cfg) for x in e.examples]
-                ev = Evaluator(comp.module, comp.model_cfg, comp.env, comp.tokenizer, comp.task, exs,
-                               max_prompt_len=self.lesson_width, max_new_tokens=e.max_new_tokens, n_samples=e.n,
-                               temperature=float(self.cfg.eval.temperature), chat=comp.chat,
-                               seed=int(self.cfg.seed) + 7919, param_shardings=comp.shardings)
-                self._lesson_evaluators = {texts: ev}
-            out["eval/accuracy_with_lessons"] = ev(params)["eval/accuracy"]
+        if self.base.active_texts():
+            out["eval/accuracy_with_lessons"] = self._accuracy_with(self.base.active_texts(), params)
         return out
+
+    def _accuracy_with(self, texts: Sequence[str], params) -> float:
+        """Held-out accuracy of `params` with `texts` in the prompts (one evaluator per set of lessons)."""
+        texts = tuple(texts)
+        ev = self._lesson_evaluators.get(texts)
+        if ev is None:
+            ev = make_evaluator(self.comp, self.lesson_width,
+                                lambda exs: [inject_example(x, list(texts), self.inject_cfg) for x in exs])
+            self._lesson_evaluators = {texts: ev}
+        return ev(params)["eval/accuracy"]
 
     def close(self) -> None:
         self.scorer.close()

@@ -276,7 +276,7 @@ class RLStage(Stage):
                                     in_jit=bool(s.reward.in_jit), timeout_s=float(s.reward.timeout_s),
                                     on_error=s.reward.on_error, error_score=float(s.reward.error_score))
         self.lessons = None  # (texts, InjectConfig) injected into every prompt (`lessons`), or None
-        if s.get("lessons"):
+        if s.get("lessons") and self.run is not None:  # (no run: the policy is only restored, e.g. to evaluate)
             from jaxrl_llm.train.stages.lessons import lessons_for
             self.lessons = lessons_for(self.cfg, self.name, self.run)
         self.evaluator = (make_evaluator(comp, s.max_prompt_len, self.with_lessons) if self.cfg.eval.every > 0
