@@ -86,8 +86,9 @@ def _metrics(run_dir, stage="lessons"):
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
+    """SFT, then two lessons rounds (the second reflects on the distilled model; a resumed run repeats it)."""
     tmp = tmp_path_factory.mktemp("lessons")
-    cfg = _config(tmp)
+    cfg = _config(tmp, rounds=2)
     validate(cfg)
     summary = train(cfg)
     return tmp, cfg, summary
@@ -96,14 +97,14 @@ def distilled(tmp_path_factory):
 def test_a_helpful_lesson_is_kept_a_hurtful_one_is_not_and_distillation_keeps_the_gain(distilled):
     tmp, cfg, _ = distilled
     run = tmp / "runs" / cfg.name
-    base = LessonBase.load(run / "lessons" / "lessons" / "base.json")
+    base = LessonBase.load(run / "lessons" / "lessons" / "v0001.json")  # the base after round 1
     by_text = {x.text: x for x in base.lessons}
     good, bad = by_text[GOOD], by_text[BAD]
     # measured: the lesson's paired gain over the plain prompt (about half the prompts begin with "?")
     assert good.gain > 0.25 and good.ci[0] > 0, good
     assert good.status == "distilled" and good.n == 16
     assert bad.status == "rejected" and bad.gain < 0, bad  # it hurts: never kept
-    m = [r for r in _metrics(run) if "val/reward_plain" in r][-1]
+    m = [r for r in _metrics(run) if "val/reward_plain" in r][0]  # round 1
     assert m["val/reward_plain"] < 0.8 and m["val/reward_lessons"] > 0.9
     assert m["lessons/kept"] == 1 and m["lessons/rejected"] == 1 and m["lessons/proposed"] == 2
     # distillation: the plain prompt now behaves as with the lesson, which has left the prompt
@@ -112,8 +113,7 @@ def test_a_helpful_lesson_is_kept_a_hurtful_one_is_not_and_distillation_keeps_th
     assert m["lessons/active"] == 0 and m["lessons/tokens"] == 0
     assert m["tokens/sampled"] > 0 and m["tokens/sampled_total"] == m["tokens/sampled"]
     assert np.isfinite(m["distill/loss"])
-    first, last = [r for r in _metrics(run) if "eval/accuracy" in r][0], [r for r in _metrics(run)
-                                                                              if "eval/accuracy" in r][-1]
+    first, last = [r for r in _metrics(run) if "eval/accuracy" in r][:2]  # before, after round 1
     assert last["eval/accuracy"] > first["eval/accuracy"]
     # held out: with the lesson in the prompt (before distillation) as good as the plain prompt after it
     assert m["eval/accuracy_with_lessons"] > first["eval/accuracy"] + 0.2
@@ -122,9 +122,17 @@ def test_a_helpful_lesson_is_kept_a_hurtful_one_is_not_and_distillation_keeps_th
 def test_the_base_file_records_provenance_and_every_round(distilled):
     tmp, cfg, _ = distilled
     d = tmp / "runs" / cfg.name / "lessons" / "lessons"
-    assert (d / "v0001.json").read_text() == (d / "base.json").read_text()
+    assert (d / "v0002.json").read_text() == (d / "base.json").read_text()
+    assert json.loads((d / "v0001.json").read_text())["version"] == 1
     raw = json.loads((d / "base.json").read_text())
-    assert raw["version"] == 1 and raw["token_budget"] == cfg.lessons.base.token_budget
+    assert raw["version"] == 2 and raw["token_budget"] == cfg.lessons.base.token_budget
+    # round 2 reflects on the distilled model: the lesson in the weights is not scored again; the one rejected in
+    # round 1 is, and its record keeps the earlier verdict
+    assert [x["text"] for x in raw["lessons"]].count(GOOD) == 1
+    good2, bad2 = (next(x for x in raw["lessons"] if x["text"] == t) for t in (GOOD, BAD))
+    assert good2["status"] == "distilled" and good2["round"] == 1
+    assert bad2["round"] == 2 and bad2["evidence"]["earlier"][0]["round"] == 1
+    assert bad2["evidence"]["earlier"][0]["gain"] < 0
     good = next(x for x in raw["lessons"] if x["text"] == GOOD)
     assert good["source"] == "fixed" and good["round"] == 1 and good["evidence"]["attempts"]
     assert list(good)[1] == "text" or list(good)[0] == "text"
@@ -169,23 +177,20 @@ def _state(run_dir, step) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def test_resumed_run_continues_bitwise(tmp_path):
-    """Round 2 run again from round 1's checkpoint and base file: the same base file, metrics and state."""
-    cfg = _config(tmp_path, name="resume", rounds=2, distill_steps=2)
-    cfg.sft.steps = 20
-    cfg.lessons.score.temperature, cfg.lessons.score.samples = 1.0, 2
-    cfg.eval.every = 0
-    train(cfg)
-    run = tmp_path / "runs" / "resume"
+def test_resumed_run_continues_bitwise(distilled):
+    """Round 2 run again from round 1's checkpoint and base file: the same base file, metrics and state (the
+    finished SFT stage is restored, not rerun)."""
+    tmp, cfg, _ = distilled
+    run = tmp / "runs" / cfg.name
     base = (run / "lessons" / "lessons" / "v0002.json").read_text()
-    metrics, final = _metrics(run)[-1], _state(run, 2)
+    metrics, final = _metrics(run)[-2:], _state(run, 2)
+    assert "val/reward_plain" in metrics[0] and metrics[0]["step"] == 2  # round 2's metrics, then its evaluation
     shutil.rmtree(run / "checkpoints" / "lessons" / "2")
     (run / "lessons" / "lessons" / "v0002.json").unlink()
     train(cfg)
     assert (run / "lessons" / "lessons" / "v0002.json").read_text() == base
-    again = _metrics(run)[-1]
-    assert {k: v for k, v in again.items() if not k.startswith("time")} == {
-        k: v for k, v in metrics.items() if not k.startswith("time")}
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]  # noqa: E731
+    assert strip(_metrics(run)[-2:]) == strip(metrics)
     state = _state(run, 2)
     assert set(state) == set(final)
     for k in final:

@@ -537,13 +537,18 @@ class LessonsStage(Stage):
         return out
 
     def _record(self, text: str, **fields) -> Lesson:
-        """Adds a lesson to the base, or updates the record of one with the same text proposed before."""
+        """Adds a lesson to the base, or updates the record of one with the same text proposed before (its
+        earlier verdicts kept in evidence["earlier"])."""
         lesson = Lesson.create(text, **fields)
         try:
-            return self.base.replace(lesson.id, **{k: v for k, v in dataclasses.asdict(lesson).items()
-                                                   if k not in ("id", "text")})
+            old = self.base.get(lesson.id)
         except KeyError:
             return self.base.add(lesson)
+        earlier = list(old.evidence.get("earlier", [])) + [
+            {"round": old.round, "status": old.status, "gain": old.gain, "ci": list(old.ci) if old.ci else None}]
+        changes = {k: v for k, v in dataclasses.asdict(lesson).items() if k not in ("id", "text")}
+        changes["evidence"] = {**lesson.evidence, "earlier": earlier}
+        return self.base.replace(lesson.id, **changes)
 
     def _curate(self, i: int, params, candidates: list[tuple[str, dict]]) -> dict[str, float]:
         """Scores round i's candidates one after another against the base as it grows; returns the metrics."""
