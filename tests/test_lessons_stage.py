@@ -57,7 +57,7 @@ def _sft_file(path) -> str:
     return str(f)
 
 
-def _config(tmp_path, name="lessons", rounds=1, distill_steps=12) -> mc.ConfigDict:
+def _config(tmp_path, name="lessons", rounds=1, distill_steps=8) -> mc.ConfigDict:
     c = base_config()
     c.name, c.run_root, c.model.preset = name, str(tmp_path / "runs"), "dummy"
     c.task.name, c.task.kwargs = "lesson_probe", mc.ConfigDict(ARITH)
@@ -65,7 +65,7 @@ def _config(tmp_path, name="lessons", rounds=1, distill_steps=12) -> mc.ConfigDi
     c.log.every, c.log.progress, c.log.tensorboard = 1, False, False
     c.checkpoint.every, c.checkpoint.keep, c.checkpoint.async_save = 1, 5, False
     c.stages = ("sft", "lessons")
-    c.sft = sft_stage(steps=60, batch_size=32, learning_rate=3e-3, max_prompt_len=24, max_response_len=2)
+    c.sft = sft_stage(steps=40, batch_size=32, learning_rate=3e-3, max_prompt_len=24, max_response_len=2)
     c.sft.data.source, c.sft.data.path = "jsonl", _sft_file(tmp_path)
     c.sft.data.num_examples = sft_stage().data.num_examples
     c.lessons = lessons_stage(rounds=rounds, prompts_per_round=4, group_size=2, max_new_tokens=2, reflector="fixed",
