@@ -64,7 +64,7 @@ from jaxrl_llm.algos.train_state import jit_update, with_frozen
 from jaxrl_llm.data.iterator import tokenize_batch
 from jaxrl_llm.errors import ResumeError
 from jaxrl_llm.lessons.base import Lesson, LessonBase, decide, fit_budget, near_duplicate, paired_gain
-from jaxrl_llm.lessons.inject import InjectConfig, inject_example
+from jaxrl_llm.lessons.inject import InjectConfig, inject_example, token_counter
 from jaxrl_llm.lessons.reflect import (REFLECTION_PROMPT, Attempt, call_lesson_function, fixed_lessons, parse_lesson,
                                        pick_attempts, prompt_text, reflection_prompt, resolve_function)
 from jaxrl_llm.rewards.rollout import RolloutScorer
@@ -72,7 +72,7 @@ from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.sharding import multihost
 from jaxrl_llm.tasks.base import Example
 from jaxrl_llm.tokenizer import decode_completions, tokenizer_info
-from jaxrl_llm.train.build import jnp_tree_copy, make_evaluator, prompt_iterator
+from jaxrl_llm.train.build import jnp_tree_copy, make_evaluator, prompt_iterator, stage_sampler
 from jaxrl_llm.train.config import ConfigError, optimizer_config, optimizer_from, to_dataclass
 from jaxrl_llm.train.experience import step_metrics
 from jaxrl_llm.train.stage import Stage, StageKind
@@ -276,7 +276,6 @@ class _Scored:
     rewards: np.ndarray
     correct: np.ndarray
     texts: list[str]
-    tokens: int
 
 
 class LessonsStage(Stage):
@@ -297,12 +296,10 @@ class LessonsStage(Stage):
         self.inject_cfg = inject_config(s, where)
         self.width = int(s.max_prompt_len)
         self.lesson_width = lesson_prompt_len(s)
-        self.count_tokens = lambda t: len(comp.tokenizer.encode(t, add_special_tokens=False))  # noqa: E731
-        sm = s.sampling
-        self.rollout_sampler = self._sampler(self.n, int(sm.max_new_tokens), float(sm.temperature), int(sm.top_k),
-                                             float(sm.top_p))
-        sc = s.score
-        self.score_sampler = self._sampler(int(sc.samples), int(sm.max_new_tokens), float(sc.temperature))
+        self.count_tokens = token_counter(comp.tokenizer)
+        self.rollout_sampler = self._sampler(self.n)
+        self.score_sampler = self._sampler(int(s.score.samples), temperature=float(s.score.temperature), top_k=0,
+                                           top_p=1.0)
         self.scorer = RolloutScorer(comp.task, comp.tokenizer, comp.env, vocab_size=comp.model_cfg.vocab_size,
                                     in_jit=False)
         self.reflector = self._reflector()
@@ -312,15 +309,13 @@ class LessonsStage(Stage):
         if self.distill_steps:
             self.distill_iterator = prompt_iterator(comp, self.examples, int(d.batch_size),
                                                     self.cfg.seed + self.index + 7919)
-            self.distill_sampler = self._sampler(1, int(sm.max_new_tokens), float(sm.temperature), int(sm.top_k),
-                                                 float(sm.top_p))
+            self.distill_sampler = self._sampler(1)
             self.step_fn = distill.make_distill_step(comp.module, comp.model_cfg, distill_config(s, where),
                                                      num_micro_batches=int(d.num_micro_batches))
         else:
             self.distill_iterator = None
         self.update = None
         self.sampled_tokens = 0
-        self.base = LessonBase([], version=0, token_budget=int(s.base.token_budget))
         self.evaluator = make_evaluator(comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
         self._lesson_evaluators: dict[tuple[str, ...], Any] = {}
 
@@ -330,11 +325,10 @@ class LessonsStage(Stage):
 
     # --------------------------------------------------------------------------- pieces
 
-    def _sampler(self, n: int, max_new: int, temperature: float, top_k: int = 0, top_p: float = 1.0):
-        comp = self.comp
-        sc = SamplingConfig(max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p, n_samples=n,
-                            eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
-        return make_sampler(comp.module, comp.model_cfg, sc, env=comp.env, param_shardings=comp.shardings)
+    def _sampler(self, n: int, **override):
+        """The policy's sampler from the stage's `sampling` section (its KV-cache and weight-split settings
+        included) with the keys in `override`, n completions per prompt."""
+        return stage_sampler(self.comp, mc.ConfigDict({**self.section.sampling.to_dict(), **override}), n)[1]
 
     def _reflector(self):
         """(fn(contexts, round, key) -> the candidate lesson texts of each context, the source name lessons are
@@ -354,13 +348,11 @@ class LessonsStage(Stage):
     def _sampled_reflector(self, path: str | None):
         """Lessons sampled from the policy (path None) or from a second model read from `path`."""
         r, comp = self.section.reflect, self.comp
-        sc = SamplingConfig(max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
-                            n_samples=int(r.samples), eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id)
+        over = dict(max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature), top_k=0, top_p=1.0)
         if path is None:
-            tokenizer, sampler, params = comp.tokenizer, make_sampler(
-                comp.module, comp.model_cfg, sc, env=comp.env, param_shardings=comp.shardings), None
+            tokenizer, sampler, params = comp.tokenizer, self._sampler(int(r.samples), **over), None
         else:
-            tokenizer, sampler, params = self._reflector_model(path, sc)
+            tokenizer, sampler, params = self._reflector_model(path, int(r.samples), over)
         template = r.template or REFLECTION_PROMPT
         chat = bool(getattr(tokenizer, "chat_template", None))
         width = int(r.max_prompt_len)
@@ -380,7 +372,7 @@ class LessonsStage(Stage):
             return [texts[c * k:(c + 1) * k] for c in range(len(prompts))]
         return reflect
 
-    def _reflector_model(self, path: str, sc: SamplingConfig):
+    def _reflector_model(self, path: str, n: int, over: dict):
         from jaxrl_llm.models import CausalLM, load_hf
         from jaxrl_llm.models.gguf import load_gguf
         from jaxrl_llm.tokenizer import is_gguf_path, load_tokenizer
@@ -390,7 +382,7 @@ class LessonsStage(Stage):
                                                                           **model_numerics(self.cfg.model))
         tokenizer = load_tokenizer(path, vocab_size=model_cfg.vocab_size)
         info = tokenizer_info(tokenizer)
-        sc = dataclasses.replace(sc, eos_token_ids=tuple(info.eos_ids), pad_token_id=info.pad_id)
+        sc = SamplingConfig(n_samples=n, eos_token_ids=tuple(info.eos_ids), pad_token_id=info.pad_id, **over)
         return tokenizer, make_sampler(CausalLM(model_cfg), model_cfg, sc, env=comp.env), params
 
     def _encode(self, examples: Sequence[Example], texts: Sequence[str], width: int):
@@ -405,7 +397,7 @@ class LessonsStage(Stage):
         return g(enc.tokens), g(enc.mask)
 
     def _sample_scored(self, sampler, params, examples: Sequence[Example], texts: Sequence[str], n: int,
-                       key) -> tuple[_Scored, Any]:
+                       key) -> _Scored:
         tokens, mask = self._encode(examples, texts, self.lesson_width)
         ro = sampler(params, tokens, mask, key)
         rewards, correct, _ = self.scorer(ro, list(examples), n)
@@ -415,11 +407,11 @@ class LessonsStage(Stage):
         used = int(np.sum(multihost.local_rows(ro.lengths)))
         self.sampled_tokens += used
         r = rewards.reshape(-1, n)
-        return _Scored(r.mean(axis=1), r, correct.reshape(-1, n), texts_out, used), ro
+        return _Scored(r.mean(axis=1), r, correct.reshape(-1, n), texts_out)
 
     def validation_rewards(self, params, texts: Sequence[str], key) -> np.ndarray:
         """Mean reward of each validation prompt with `texts` injected, sampled with `key` [num_prompts]."""
-        scored, _ = self._sample_scored(self.score_sampler, params, self.val_examples, texts,
+        scored = self._sample_scored(self.score_sampler, params, self.val_examples, texts,
                                         int(self.section.score.samples), key)
         return scored.per_prompt
 
@@ -474,7 +466,7 @@ class LessonsStage(Stage):
         # 1. rollouts with the active lessons
         examples = next(self.iterator)
         active = self.base.active_texts()
-        rolled, _ = self._sample_scored(self.rollout_sampler, params, examples, active, self.n, self.round_key(i, 0))
+        rolled = self._sample_scored(self.rollout_sampler, params, examples, active, self.n, self.round_key(i, 0))
         metrics["rollout/reward_mean"] = float(rolled.rewards.mean())
         metrics["rollout/accuracy"] = float(rolled.correct.mean())
         # 2. reflection
