@@ -10,7 +10,7 @@ their history in a JSON file a person can read and edit.
     base = LessonBase.load("lessons.txt", count_tokens=token_counter(tokenizer))   # hand-written, one a line
     prompt = inject(example.prompt, base.active_texts(), InjectConfig())
 
-Layering: above tasks (Example, Prompt) and errors; below data, rewards, search, eval and train, and it
+Layering: above tasks (Example, Prompt), records and errors; below data, rewards, search, eval and train, and it
 imports none of rollout, search, eval or train: the code that samples and scores lives above it.
 """
 

@@ -26,7 +26,7 @@ The file is plain JSON that a person can read and edit: {"version", "token_budge
 lesson's "text" first. An entry needs only "text"; every other field has a default (id: the hash of the text,
 status "kept", source "file"), so a hand-added lesson is one line. Editing a lesson's text keeps its id.
 
-Layering: imports only jaxrl_llm.errors.
+Layering: imports only jaxrl_llm.errors and jaxrl_llm.records (json_type, for messages).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrl_llm.errors import DataError
+from jaxrl_llm.records import json_type
 
 STATUSES = ("candidate", "kept", "rejected", "merged", "evicted", "distilled")
 SOURCES = ("fixed", "function:<name>", "policy", "model:<path>", "file")
@@ -122,7 +123,7 @@ class Lesson:
     def from_json(cls, d: Any, where: str = "lesson") -> "Lesson":
         """Checks every field; a bad one raises DataError naming `where`, the field and how to fix it."""
         if not isinstance(d, Mapping):
-            raise DataError(f"{where}: is {_json_type(d)}, expected an object "
+            raise DataError(f"{where}: is {json_type(d)}, expected an object "
                             '{"text": "...", "status": "kept", ...}')
         unknown = sorted(set(d) - set(_FIELDS))
         if unknown:
@@ -131,12 +132,12 @@ class Lesson:
             raise DataError(f"{where}: unknown field {unknown[0]!r}{hint}; a lesson's fields are {', '.join(_FIELDS)}")
         text = d.get("text")
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}.text: is {_json_type(text) if 'text' in d else 'missing'}; every lesson needs "
+            raise DataError(f"{where}.text: is {json_type(text) if 'text' in d else 'missing'}; every lesson needs "
                             '"text": a non-empty string')
         where = f"{where} ({_snippet(text)})"
 
         def bad(field: str, expected: str):
-            return DataError(f"{where}.{field}: is {_json_type(d[field])} ({json.dumps(d[field])[:60]}); "
+            return DataError(f"{where}.{field}: is {json_type(d[field])} ({json.dumps(d[field])[:60]}); "
                              f"expected {expected}")
 
         def integer(field: str, default: int) -> int:
@@ -180,12 +181,6 @@ class Lesson:
                    evidence=dict(evidence), gain=None if gain is None else float(gain),
                    ci=None if ci is None else (float(ci[0]), float(ci[1])), n=integer("n", 0),
                    tokens=integer("tokens", 0), merged_into=merged_into, note=note)
-
-
-def _json_type(value: Any) -> str:
-    name = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value))
-    return name or f"a {type(value).__name__}"
 
 
 def _snippet(text: str, width: int = 40) -> str:
@@ -306,7 +301,7 @@ class LessonBase:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); a lesson file is one "
                             'object {"version": 0, "token_budget": 0, "lessons": [{"text": "..."}, ...]}') from None
         if not isinstance(data, dict):
-            raise DataError(f"{path}: holds {_json_type(data)}, expected an object "
+            raise DataError(f"{path}: holds {json_type(data)}, expected an object "
                             '{"version": 0, "token_budget": 0, "lessons": [...]}')
         unknown = sorted(set(data) - {"version", "token_budget", "lessons"})
         if unknown:
@@ -318,7 +313,7 @@ class LessonBase:
                                 + (" (0: no limit)" if field == "token_budget" else ""))
         entries = data.get("lessons")
         if not isinstance(entries, list):
-            raise DataError(f"{path}: lessons is {_json_type(entries) if 'lessons' in data else 'missing'}; "
+            raise DataError(f"{path}: lessons is {json_type(entries) if 'lessons' in data else 'missing'}; "
                             'expected an array of lesson objects [{"text": "..."}, ...]')
         base = cls(version=data.get("version", 0), token_budget=data.get("token_budget", 0))
         seen: dict[str, int] = {}
