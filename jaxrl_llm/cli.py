@@ -175,7 +175,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-SUMMARY_LABELS = {"pref_accuracy": "preference accuracy"}  # others: the metric name with spaces
+SUMMARY_LABELS = {"pref_accuracy": "preference accuracy", "env_accuracy": "accuracy with the environment (episodes)"}
+# (others: the metric name with spaces)
 
 
 def print_summary(summary: dict) -> None:

@@ -50,3 +50,23 @@ HEAVY_FILES_FIRST = ("test_experiments.py", "test_trainer.py", "test_gguf.py", "
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(HEAVY_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture
+def chatml_tokenizer(tmp_path):
+    """A character-level tokenizer with a Qwen-style ChatML template (<|im_end|> is the EOS), loaded through
+    `load_tokenizer` from a directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxrl_llm.tokenizer import load_tokenizer
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789+*= \n"
+    raw = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)} | {"<unk>": len(chars)}, unk_token="<unk>"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    t = PreTrainedTokenizerFast(tokenizer_object=raw, additional_special_tokens=["<|im_start|>", "<|im_end|>",
+                                                                                "<|endoftext|>"])
+    t.eos_token, t.pad_token = "<|im_end|>", "<|endoftext|>"
+    t.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                       "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    t.save_pretrained(str(tmp_path / "chatml"))
+    return load_tokenizer(tmp_path / "chatml")

@@ -176,22 +176,10 @@ def test_preferences_chat_formats(tmp_path, tok):
     assert (arrays["chosen_tokens"][arrays["chosen_mask"]] == 1).sum() == 2
 
 
-def test_preferences_chatml_template_ends_at_end_of_turn(tmp_path):
+def test_preferences_chatml_template_ends_at_end_of_turn(chatml_tokenizer):
     # Qwen-style ChatML: the turn ends "<|im_end|>\n"; generation stops at <|im_end|> (an EOS id), so the
     # response must end exactly there, not with the newline after it nor with a second EOS appended.
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789+= \n"
-    raw = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)} | {"<unk>": len(chars)}, unk_token="<unk>"))
-    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
-    t = PreTrainedTokenizerFast(tokenizer_object=raw, additional_special_tokens=["<|im_start|>", "<|im_end|>",
-                                                                                "<|endoftext|>"])
-    t.eos_token, t.pad_token = "<|im_end|>", "<|endoftext|>"
-    t.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                       "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    t.save_pretrained(str(tmp_path))
-    tok = load_tokenizer(tmp_path)
+    tok = chatml_tokenizer
     pair = PreferencePair([{"role": "user", "content": "1+2="}], [{"role": "assistant", "content": "3"}],
                           [{"role": "assistant", "content": "4"}])
     arrays, _ = encode_preferences(tok, [pair], max_prompt_len=24, max_response_len=4)

@@ -24,7 +24,7 @@ from jaxrl_llm.train.config import ConfigError, load_experiment
 ROOT = Path(__file__).resolve().parent.parent
 EXP_DIR = ROOT / "experiments"
 EXPERIMENTS = sorted(p.stem for p in EXP_DIR.glob("*.py"))
-RERUN = ("ppo", "dpo", "reward_model", "rm_then_ppo")  # run twice: the second run restores every finished stage
+RERUN = ("ppo", "dpo", "reward_model", "rm_then_ppo", "tools_ppo")  # run twice: the second restores every stage
 
 # A reward model, then PPO (shared backbone) whose value head starts from it and whose reward is its score.
 RM_THEN_PPO = '''
@@ -44,6 +44,21 @@ def get_config():
                      max_new_tokens=6, kl_target=1.0, shared_backbone=True)
     c.rl.max_prompt_len, c.rl.reward_model_stage = 12, "rm"
     c.rl.value_init, c.rl.reward.source = "reward_model", "reward_model"
+    return c
+'''
+
+# SFT on tool demonstrations, then PPO over episodes (per-turn credit) with the calculator.
+TOOLS_PPO = '''
+from jaxrl_llm.train.config import load_experiment, ppo_stage
+
+def get_config():
+    c = load_experiment("TOOLS:smoke")
+    c.name = "tools_ppo"
+    env = c.rl.env
+    c.rl = ppo_stage(iterations=2, prompts_per_iter=4, samples_per_prompt=2, learning_rate=1e-4, max_new_tokens=48)
+    c.rl.max_prompt_len = 8
+    c.rl.env.update(env)
+    c.rl.env.kwargs.call_reward = 0.1
     return c
 '''
 
@@ -83,9 +98,11 @@ def smoke(tmp_path_factory):
     for d in (results, run_root, data):
         d.mkdir()
     (base / "rm_then_ppo.py").write_text(RM_THEN_PPO)
+    (base / "tools_ppo.py").write_text(TOOLS_PPO.replace("TOOLS", str(EXP_DIR / "tool_calculator.py")))
     extra = {"qwen2_5_gsm8k_grpo": _gsm8k_files(data)}
     jobs = [[f"{EXP_DIR / n}.py:smoke", extra.get(n, []), n] for n in EXPERIMENTS]
     jobs.append([str(base / "rm_then_ppo.py"), [], "rm_then_ppo"])
+    jobs.append([str(base / "tools_ppo.py"), [], "tools_ppo"])
     # One CPU device, compiled with this process's compile-fast flags (conftest): a smoke run executes a few
     # steps, so compiling is most of its time.
     xla = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
@@ -134,7 +151,7 @@ def _check_run(smoke, name: str, result: dict) -> None:
         assert f"{stage}/accuracy_after" in summary, f"{name}: no held-out evaluation of stage {stage!r}"
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS + ["rm_then_ppo"])
+@pytest.mark.parametrize("name", EXPERIMENTS + ["rm_then_ppo", "tools_ppo"])
 def test_smoke_preset_runs(smoke, name):
     result = _result(smoke, name)
     _check_run(smoke, name, result)
@@ -160,11 +177,17 @@ def test_preference_and_ppo_stages_report_their_metrics(smoke):
     assert last("rm_then_ppo", "rl", "reward/task_mean") >= 0.0  # scored by the reward model, task kept as a metric
     summary = _result(smoke, "rm_then_ppo")["summary"]
     assert summary["rm/pairs/train"] == 64 and "rl/accuracy_after" in summary
+    for name in ("tools_ppo", "tool_calculator"):  # episodes: their metrics, and evaluation with the environment
+        for key in ("episode/turns", "episode/tool_calls", "episode/observation_tokens", "time/env_s"):
+            last(name, "rl", key)
+        assert 0.0 <= last(name, "rl", "eval/env/accuracy") <= 1.0
+        assert 0.0 <= last(name, "sft", "eval/env/accuracy") <= 1.0
+    last("tools_ppo", "rl", "vf_loss")
 
 
 def test_every_experiment_produced_a_result(smoke):
     seconds = {}
-    for name in EXPERIMENTS + ["rm_then_ppo"]:
+    for name in EXPERIMENTS + ["rm_then_ppo", "tools_ppo"]:
         seconds[name] = _result(smoke, name)["seconds"]
     print(f"\nsmoke runs: {smoke['seconds']:.0f} s wall on 2 workers; per file: "
           + ", ".join(f"{n} {s:.0f}s" for n, s in sorted(seconds.items(), key=lambda x: -x[1])))

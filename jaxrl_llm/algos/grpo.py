@@ -40,7 +40,7 @@ from jaxrl_llm.algos import advantages as adv_lib
 from jaxrl_llm.algos.advantages import nonzero_std_groups  # noqa: F401  (DAPO's filter, re-exported here)
 from jaxrl_llm.algos.aggregation import token_mean_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_estimate, kl_penalty_rewards
-from jaxrl_llm.algos.logprobs import completion_logprobs, rollout_forward_fn
+from jaxrl_llm.algos.logprobs import CONTEXT_KEY, completion_logprobs, rollout_forward_fn
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss
 from jaxrl_llm.algos.preference import check_choice
 from jaxrl_llm.algos.train_state import TrainState, accumulate, apply_gradients
@@ -186,7 +186,8 @@ def policy_logprobs(module: Any, params: Any, model_cfg: ModelConfig, batch: dic
     """Log-probs (and entropies) [B, N] of the batch's completions under `params`."""
     return completion_logprobs(module, params, model_cfg, batch["prompt_tokens"], batch["prompt_mask"],
                                batch["completion_tokens"], batch["completion_mask"],
-                               temperature=temperature, chunk=chunk, with_entropy=with_entropy)
+                               temperature=temperature, chunk=chunk, with_entropy=with_entropy,
+                               context_mask=batch.get(CONTEXT_KEY))
 
 
 def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.0, chunk: int = 128,

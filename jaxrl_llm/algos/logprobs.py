@@ -28,6 +28,18 @@ from jaxrl_llm.sharding.rules import constrain
 
 # The batch entries a forward over (prompt, completion) rows reads.
 SEQUENCE_KEYS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
+# Optional: the completion tokens attended when they differ from the trained ones (observations).
+CONTEXT_KEY = "completion_context_mask"
+
+
+def sequence(batch: dict) -> tuple[jax.Array, jax.Array, int, int]:
+    """(tokens [B, P + N] int32, attention mask [B, P + N] bool, P, N) of a batch's prompt + completion rows:
+    the attention mask is the prompt's and the completion's context mask (`CONTEXT_KEY`) when the batch has
+    one, else its completion mask."""
+    tokens = jnp.concatenate([batch["prompt_tokens"], batch["completion_tokens"]], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([batch["prompt_mask"], batch.get(CONTEXT_KEY, batch["completion_mask"])],
+                           axis=1).astype(jnp.bool_)
+    return tokens, mask, batch["prompt_tokens"].shape[1], batch["completion_tokens"].shape[1]
 
 
 def _pad_to_multiple(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -87,18 +99,18 @@ def logprobs_from_hidden(hidden_btE: jax.Array, w_EV: jax.Array, targets_bt: jax
 
 def completion_logprobs(module: Any, params: Any, cfg: ModelConfig, prompt_tokens: jax.Array,
                         prompt_mask: jax.Array, completion_tokens: jax.Array, completion_mask: jax.Array, *,
-                        temperature: float = 1.0, chunk: int = 128,
-                        with_entropy: bool = True) -> tuple[jax.Array, jax.Array | None]:
+                        temperature: float = 1.0, chunk: int = 128, with_entropy: bool = True,
+                        context_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs [B, N] (and entropies) of completion tokens given left-padded prompts.
 
     One forward over prompt + completion; the head runs only over the N
     positions that predict completion tokens. Positions where
-    `completion_mask` is 0 get log-prob 0 and entropy 0.
+    `completion_mask` is 0 get log-prob 0 and entropy 0. `context_mask` [B, N]: the completion
+    tokens attended when they are more than the trained ones (observations); default completion_mask.
     """
-    p = prompt_tokens.shape[1]
-    n = completion_tokens.shape[1]
-    tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1).astype(jnp.int32)
-    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.bool_)
+    batch = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask, "completion_tokens": completion_tokens,
+             "completion_mask": completion_mask}
+    tokens, mask, p, n = sequence(batch if context_mask is None else {**batch, CONTEXT_KEY: context_mask})
     hidden, _ = module.apply({"params": params}, tokens, None, mask, return_hidden=True, rngs=dropout_rngs())
     hidden = hidden[:, p - 1:p - 1 + n]
     logp, ent = logprobs_from_hidden(hidden, unembedding(params, cfg), completion_tokens,
@@ -110,10 +122,12 @@ def completion_logprobs(module: Any, params: Any, cfg: ModelConfig, prompt_token
 def rollout_forward_fn(forward: Callable[[Any, dict], Any], model_cfg: ModelConfig, num_micro: int = 1,
                        keys: tuple[str, ...] = SEQUENCE_KEYS) -> Callable:
     """`(params, batch) -> forward(params, rows)` for a forward without gradients over a batch (old or
-    reference log-probs, values; `keys`: the batch entries it reads, [B, ...] each): the matmul kernels cast
+    reference log-probs, values; `keys`: the batch entries it reads, [B, ...] each, and `CONTEXT_KEY` when the
+    batch has it): the matmul kernels cast
     once (`matmul_weights`), then `num_micro` strided micro-batches of those entries in turn (`map_micro`),
     outputs [B, ...] in row order."""
     def fn(params, batch):
         params = matmul_weights(params, model_cfg)
-        return map_micro(lambda mb: forward(params, mb), {k: batch[k] for k in keys}, num_micro)
+        rows = {k: batch[k] for k in keys + ((CONTEXT_KEY,) if CONTEXT_KEY in batch else ())}
+        return map_micro(lambda mb: forward(params, mb), rows, num_micro)
     return fn

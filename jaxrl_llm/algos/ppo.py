@@ -48,7 +48,7 @@ import optax
 from jaxrl_llm.algos import advantages as adv_lib
 from jaxrl_llm.algos.aggregation import token_mean_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, KLControllerConfig, kl_coef_update, kl_estimate, kl_penalty_rewards
-from jaxrl_llm.algos.logprobs import completion_logprobs, logprobs_from_hidden, rollout_forward_fn
+from jaxrl_llm.algos.logprobs import CONTEXT_KEY, completion_logprobs, logprobs_from_hidden, rollout_forward_fn, sequence
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss, value_loss
 from jaxrl_llm.algos.preference import check_choice
 from jaxrl_llm.algos.train_state import (OptimizerConfig, TrainState, accumulate, apply_gradients, dropout_rngs,
@@ -208,12 +208,6 @@ def update_kl_coef(cfg: PPOConfig, coef: jax.Array | float, observed_kl: jax.Arr
 # ------------------------------------------------------------------ forwards
 
 
-def _sequence(batch: dict) -> tuple[jax.Array, jax.Array, int, int]:
-    tokens = jnp.concatenate([batch["prompt_tokens"], batch["completion_tokens"]], axis=1).astype(jnp.int32)
-    mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1).astype(jnp.bool_)
-    return tokens, mask, batch["prompt_tokens"].shape[1], batch["completion_tokens"].shape[1]
-
-
 def _check_value_module(module: Any) -> None:
     if isinstance(module, PolicyValueModel):
         return
@@ -226,7 +220,7 @@ def _check_value_module(module: Any) -> None:
 def shared_forward(module: PolicyValueModel, params: Any, model_cfg: ModelConfig, batch: dict, *,
                    temperature: float = 1.0, chunk: int = 128, with_entropy: bool = False):
     """One PolicyValueModel forward: (log-probs, entropies or None, values), each [B, N], 0 where masked."""
-    tokens, mask, p, n = _sequence(batch)
+    tokens, mask, p, n = sequence(batch)
     hidden, values = module.apply({"params": params}, tokens, None, mask, rngs=dropout_rngs())
     logp, ent = logprobs_from_hidden(hidden[:, p - 1:p - 1 + n], unembedding(params, model_cfg),
                                      batch["completion_tokens"], temperature=temperature, chunk=chunk,
@@ -238,7 +232,7 @@ def shared_forward(module: PolicyValueModel, params: Any, model_cfg: ModelConfig
 def completion_values(value_module: Any, params: Any, batch: dict) -> jax.Array:
     """float32 [B, N] values at the positions that predict the completion tokens; 0 where masked."""
     _check_value_module(value_module)
-    tokens, mask, p, n = _sequence(batch)
+    tokens, mask, p, n = sequence(batch)
     out = value_module.apply({"params": params}, tokens, None, mask, rngs=dropout_rngs())
     values = out[1] if isinstance(value_module, PolicyValueModel) else out
     return values[:, p - 1:p - 1 + n] * batch["completion_mask"].astype(jnp.float32)
@@ -252,7 +246,7 @@ def _policy_logprobs(module: Any, params: Any, model_cfg: ModelConfig, batch: di
         return logp, ent
     return completion_logprobs(module, params, model_cfg, batch["prompt_tokens"], batch["prompt_mask"],
                                batch["completion_tokens"], batch["completion_mask"], temperature=temperature,
-                               chunk=chunk, with_entropy=with_entropy)
+                               chunk=chunk, with_entropy=with_entropy, context_mask=batch.get(CONTEXT_KEY))
 
 
 def score_micro_batches(cfg: PPOConfig) -> int:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.algos.aggregation import (NORM_MODES, check_exclude_empty_rows, check_loss_agg, token_mean_weights,
                                          token_weights)
-from jaxrl_llm.algos.logprobs import completion_logprobs
+from jaxrl_llm.algos.logprobs import CONTEXT_KEY, completion_logprobs
 from jaxrl_llm.algos.preference import check_batch_keys, sft_nll
 from jaxrl_llm.algos.train_state import Metrics, TrainState, accumulate, apply_gradients
 from jaxrl_llm.models.config import ModelConfig
@@ -89,7 +89,8 @@ def make_sft_step(module: Any, model_cfg: ModelConfig, cfg: SFTConfig = SFTConfi
         del rng  # LoRA's dropout gets its key from `accumulate` (dropout_rngs)
         logp, ent = completion_logprobs(module, params, model_cfg, mb["prompt_tokens"], mb["prompt_mask"],
                                         mb["completion_tokens"], mb["completion_mask"],
-                                        chunk=cfg.logprob_chunk, with_entropy=True)
+                                        chunk=cfg.logprob_chunk, with_entropy=True,
+                                        context_mask=mb.get(CONTEXT_KEY))
         metrics = {
             "nll_token_mean": sft_nll(logp, mb["token_mean_w"]),
             "entropy": jnp.sum(mb["token_mean_w"] * ent),
@@ -100,7 +101,7 @@ def make_sft_step(module: Any, model_cfg: ModelConfig, cfg: SFTConfig = SFTConfi
     def step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, Metrics]:
         check_batch_keys(batch, SFT_KEYS, "sft step")
         mask = batch["completion_mask"]
-        batch = {k: batch[k] for k in SFT_KEYS}
+        batch = {k: batch[k] for k in SFT_KEYS + ((CONTEXT_KEY,) if CONTEXT_KEY in batch else ())}
         batch["loss_w"] = cfg.token_weights(mask)
         batch["token_mean_w"] = token_mean_weights(mask)
         grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches, frozen=state.frozen)

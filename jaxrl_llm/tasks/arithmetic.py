@@ -114,6 +114,11 @@ class ArithmeticTask:
         d = rng.randint(self.min_digits, self.max_digits)
         return rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1)
 
+    def tool_calls(self, example: Example) -> list[tuple[str, str]]:
+        """The calculator call that solves `example` (the `ToolCallTask` ability): [("calculator", "a*b")]."""
+        m = example.meta
+        return [("calculator", f"{m['a']}{m['op']}{m['b']}")]
+
     def examples(self, split: str, num: int, seed: int) -> list[Example]:
         """`num` problems of `split` ("train" or "test"), deterministic for (split, num, seed)."""
         if split not in ("train", "test"):

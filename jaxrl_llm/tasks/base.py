@@ -238,6 +238,18 @@ class StepGradedTask(SteppedTask, Protocol):
     def grade_steps(self, completion: str, example: Example) -> list[bool]: ...
 
 
+@runtime_checkable
+class ToolCallTask(Protocol):
+    """Ability: the task can say which tool calls solve an example.
+
+    tool_calls(example) -> list of (tool name, argument) pairs, in order (e.g. arithmetic: [("calculator",
+        "123*45")]). An SFT stage with an environment (`env.name`) runs them through the environment to build
+        demonstrations: the calls, the tools' outputs, then the gold answer.
+    """
+
+    def tool_calls(self, example: Example) -> list[tuple[str, str]]: ...
+
+
 def split_on_separator(completion: str, separator: str, drop_empty: bool = False) -> list[str]:
     """The pieces of `completion` between separators, each stripped of surrounding whitespace.
 

@@ -37,6 +37,7 @@ class Components:
     eos_ids: tuple[int, ...]
     task: Task
     memory: Any = None  # train.memory.MemoryEstimate made before the parameters were created
+    rollout_env: Any = None  # the rollout mesh's ShardingEnv when RL stages disaggregate (overlap.rollout_devices)
 
     @property
     def chat(self) -> bool | None:
@@ -85,9 +86,12 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     from jaxrl_llm.sharding.presets import mesh_axes_for
     from jaxrl_llm.train.config import mesh_env
     from jaxrl_llm.train.memory import check_memory
+    from jaxrl_llm.train.stages.overlap import rollout_env, split_devices
     check_required_paths(cfg)
-    axes = resolve_axis_sizes(mesh_axes_for(cfg.mesh, jax.device_count()), jax.device_count())
-    env = mesh_env(cfg, make_mesh(axes))
+    # overlap.rollout_devices = r > 0: the last r devices roll out, the mesh of everything else is the others
+    devices, rollout_devices = split_devices(cfg, jax.devices())
+    axes = resolve_axis_sizes(mesh_axes_for(cfg.mesh, len(devices)), len(devices))
+    env = mesh_env(cfg, make_mesh(axes, devices) if rollout_devices else make_mesh(axes))
     m = cfg.model
     # The model's shape first (a preset, or the checkpoint's config.json), so memory is checked before any
     # parameter is created or read.
@@ -130,7 +134,7 @@ def build(cfg: mc.ConfigDict) -> tuple[Components, Any]:
     info = tokenizer_info(tokenizer)
     task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
     comp = Components(cfg, env, model_cfg, module, shardings, tokenizer, info.pad_id, tuple(info.eos_ids), task,
-                      memory)
+                      memory, rollout_env(cfg, rollout_devices, mesh_env) if rollout_devices else None)
     return comp, params
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.algos.advantages import nonzero_std_groups
+from jaxrl_llm.algos.logprobs import CONTEXT_KEY
 from jaxrl_llm.data.iterator import tokenize_batch
 from jaxrl_llm.rollout import Rollout
 from jaxrl_llm.sharding import multihost
@@ -60,13 +61,27 @@ class Experience:
     correct: jax.Array
     metrics: dict[str, Any]
     n: int
+    step_rewards: jax.Array | None = None  # [B*n, N] multi-turn: the non-final turns' rewards at their last tokens
+
+    def outcome(self) -> tuple[jax.Array, jax.Array | None]:
+        """(outcome rewards [B*n], dense rewards [B*n, N] or None): for episodes the last turn's reward and the
+        earlier turns' at their last tokens (they sum to `rewards`); else (rewards, None)."""
+        if self.step_rewards is None:
+            return self.rewards, None
+        return self.rewards - jnp.sum(self.step_rewards, axis=-1), self.step_rewards
 
     def sample_records(self, env, tokenizer, task, k: int) -> list[dict]:
         """The first `k` rollout rows of this process as samples.jsonl records (prompt, completion, reward,
-        correct)."""
+        correct); an episode's completion is its transcript (turns and observations)."""
         from jaxrl_llm.rewards.rollout import rollout_examples
         mine = rollout_examples(env, self.rollout, self.examples, self.n)
         k = min(k, len(mine))
+        if CONTEXT_KEY in self.batch:
+            from jaxrl_llm.envs.rollout import transcripts
+            texts = transcripts(tokenizer, self.rollout.tokens, self.batch[CONTEXT_KEY], range(k))
+            r, c = self.rewards[:k], self.correct[:k]
+            return [{"prompt": mine[j].prompt, "completion": t, "reward": float(r[j]), "correct": bool(c[j])}
+                    for j, t in enumerate(texts)]
         toks, mask = multihost.local_rows(self.rollout.tokens)[:k], multihost.local_rows(self.rollout.mask)[:k]
         texts = decode_completions(tokenizer, toks, mask)
         r = multihost.local_rows(self.rewards)[:k]
@@ -88,6 +103,26 @@ def collect(sampler: Callable, params, prompts: PromptBatch, key: jax.Array, sco
     if on_phase is not None:
         on_phase("generation", ro)
     rewards, correct, extra = scorer(ro, prompts.examples, n)
+    exp = scored(ro, prompts, rewards, correct, extra, n, keep_groups_with_signal=keep_groups_with_signal)
+    if on_phase is not None:
+        on_phase("reward", (rewards, exp.batch))
+    return exp
+
+
+def episode_experience(ep, prompts: PromptBatch, n: int, *, keep_groups_with_signal: bool = False) -> Experience:
+    """An `Experience` of multi-turn episodes (`envs.rollout.Episodes`): the batch carries the context mask
+    (observations attended, not trained) and the experience the per-turn rewards."""
+    exp = scored(ep.rollout, prompts, jnp.asarray(ep.rewards), jnp.asarray(ep.correct), ep.metrics, n,
+                 keep_groups_with_signal=keep_groups_with_signal, context_mask=ep.context_mask)
+    exp.step_rewards = jnp.asarray(ep.step_rewards)
+    obs = jnp.sum(ep.context_mask.astype(jnp.float32) - ep.rollout.mask.astype(jnp.float32), axis=-1)
+    exp.metrics["episode/observation_tokens"] = jnp.mean(obs)
+    return exp
+
+
+def scored(ro: Rollout, prompts: PromptBatch, rewards, correct, extra: dict, n: int, *,
+           keep_groups_with_signal: bool = False, context_mask: jax.Array | None = None) -> Experience:
+    """The batch and metrics of a scored rollout (`collect`, `episode_experience`)."""
     mask = ro.mask
     metrics = {}
     if keep_groups_with_signal:
@@ -96,6 +131,8 @@ def collect(sampler: Callable, params, prompts: PromptBatch, key: jax.Array, sco
         metrics["groups_kept_fraction"] = jnp.mean(keep.astype(jnp.float32))
     batch = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
              "completion_tokens": ro.tokens, "completion_mask": mask, "sampler_logprobs": ro.raw_logprobs}
+    if context_mask is not None:
+        batch[CONTEXT_KEY] = context_mask
     lengths = ro.lengths.astype(jnp.float32)
     metrics.update({
         "reward/mean": jnp.mean(rewards), "reward/std": jnp.std(rewards),
@@ -106,8 +143,6 @@ def collect(sampler: Callable, params, prompts: PromptBatch, key: jax.Array, sco
         "prompts_truncated": prompts.num_truncated,
     })
     metrics.update(extra)
-    if on_phase is not None:
-        on_phase("reward", (rewards, batch))
     return Experience(batch, ro, prompts.examples, rewards, correct, metrics, n)
 
 

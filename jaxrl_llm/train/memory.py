@@ -154,6 +154,7 @@ TERMS: tuple[tuple[str, str | None, str], ...] = (
     ("value", None, "PPO value model"),
     ("reward_model", None, "frozen reward model (PPO)"),
     ("optimizer", None, "optimizer moments"),
+    ("stale_policies", None, "policy copies the pending rollouts sample with (overlap.staleness)"),
     ("kv_cache", "rollout", "rollout KV cache"),
     ("kv_cache_growth", "rollout", "rollout KV cache while it grows"),
     ("rollout_work", "rollout", "prefill layer + decode logits"),

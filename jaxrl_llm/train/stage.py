@@ -207,7 +207,10 @@ class Stage:
         else:
             self.run.rewind(self.name, 0, self.stages_before)
             if self.cfg.eval.every > 0:
-                self.summary["accuracy_before"] = self._log_eval(0).get("eval/accuracy")
+                ev = self._log_eval(0)
+                self.summary["accuracy_before"] = ev.get("eval/accuracy")
+                if "eval/env/accuracy" in ev:  # episodes with the stage's environment (train.stages.episodes)
+                    self.summary["env_accuracy_before"] = ev["eval/env/accuracy"]
 
         log_every, ck_every = self.cfg.log.every, self.cfg.checkpoint.every
         bar = self._progress(start)
@@ -242,6 +245,8 @@ class Stage:
             if n == self.total_steps:
                 if "eval/accuracy" in self._last_eval:
                     self.summary["accuracy_after"] = self._last_eval["eval/accuracy"]
+                if "eval/env/accuracy" in self._last_eval:
+                    self.summary["env_accuracy_after"] = self._last_eval["eval/env/accuracy"]
                 checkpointer.save(n, self.tree(), self._checkpoint_meta(done=True))
             elif ck_every > 0 and n % ck_every == 0:
                 checkpointer.save(n, self.tree(), self._checkpoint_meta(done=False))

@@ -23,11 +23,14 @@ from jaxrl_llm.train.config import (ConfigError, from_dataclass, nearest, optimi
                                     to_dataclass)
 from jaxrl_llm.train.experience import Experience, step_metrics
 from jaxrl_llm.train.stage import StageKind
+from jaxrl_llm.train.stages.episodes import env_section
 from jaxrl_llm.train.stages.process_reward import (ProcessRewards, add_memory_terms, check_process_reward,
                                                    process_reward_section)
 from jaxrl_llm.train.stages.rl import (RLStage, check_divisible_rows, check_loss, check_rl_section,
-                                       optional_temperature, resolve_temperature, reward_section, sampling_section,
-                                       with_norm_length)
+                                       optional_temperature, overlap_section, resolve_temperature, reward_section,
+                                       sampling_section, with_norm_length)
+from jaxrl_llm.train.stages.overlap import memory_terms as overlap_memory
+from jaxrl_llm.train.stages.overlap import with_off_policy_correction
 from jaxrl_llm.train.validation import choice, integer, number, unread
 
 
@@ -50,7 +53,8 @@ def grpo_stage(variant: str = "grpo", iterations: int = 200, prompts_per_iter: i
         max_prompt_len=16, sampling=sampling_section(max_new_tokens),
         algo=optional_temperature(from_dataclass(algo)),
         optimizer=optimizer_config(learning_rate), reward=reward_section(),
-        process_reward=process_reward_section(), lessons=""))
+        process_reward=process_reward_section(), lessons="", overlap=overlap_section(),
+        env=env_section()))
 
 
 def algo_config(s: mc.ConfigDict, where: str) -> grpo.GRPOConfig:
@@ -59,7 +63,7 @@ def algo_config(s: mc.ConfigDict, where: str) -> grpo.GRPOConfig:
     data, temperature = resolve_temperature(s.algo, s, where)
     algo = to_dataclass(grpo.GRPOConfig, data, f"{where}.algo")
     check_algo(algo, f"{where}.algo")
-    return algo.replace(temperature=temperature, loss=with_norm_length(algo.loss, s))
+    return algo.replace(temperature=temperature, loss=with_off_policy_correction(with_norm_length(algo.loss, s), s))
 
 
 def check_algo(algo: grpo.GRPOConfig, where: str) -> None:
@@ -165,9 +169,12 @@ class GRPOStage(RLStage):
         self.ref = self.reference_copy(params, self.algo.needs_reference)
         if self.process is not None:
             self.process.init(params)
+        if self.pipeline is not None:
+            self.pipeline.init(self.model_params())
 
     def step(self, i: int) -> dict:
-        exp = self.experience(i, self.state.model_params(), keep_groups_with_signal=self.algo.filter_zero_std_groups)
+        experience = self.experience if self.pipeline is None else self.pipeline.experience
+        exp = experience(i, self.state.model_params(), keep_groups_with_signal=self.algo.filter_zero_std_groups)
         if self.process is None:
             self.state, metrics = self.learner(self.state, self.reference_params(), exp, self.update_key(i))
             return self.iteration_metrics(i, exp, metrics)
@@ -178,12 +185,16 @@ class GRPOStage(RLStage):
 
     def tree(self) -> dict:
         tree = super().tree()
+        if self.pipeline is not None:
+            tree["overlap"] = self.pipeline.tree()
         return tree if self.process is None else {**tree, **self.process.tree()}
 
     def restore(self, tree: dict, meta: dict) -> None:
         super().restore(tree, meta)
         if self.process is not None:
             self.process.restore(tree)
+        if self.pipeline is not None:
+            self.pipeline.restore(tree["overlap"], meta["overlap"])
 
 
 
@@ -200,6 +211,7 @@ def memory(cfg, s, z) -> dict[str, int]:
     t.update(z.rollout_terms(rows, int(s.prompts_per_iter), p, n, s.sampling))
     if a.needs_old_logprobs or a.needs_reference:  # over the update's micro-batches in turn (grpo.make_logprob_fn)
         t.update(z.score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk))
+    t.update(overlap_memory(s, z))
     return add_memory_terms(t, s, z, a.needs_reference and z.lora is None) | z.eval_terms(cfg, s)
 
 

@@ -45,12 +45,15 @@ from jaxrl_llm.train.build import jnp_tree_copy
 from jaxrl_llm.train.config import ConfigError, from_dataclass, optimizer_config, optimizer_from, to_dataclass
 from jaxrl_llm.train.experience import step_metrics
 from jaxrl_llm.train.stage import StageKind
+from jaxrl_llm.train.stages.episodes import env_section
 from jaxrl_llm.train.stages.preference import load_reward_params, scalar_head_params
 from jaxrl_llm.train.stages.process_reward import (ProcessRewards, add_memory_terms, check_process_reward,
                                                    process_reward_section)
 from jaxrl_llm.train.stages.rl import (RLStage, check_divisible_rows, check_loss, check_rl_section,
-                                       optional_temperature, resolve_temperature, reward_section, sampling_section,
-                                       with_norm_length)
+                                       optional_temperature, overlap_section, resolve_temperature, reward_section,
+                                       sampling_section, with_norm_length)
+from jaxrl_llm.train.stages.overlap import memory_terms as overlap_memory
+from jaxrl_llm.train.stages.overlap import with_off_policy_correction
 from jaxrl_llm.train.validation import choice, integer, unread
 
 
@@ -72,7 +75,8 @@ def ppo_stage(iterations: int = 200, prompts_per_iter: int = 32, samples_per_pro
         optimizer=optimizer_config(learning_rate),
         value_optimizer=optimizer_config(value_learning_rate),  # unused with algo.shared_backbone
         value_init="policy", reward_model_stage="", reward=reward_section(source="task"),
-        process_reward=process_reward_section(), lessons=""))
+        process_reward=process_reward_section(), lessons="", overlap=overlap_section(),
+        env=env_section()))
 
 
 def algo_config(s: mc.ConfigDict, where: str) -> ppo.PPOConfig:
@@ -85,7 +89,7 @@ def algo_config(s: mc.ConfigDict, where: str) -> ppo.PPOConfig:
         for key in ("target", "horizon"):
             unread(algo.kl, key, f"{where}.algo.kl", getattr(d, key), "by the fixed KL controller (kind='adaptive' "
                    "steers the coefficient towards `target`)")
-    return algo.replace(temperature=temperature, loss=with_norm_length(algo.loss, s))
+    return algo.replace(temperature=temperature, loss=with_off_policy_correction(with_norm_length(algo.loss, s), s))
 
 
 def check_reward_model_options(cfg: mc.ConfigDict, name: str) -> None:
@@ -215,6 +219,8 @@ class PPOStage(RLStage):
             self.state = self.make_state(tree, self.opt, adapters=adapters)
         if self.process is not None:
             self.process.init(params)
+        if self.pipeline is not None:
+            self.pipeline.init(self.model_params())
 
     def policy(self):
         return ppo.policy_params(self.algo, self.state.params)
@@ -240,10 +246,13 @@ class PPOStage(RLStage):
             tree["ref_params"] = self.ref
         if self.process is not None:
             tree.update(self.process.tree())
+        if self.pipeline is not None:
+            tree["overlap"] = self.pipeline.tree()
         return tree
 
     def meta(self) -> dict:
-        return {"iterator": self.iterator.state(), "kl_coef": float(self.kl_coef), "reward_watch": self.watch.state()}
+        return self.overlap_meta({"iterator": self.iterator.state(), "kl_coef": float(self.kl_coef),
+                                  "reward_watch": self.watch.state()})
 
     def restore(self, tree: dict, meta: dict) -> None:
         if self.algo.shared_backbone:
@@ -258,22 +267,29 @@ class PPOStage(RLStage):
         self.watch.restore(meta.get("reward_watch"))
         if self.process is not None:
             self.process.restore(tree)
+        if self.pipeline is not None:
+            self.pipeline.restore(tree["overlap"], meta["overlap"])
 
     # ------------------------------------------------------------------ one iteration
 
     def step(self, i: int) -> dict:
-        scorer = (self.scorer if self.rm_params is None
-                  else _RewardModelScores(self.scorer, self.rm_fn, self.rm_params))
-        exp = self.experience(i, self.model_params(), scorer=scorer)
+        if self.pipeline is None:
+            scorer = (self.scorer if self.rm_params is None
+                      else _RewardModelScores(self.scorer, self.rm_fn, self.rm_params))
+            exp = self.experience(i, self.model_params(), scorer=scorer)
+        else:  # the rollout of iteration i was sampled ahead, with a scorer of its own
+            make = None if self.rm_params is None else (lambda s: _RewardModelScores(s, self.rm_fn, self.rm_params))
+            exp = self.pipeline.experience(i, self.model_params(), make_scorer=make)
         batch = dict(exp.batch)
         batch.update(self.rollout_fn(self.state.model_params(), batch))
         batch["ref_logprobs"] = (self.ref_fn(self.reference_params(), batch) if self.algo.needs_reference
                                  else batch["old_logprobs"])
-        args = (exp.rewards, batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"],
+        outcome, turn_rewards = exp.outcome()  # episodes: the last turn's reward, the earlier turns' (dense)
+        args = (outcome, batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"],
                 batch["completion_mask"], self.kl_coef, exp.rollout.finished)
         process_metrics = {}
         if self.process is None:
-            t = self.targets_fn(*args)
+            t = self.targets_fn(*args) if turn_rewards is None else self.targets_fn(*args, turn_rewards)
         else:  # per-step rewards at the steps' end tokens, added to the token rewards before GAE
             dense, process_metrics = self.process(exp, jax.random.fold_in(self.update_key(i), 0x9E3))
             t = self.targets_fn(*args, dense)
@@ -313,6 +329,7 @@ def memory(cfg, s, z) -> dict[str, int]:
     t.update(z.rollout_terms(rows, int(s.prompts_per_iter), p, n, s.sampling))
     # old log-probs, values, reference and reward-model scores run over the update's micro-batches in turn
     t.update(z.score_terms(rows // a.num_minibatches // a.num_micro_batches, p + n, n, a.logprob_chunk))
+    t.update(overlap_memory(s, z))
     return add_memory_terms(t, s, z, a.needs_reference and z.lora is None) | z.eval_terms(cfg, s)
 
 

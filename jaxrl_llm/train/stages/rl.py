@@ -55,6 +55,8 @@ from jaxrl_llm.train.build import make_evaluator, prompt_iterator, stage_sampler
 from jaxrl_llm.train.config import ConfigError, keyed, to_dataclass
 from jaxrl_llm.train.experience import Experience, collect, encode_prompts
 from jaxrl_llm.train.stage import Stage
+from jaxrl_llm.train.stages.episodes import EpisodeRunner, check_env_section, env_for_task, has_env
+from jaxrl_llm.train.stages.overlap import RolloutPipeline, check_overlap, overlap_section  # noqa: F401
 from jaxrl_llm.train.validation import choice, flag, integer, record_warning, run_steps, short, unread
 
 ZERO_VARIANCE_PATIENCE = 5  # iterations in a row with no reward variance in any group before the warning
@@ -137,6 +139,8 @@ def check_rl_section(cfg: mc.ConfigDict, name: str, n: int, n_key: str) -> None:
     if s.get("lessons"):
         from jaxrl_llm.train.stages.lessons import check_lessons_from
         check_lessons_from(cfg, name)
+    if s.get("env") is not None:
+        check_env_section(cfg, name, int(s.sampling.max_new_tokens), f"{where}.sampling.max_new_tokens")
     r, rw = s.reward, f"{where}.reward"
     flag(r.in_jit, f"{rw}.in_jit")
     choice(r.on_error, f"{rw}.on_error", ("score", "abort"),
@@ -145,6 +149,7 @@ def check_rl_section(cfg: mc.ConfigDict, name: str, n: int, n_key: str) -> None:
         HostRewardRunner.check_options(r.timeout_s, r.on_error, r.error_score)
     except ValueError as e:
         raise ConfigError(keyed(str(e), _HOST_REWARD_KEYS, rw)) from None
+    check_overlap(cfg, name)
 
 
 def check_loss(loss, where: str) -> None:
@@ -281,14 +286,28 @@ class RLStage(Stage):
             self.lessons = lessons_for(self.cfg, self.name, self.run)
         self.evaluator = (make_evaluator(comp, s.max_prompt_len, self.with_lessons) if self.cfg.eval.every > 0
                           else None)
+        self.episodes = None  # multi-turn episodes of `env` (train.stages.episodes), or single completions
+        if has_env(s):
+            self.episodes = EpisodeRunner(comp, s, f"config.{self.name}", self.sampling, self.n)
         self.watch = RewardWatch(self, abort_on_failure=s.reward.get("source", "task") == "task")
+        # overlap.staleness > 0: rollouts run ahead of the updates (train/stages/overlap.py); None: on-policy
+        self.pipeline = RolloutPipeline.for_stage(self)
 
     @classmethod
     def check_data(cls, cfg: mc.ConfigDict, name: str, task) -> None:
         check_reward_data(cfg, name, task)
+        if task is not None and has_env(cfg[name]):
+            env_for_task(task, cfg[name], f"config.{name}")
 
     def meta(self) -> dict:
-        return {**super().meta(), "reward_watch": self.watch.state()}
+        return self.overlap_meta({**super().meta(), "reward_watch": self.watch.state()})
+
+    def overlap_meta(self, meta: dict) -> dict:
+        """`meta` with the pipeline's state and its prompt position (the one before the pending rollouts, which
+        read the iterator ahead); `meta` itself without a pipeline."""
+        if self.pipeline is None:
+            return meta
+        return {**meta, "iterator": self.pipeline.iterator_state(), "overlap": self.pipeline.meta()}
 
     def restore(self, tree: dict, meta: dict) -> None:
         super().restore(tree, meta)
@@ -303,6 +322,8 @@ class RLStage(Stage):
     def experience(self, i: int, params, scorer=None, **kw) -> Experience:
         """Iteration i's prompts, sampled with `params` (key fold_in(stage key, i), 0) and scored."""
         examples = self.with_lessons(next(self.iterator))
+        if self.episodes is not None:
+            examples = self.episodes.prompts(examples)
         prompts = encode_prompts(self.comp.tokenizer, self.comp.env, examples, int(self.section.max_prompt_len),
                                  self.prompts, chat=self.comp.chat)
         if self.lessons is not None and self.lessons[0] and int(prompts.num_truncated):
@@ -310,7 +331,18 @@ class RLStage(Stage):
                               f"{int(prompts.num_truncated)} prompt(s) with the injected lessons are longer (left "
                               "truncation would cut the lessons); raise it")
         key = jax.random.fold_in(jax.random.fold_in(self.key, i), 0)
+        if self.episodes is not None:
+            self.episodes.check_truncation(prompts, f"config.{self.name}.max_prompt_len")
+            return self.episodes.experience(params, prompts, key, self.n, **kw)
         return collect(self.sampler, params, prompts, key, scorer or self.scorer, self.n, **kw)
+
+    def evaluate(self) -> dict:
+        """The held-out evaluation; with an environment also its greedy episodes (`eval/env/accuracy`)."""
+        out = super().evaluate()
+        if self.episodes is not None and self.evaluator is not None:
+            out.update(self.episodes.evaluate(self.model_params(), self.evaluator.examples,
+                                              int(self.section.max_prompt_len), int(self.cfg.seed) + 7919))
+        return out
 
     def with_lessons(self, examples: list[Example]) -> list[Example]:
         """`examples` with the stage's lessons in their prompts (`lessons`; unchanged without)."""
@@ -333,4 +365,6 @@ class RLStage(Stage):
         return {**update_metrics, **exp.metrics, **watched}
 
     def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
         self.scorer.close()

@@ -8,10 +8,12 @@ import ml_collections as mc
 from jaxrl_llm.algos import sft
 from jaxrl_llm.algos.train_state import jit_update
 from jaxrl_llm.data.loaders import load_prompt_answer
+from jaxrl_llm.rollout.sampling import SamplingConfig
 from jaxrl_llm.sharding import multihost
 from jaxrl_llm.train.build import encode_answers, encode_prompt_batch, make_evaluator, prompt_iterator
 from jaxrl_llm.train.config import ConfigError, keyed, optimizer_config, optimizer_from
 from jaxrl_llm.train.stage import Stage, StageKind
+from jaxrl_llm.train.stages.episodes import EpisodeRunner, check_env_section, env_for_task, env_section, has_env
 from jaxrl_llm.train.validation import choice, enough_rows, integer, supervised_batches, unread
 
 
@@ -22,7 +24,7 @@ def sft_stage(steps: int = 200, batch_size: int = 64, learning_rate: float = 1e-
                            norm_length=mc.FieldReference(None, field_type=float),  # the *-norm modes' constant
                            exclude_empty_rows=False,
                            data=mc.ConfigDict(dict(source="task", path="", num_examples=20000)),
-                           optimizer=optimizer_config(learning_rate)))
+                           optimizer=optimizer_config(learning_rate), env=env_section()))
     s.update(kw)
     return s
 
@@ -80,6 +82,12 @@ class SFTStage(Stage):
                                          num_micro_batches=s.num_micro_batches)
         self.update = None
         self.evaluator = make_evaluator(self.comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
+        # With an environment the targets are demonstrations of its tools (observations attended, not trained).
+        self.demos = None
+        if has_env(s):
+            sampling = SamplingConfig(max_new_tokens=int(s.max_response_len), temperature=0.0,
+                                      eos_token_ids=self.comp.eos_ids, pad_token_id=self.comp.pad_id)
+            self.demos = EpisodeRunner(self.comp, s, f"config.{self.name}", sampling, 1)
 
     @classmethod
     def check_config(cls, cfg: mc.ConfigDict, name: str) -> None:
@@ -89,11 +97,19 @@ class SFTStage(Stage):
         algo_config(s, where)
         data_source(s, where)
         optimizer_from(s.optimizer, f"{where}.optimizer")
+        if s.get("env") is not None:
+            check_env_section(cfg, name, int(s.max_response_len), f"{where}.max_response_len")
+            if has_env(s) and s.data.source != "task":
+                raise ConfigError(f"{where}.env.name={s.env.name!r} with {where}.data.source={s.data.source!r}: "
+                                  "demonstrations are built from the task's examples; set data.source='task' or "
+                                  "leave env.name empty")
 
     @classmethod
     def check_data(cls, cfg: mc.ConfigDict, name: str, task) -> None:
         """A data file's records (DataError with file:line) and that they fill a batch."""
         s = cfg[name]
+        if task is not None and has_env(s):
+            env_for_task(task, s, f"config.{name}")
         if s.data.source == "jsonl":
             enough_rows(len(load_prompt_answer(s.data.path)), f"config.{name}.data.path={s.data.path!r}",
                         int(s.batch_size), f"config.{name}.batch_size")
@@ -104,10 +120,23 @@ class SFTStage(Stage):
     def _batch(self):
         exs = next(self.iterator)
         s = self.section
+        if self.demos is not None:
+            exs = self.demos.prompts(exs)
         pt, pm, _ = encode_prompt_batch(self.comp, exs, s.max_prompt_len)
-        ct, cm = encode_answers(self.comp, exs, s.max_response_len)
-        local = {"prompt_tokens": pt, "prompt_mask": pm, "completion_tokens": ct, "completion_mask": cm}
+        if self.demos is not None:
+            local = {"prompt_tokens": pt, "prompt_mask": pm, **self.demos.demonstrations(exs, int(s.max_response_len))}
+        else:
+            ct, cm = encode_answers(self.comp, exs, s.max_response_len)
+            local = {"prompt_tokens": pt, "prompt_mask": pm, "completion_tokens": ct, "completion_mask": cm}
         return multihost.to_global_tree(self.comp.env, local, int(s.batch_size))
+
+    def evaluate(self) -> dict:
+        """The held-out evaluation; with an environment also its greedy episodes (`eval/env/accuracy`)."""
+        out = super().evaluate()
+        if self.demos is not None and self.evaluator is not None:
+            out.update(self.demos.evaluate(self.model_params(), self.evaluator.examples,
+                                           int(self.section.max_prompt_len), int(self.cfg.seed) + 7919))
+        return out
 
     def step(self, i: int) -> dict:
         batch = self._batch()
