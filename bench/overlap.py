@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/overlap.py                    # speed: on-policy vs staleness 1 (shared / split devices)
     .venv/bin/python bench/overlap.py --learning         # plus held-out accuracy of the demo, on-policy vs stale
+    .venv/bin/python bench/overlap.py --episodes         # plus multi-turn episodes (tool_calculator), on-policy vs stale
 
 Speed: the GRPO stage of experiments/demo.py (the tiny model preset, 32 prompts x 8 samples, 6 new tokens,
 one AdamW step per iteration) alone, from the random initial model, `--iterations` iterations in a
@@ -23,6 +24,11 @@ main thread waits for its rollout are the medians of `time/weight_transfer_s` / 
 machine busy by itself (load ~2 at its end), so a start above ~1.5 or an end well above 2 means other work
 competed; run it again.
 
+Episodes (--episodes): the GRPO stage of experiments/tool_calculator.py (32 prompts x 8 two-turn episodes
+with the calculator; the host decodes every turn, runs the tool and tokenises the observations between
+the jitted turns) after 60 SFT steps on demonstrations (enough for one tool call per episode), on-policy
+and with overlap.staleness=1 on the same 2 devices (environments are not split off to rollout devices).
+
 Learning (--learning): the whole demo (SFT warm start, then 60 GRPO iterations) on-policy and with
 overlap.staleness=1 (truncated importance sampling on, cap 2), one seed each: held-out greedy accuracy
 (`eval/accuracy`) of the GRPO stage every 20 iterations and its wall time.
@@ -41,6 +47,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "experiments" / "demo.py")
+TOOLS = str(ROOT / "experiments" / "tool_calculator.py")
+EPISODE_SETTINGS = {"episodes on-policy": [], "episodes stale-1": ["rl.overlap.staleness=1"]}
 SETTINGS = {
     "on-policy": [],
     "stale-1 shared": ["rl.overlap.staleness=1"],
@@ -52,13 +60,14 @@ LOADS: dict[str, tuple[float, float]] = {}  # run -> 1-minute load average befor
 QUIET = ["log.progress=False", "log.tensorboard=False", "log.samples_every=0"]
 
 
-def train(root: pathlib.Path, name: str, sets: list[str]) -> tuple[list[dict], float]:
-    """Runs the demo with `sets` in a fresh process; (the rl stage's metrics records, wall seconds)."""
+def train(root: pathlib.Path, name: str, sets: list[str], experiment: str = DEMO) -> tuple[list[dict], float]:
+    """Runs `experiment` (the demo) with `sets` in a fresh process; (the rl stage's metrics records, wall
+    seconds)."""
     args = [x for s in [*QUIET, f"run_root={root}", f"name={name}", *sets] for x in ("--set", s)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     load = os.getloadavg()[0]
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "jaxrl_llm.cli", "train", DEMO, "--cpu-devices", "2", "--fresh", *args],
+    subprocess.run([sys.executable, "-m", "jaxrl_llm.cli", "train", experiment, "--cpu-devices", "2", "--fresh", *args],
                    check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     wall = time.time() - t0
     rows = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
@@ -71,12 +80,20 @@ def median_of(rows: list[dict], key: str, warmup: int) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def speed(root: pathlib.Path, iterations: int, warmup: int) -> dict:
+def speed(root: pathlib.Path, iterations: int, warmup: int, episodes: bool = False, only: list[str] = ()) -> dict:
     out = {}
-    for label, sets in SETTINGS.items():
+    runs = {label: (DEMO, ["stages=('rl',)", *sets]) for label, sets in SETTINGS.items()}
+    if episodes:
+        runs.update({label: (TOOLS, ["sft.steps=60", *sets]) for label, sets in EPISODE_SETTINGS.items()})
+    if only:
+        unknown = sorted(set(only) - set(runs))
+        if unknown:
+            raise SystemExit(f"--only: unknown settings {unknown}; choose from {sorted(runs)}")
+        runs = {k: v for k, v in runs.items() if k in only}
+    for label, (experiment, sets) in runs.items():
         rows, _ = train(root, "speed-" + label.replace(" ", "-"),
-                        ["stages=('rl',)", f"rl.iterations={iterations}", "log.every=1", "eval.every=0",
-                         "checkpoint.every=0", *sets])
+                        [f"rl.iterations={iterations}", "log.every=1", "eval.every=0", "checkpoint.every=0", *sets],
+                        experiment)
         out[label] = {k: median_of(rows, k, warmup)
                       for k in ("time/step_s", "time/weight_transfer_s", "time/rollout_wait_s")}
         out[label]["load"] = LOADS["speed-" + label.replace(" ", "-")]
@@ -99,17 +116,22 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=14)
     ap.add_argument("--warmup", type=int, default=4, help="first iterations left out (compilation, pipeline fill)")
     ap.add_argument("--learning", action="store_true", help="also the demo's held-out accuracy, on-policy vs stale")
+    ap.add_argument("--episodes", action="store_true", help="also multi-turn tool episodes, on-policy vs stale")
+    ap.add_argument("--only", default="", help="comma-separated setting labels to run (e.g. 'episodes on-policy,"
+                    "episodes stale-1'); default: all")
     ap.add_argument("--root", default="/tmp/jaxrl_overlap_bench")
     ap.add_argument("--json", default="", help="write the results here too")
     a = ap.parse_args()
     root = pathlib.Path(a.root)
-    res = {"speed": speed(root, a.iterations, a.warmup)}
-    base = res["speed"]["on-policy"]["time/step_s"]
+    res = {"speed": speed(root, a.iterations, a.warmup, a.episodes, [x for x in a.only.split(",") if x])}
+    base = res["speed"].get("on-policy", {}).get("time/step_s")
     print(f"\nGRPO iteration, demo shape (tiny preset, 32 prompts x 8 samples, 6 new tokens), --cpu-devices 2, "
           f"median of iterations {a.warmup + 1}..{a.iterations}")
     print(f"{'setting':<16} {'s/iteration':>12} {'speed-up':>9} {'transfer s':>11} {'rollout wait s':>15} "
           f"{'load before/after':>18}")
     for label, r in res["speed"].items():
+        if label.startswith("episodes"):  # against the on-policy loop of the same experiment
+            base = res["speed"]["episodes on-policy"]["time/step_s"]
         f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"{label:<16} {r['time/step_s']:>12.4f} {base / r['time/step_s']:>8.2f}x "
               f"{f(r['time/weight_transfer_s']):>11} {f(r['time/rollout_wait_s']):>15} "
