@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/overlap.py                    # speed: on-policy vs staleness 1 (shared / split devices)
     .venv/bin/python bench/overlap.py --learning         # plus held-out accuracy of the demo, on-policy vs stale
-    .venv/bin/python bench/overlap.py --episodes         # plus multi-turn episodes (tool_calculator), on-policy vs stale
+    .venv/bin/python bench/overlap.py --episodes         # plus multi-turn tool episodes, on-policy vs stale
 
 Speed: the GRPO stage of experiments/demo.py (the tiny model preset, 32 prompts x 8 samples, 6 new tokens,
 one AdamW step per iteration) alone, from the random initial model, `--iterations` iterations in a

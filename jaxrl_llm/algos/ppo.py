@@ -48,7 +48,8 @@ import optax
 from jaxrl_llm.algos import advantages as adv_lib
 from jaxrl_llm.algos.aggregation import token_mean_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, KLControllerConfig, kl_coef_update, kl_estimate, kl_penalty_rewards
-from jaxrl_llm.algos.logprobs import CONTEXT_KEY, completion_logprobs, logprobs_from_hidden, rollout_forward_fn, sequence
+from jaxrl_llm.algos.logprobs import (CONTEXT_KEY, completion_logprobs, logprobs_from_hidden, rollout_forward_fn,
+                                      sequence)
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss, value_loss
 from jaxrl_llm.algos.preference import check_choice
 from jaxrl_llm.algos.train_state import (OptimizerConfig, TrainState, accumulate, apply_gradients, dropout_rngs,

@@ -173,8 +173,8 @@ class EpisodeRunner:
                               "(env.system_prompt) are longer; raise it (left truncation would cut the description)")
 
     def evaluate(self, params, examples: list[Example], max_prompt_len: int, seed: int) -> dict[str, float]:
-        """Greedy episodes on held-out `examples` (the stage's episode budget): eval/env/accuracy, eval/env/reward and the
-        episode metrics."""
+        """Greedy episodes on held-out `examples` (the stage's episode budget): eval/env/accuracy,
+        eval/env/reward and the episode metrics."""
         from jaxrl_llm.train.experience import encode_prompts
         if self._greedy is None:
             sc = self.sampling.replace(temperature=0.0, top_k=0, top_p=1.0, n_samples=1)
