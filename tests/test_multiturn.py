@@ -226,7 +226,7 @@ EXP = "experiments/tool_calculator.py"
 
 
 @pytest.mark.parametrize("override, message", [
-    ("rl.env.name=tool", r"config\.rl\.env\.name='tool' is not a registered environment; did you mean 'tools'"),
+    ("rl.env.name=tool", r"config\.rl\.env\.name: unknown environment 'tool'\. Did you mean 'tools'\?"),
     ("rl.env.obs_tokens=48", r"config\.rl\.env\.obs_tokens=48 leaves no room .* config\.rl\.sampling\.max_new_tokens"),
     ("rl.env.max_turn_tokens=-1", r"config\.rl\.env\.max_turn_tokens"),
     ("rl.reward.timeout_s=5.0", r"config\.rl\.reward\.timeout_s=5\.0 is not read with config\.rl\.env\.name"),

@@ -122,14 +122,19 @@ def register_env(name: str):
     return deco
 
 
-def make_env(name: str, task: Task, **kwargs) -> Environment:
-    """Builds the registered environment `name` for `task`; an unknown name or a bad argument is a ConfigError."""
+def check_env_name(name: str) -> None:
+    """A ConfigError naming the nearest registered environment when `name` is not one."""
     import jaxrl_llm.envs  # noqa: F401  (registers the built-in environments)
     if name not in _ENVS:
         near = difflib.get_close_matches(str(name), _ENVS, n=1)
         hint = f" Did you mean {near[0]!r}?" if near else ""
         raise ConfigError(f"unknown environment {name!r}.{hint} Registered: {', '.join(sorted(_ENVS))} "
                           "(add one with @register_env)")
+
+
+def make_env(name: str, task: Task, **kwargs) -> Environment:
+    """Builds the registered environment `name` for `task`; an unknown name or a bad argument is a ConfigError."""
+    check_env_name(name)
     factory = _ENVS[name]
     try:
         inspect.signature(factory).bind(task, **kwargs)

@@ -206,11 +206,3 @@ def transcripts(tokenizer, tokens, context_mask, rows: Sequence[int]) -> list[st
     tokens, mask = np.asarray(tokens), np.asarray(context_mask).astype(bool)
     return [tokenizer.decode(tokens[r][mask[r]].tolist(), skip_special_tokens=False,
                              clean_up_tokenization_spaces=False) for r in rows]
-
-
-def episode_accuracy(mt: MultiTurnSampler, params, prompt_tokens, prompt_mask, examples: Sequence[Example],
-                     key: jax.Array, env, tokenizer, fmt: ObservationFormat, max_turn_tokens: int) -> dict[str, Any]:
-    """Episodes on held-out examples (e.g. greedy sampling): accuracy (the final answer is correct), mean
-    return and the episode metrics."""
-    ep = run_episodes(mt, params, prompt_tokens, prompt_mask, examples, key, env, tokenizer, fmt, max_turn_tokens)
-    return {"accuracy": float(ep.correct.mean()), "reward": float(ep.rewards.mean()), **ep.metrics}

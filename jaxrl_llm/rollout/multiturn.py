@@ -9,7 +9,7 @@ checker's feedback) in one growing sequence. The host loop that runs an environm
     st = mt.turn(params, st, rng, turn)                       # every live row writes one turn
     ... the host reads each row's turn (st.turn_start .. st.col), steps its environment ...
     st = mt.observe(params, st, obs_tokens, obs_mask)         # [B*n, O] observations, prefilled into the cache
-    ... turn / observe again; st.finish(rows) ends episodes ...
+    ... turn / observe again; st.replace(finished=...) ends episodes (the host knows which are done) ...
 
 Layout. Every row shares one column counter: the completion buffer's column c is the KV cache's
 slot P + c for every row. A turn runs until every live row has emitted an end-of-turn token (the
@@ -82,10 +82,6 @@ class TurnState:
     logits: jax.Array
     position: jax.Array
     cache: KVCache
-
-    def finish(self, rows: jax.Array) -> "TurnState":
-        """The same state with the episodes of bool `rows` [R] over."""
-        return self.replace(finished=self.finished | rows)
 
 
 def _put(buf: jax.Array, block: jax.Array, col: jax.Array) -> jax.Array:

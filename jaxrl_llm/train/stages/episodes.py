@@ -35,7 +35,7 @@ from jaxrl_llm.envs.rollout import PLAIN_TEMPLATE
 from jaxrl_llm.errors import ConfigError
 from jaxrl_llm.rollout.multiturn import make_multiturn_sampler
 from jaxrl_llm.tasks.base import Example
-from jaxrl_llm.train.validation import flag, integer
+from jaxrl_llm.train.validation import flag, integer, unread
 
 OBSERVATION_ROLE = "tool"
 
@@ -51,14 +51,9 @@ def has_env(s: mc.ConfigDict) -> bool:
     return bool(s.get("env") is not None and s.env.name)
 
 
-def make_env(comp, s: mc.ConfigDict, where: str):
-    """The section's environment over the run's task (a ConfigError naming env.name / env.kwargs otherwise)."""
-    return env_for_task(comp.task, s, where)
-
-
 def env_for_task(task, s: mc.ConfigDict, where: str):
-    """The environment of section `s` over `task`; also what the config check builds (a wrong `env.kwargs`
-    value is an error before anything else is built)."""
+    """The environment of section `s` over `task` (a ConfigError naming env.name / env.kwargs otherwise); also
+    what the config check builds, so a wrong `env.kwargs` value is an error before anything else is built."""
     from jaxrl_llm.envs import make_env as make
     try:
         return make(str(s.env.name), task, **s.env.kwargs.to_dict())
@@ -73,21 +68,16 @@ def check_env_section(cfg: mc.ConfigDict, name: str, budget: int, budget_key: st
     s, where = cfg[name], f"config.{name}"
     e, ew, d = s.env, f"{where}.env", env_section()
     if not e.name:
+        why = f"without {ew}.name (single-turn completions; set it, e.g. to 'tools')"
         for key in ("obs_tokens", "max_turn_tokens", "observation_role", "observation_template", "system_prompt"):
-            if e[key] != d[key]:
-                raise ConfigError(f"{ew}.{key}={e[key]!r} is not read without {ew}.name (single-turn "
-                                  f"completions); set {ew}.name (e.g. 'tools') or remove the override")
-        if e.kwargs.to_dict():
-            raise ConfigError(f"{ew}.kwargs={e.kwargs.to_dict()} is not read without {ew}.name; set {ew}.name "
-                              "(e.g. 'tools') or remove the override")
+            unread(e, key, ew, d[key], why)
+        unread({"kwargs": e.kwargs.to_dict()}, "kwargs", ew, {}, why)
         return
-    from jaxrl_llm.envs import registered_envs
-    if str(e.name) not in registered_envs():
-        import difflib
-        near = difflib.get_close_matches(str(e.name), registered_envs(), n=1)
-        raise ConfigError(f"{ew}.name={e.name!r} is not a registered environment"
-                          + (f"; did you mean {near[0]!r}?" if near else "")
-                          + f" (registered: {', '.join(registered_envs())})")
+    from jaxrl_llm.envs.base import check_env_name
+    try:
+        check_env_name(str(e.name))
+    except ConfigError as x:
+        raise ConfigError(f"{ew}.name: {x}") from None
     integer(e.obs_tokens, f"{ew}.obs_tokens", 1, means="columns of one observation block", example=16)
     integer(e.max_turn_tokens, f"{ew}.max_turn_tokens", 0, means="tokens of one model turn (0: the whole budget)",
             example=64)
@@ -106,12 +96,10 @@ def check_env_section(cfg: mc.ConfigDict, name: str, budget: int, budget_key: st
                           "process rewards score single completions, not episodes with observations; set "
                           "process_reward.source='none' or leave env.name empty")
     if s.get("reward") is not None:
-        from jaxrl_llm.train.stages.rl import reward_section
-        d_r = reward_section()
-        for key in ("timeout_s", "on_error", "error_score"):
-            if s.reward[key] != d_r[key]:
-                raise ConfigError(f"{where}.reward.{key}={s.reward[key]!r} is not read with {ew}.name={e.name!r} "
-                                  "(the environment scores each turn on the host); remove the override")
+        from jaxrl_llm.train.stages.rl import _HOST_REWARD_KEYS, reward_section
+        for key in _HOST_REWARD_KEYS:
+            unread(s.reward, key, f"{where}.reward", reward_section()[key],
+                   f"with {ew}.name={e.name!r} (the environment scores each turn on the host)")
 
 
 def with_system_prompt(example: Example, text: str | None) -> Example:
@@ -137,7 +125,7 @@ class EpisodeRunner:
     def __init__(self, comp, s: mc.ConfigDict, where: str, sampling, n_samples: int):
         from jaxrl_llm.envs.rollout import ObservationFormat
         self.comp, self.where = comp, where
-        self.env = make_env(comp, s, where)
+        self.env = env_for_task(comp.task, s, where)
         e = s.env
         self.system_prompt = self.env.system_prompt() if bool(e.system_prompt) else None
         self.chat = self._chat(comp)
