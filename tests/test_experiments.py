@@ -91,8 +91,20 @@ def _worker(results: Path, run_root: Path, jobs: list[list]) -> None:
         (results / f"{name}.json").write_text(json.dumps(out, default=str))
 
 
+def _selected_runs(session) -> set[str] | None:
+    """The smoke runs the selected tests read (`pytest -k dpo` runs only those); None: all of them."""
+    names = set()
+    for item in session.items:
+        if item.module.__name__ != __name__ or "smoke" not in getattr(item, "fixturenames", ()):
+            continue
+        if item.originalname != "test_smoke_preset_runs":
+            return None
+        names.add(item.callspec.params["name"])
+    return names
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, request):
     base = tmp_path_factory.mktemp("experiments")
     results, run_root, data = base / "results", base / "runs", base / "data"
     for d in (results, run_root, data):
@@ -103,6 +115,8 @@ def smoke(tmp_path_factory):
     jobs = [[f"{EXP_DIR / n}.py:smoke", extra.get(n, []), n] for n in EXPERIMENTS]
     jobs.append([str(base / "rm_then_ppo.py"), [], "rm_then_ppo"])
     jobs.append([str(base / "tools_ppo.py"), [], "tools_ppo"])
+    selected = _selected_runs(request.session)
+    jobs = jobs if selected is None else [j for j in jobs if j[2] in selected]
     # One CPU device, compiled with this process's compile-fast flags (conftest): a smoke run executes a few
     # steps, so compiling is most of its time.
     xla = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
