@@ -5,8 +5,8 @@
     jaxrl-llm sample --model DIR_OR_PRESET --prompt "12+34=" [--chat] [--n 4] ...
     jaxrl-llm presets                   # model presets and their parameter counts
     jaxrl-llm plot RUN_DIR [RUN_DIR ...] # plots/<stage>.png per run; with several runs an overlay too
-    jaxrl-llm sweep EXP.py[:preset] --grid key=v1,v2 [--grid ...] --seeds 3 [--jobs 2] [--set ...]
-    jaxrl-llm eval RUN_DIR_OR_EXP [--split test] [--k 1,4] [--n-samples 4] [--temperature 1.0]
+    jaxrl-llm sweep EXP.py[:preset] --grid key=v1,v2 [--grid ...] --seeds 3 [--jobs 2 | --vectorise] [--set ...]
+    jaxrl-llm eval RUN_DIR_OR_EXP [--split test] [--k 1,4] [--n-samples 4] [--temperature 1.0] [--stage sft]
 
 A mistake in what you gave (config, data, model, task, mesh, run directory) prints one `error:` line and
 exits with its kind's code (docs/troubleshooting.md); --debug shows the traceback as well.
@@ -233,7 +233,7 @@ def cmd_sweep(args) -> int:
 
     result = sweep(args.experiment, parse_grid(args.grid), args.seeds, args.set, jobs=args.jobs,
                    run_root=args.run_root, name=args.name, fresh=args.fresh,
-                   compile_cache=not args.no_compile_cache)
+                   compile_cache=not args.no_compile_cache, vectorise=args.vectorise)
     return 1 if result.failed else 0
 
 
@@ -263,10 +263,11 @@ def _run_config(run_dir: pathlib.Path):
 
 def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = None, temperature: float = 1.0,
                  num_examples: int | None = None, max_new_tokens: int | None = None, batch_size: int = 0,
-                 seed: int = 0):
-    """Scores the final params of a run (latest checkpoint of its last stage) on `split` of its task.
+                 seed: int = 0, stage: str | None = None):
+    """Scores the final params of a run (latest checkpoint of its last stage) on `split` of its task; with
+    `stage`, the latest checkpoint of that stage instead (e.g. "sft": the model before RL).
 
-    Returns (EvalResult, info) and writes <run_dir>/eval.json (the result's dict plus info)."""
+    Returns (EvalResult, info) and writes `eval_path(run_dir, stage)` (the result's dict plus info)."""
     import json
 
     from jaxrl_llm.eval.evaluator import Evaluator
@@ -278,10 +279,11 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
         raise ConfigError(f"{run_dir} has no config.json; give a run directory or the experiment it ran")
     cfg = _run_config(run_dir)
     stages = tuple(cfg.stages)
-    name = stages[-1]
+    name = stages[-1] if stage is None else eval_stage(run_dir, stages, stage)
     ck_dir = run_dir / "checkpoints" / name
     if not ck_dir.is_dir():
-        raise ResumeError(f"{run_dir} has no checkpoints of its last stage {name!r} ({ck_dir})")
+        which = "its last stage" if stage is None else "stage"
+        raise ResumeError(f"{run_dir} has no checkpoints of {which} {name!r} ({ck_dir})")
     n = n_samples or max(ks)
     if n < max(ks):
         raise ConfigError(f"--k {max(ks)} needs --n-samples >= {max(ks)} (got {n})")
@@ -300,8 +302,22 @@ def evaluate_run(run_dir, split: str = "test", ks=(1,), n_samples: int | None = 
     result = evaluator.evaluate(params, ks, seed=seed)
     info = {"run_dir": str(run_dir), "stage": name, "step": int(step), "final": done,
             "split": split, "n_samples": n, "temperature": float(temperature), "max_new_tokens": mnt, "seed": seed}
-    (run_dir / "eval.json").write_text(json.dumps({**info, **result.to_dict()}, indent=1, default=str) + "\n")
+    eval_path(run_dir, stage).write_text(json.dumps({**info, **result.to_dict()}, indent=1, default=str) + "\n")
     return result, info
+
+
+def eval_stage(run_dir: pathlib.Path, stages: tuple[str, ...], stage: str) -> str:
+    """`stage` if the run has a stage of that name, else a ConfigError naming the run's stages."""
+    if stage not in stages:
+        from jaxrl_llm.train.config import nearest
+        raise ConfigError(f"--stage {stage!r}: the run {run_dir} has no stage of that name{nearest(stage, stages)}; "
+                          f"give one of its stages {', '.join(stages)} (or leave --stage out for the last one)")
+    return stage
+
+
+def eval_path(run_dir: pathlib.Path, stage: str | None = None) -> pathlib.Path:
+    """Where `jaxrl-llm eval` writes: <run_dir>/eval.json, or eval-<stage>.json with --stage."""
+    return pathlib.Path(run_dir) / ("eval.json" if stage is None else f"eval-{stage}.json")
 
 
 def cmd_eval(args) -> int:
@@ -317,11 +333,11 @@ def cmd_eval(args) -> int:
         cfg = load_experiment(args.target, args.set)
         run_dir = pathlib.Path(cfg.run_root) / cfg.name
     result, info = evaluate_run(run_dir, args.split, _parse_ks(args.k), args.n_samples, args.temperature,
-                                args.num_examples, args.max_new_tokens, args.batch_size, args.seed)
+                                args.num_examples, args.max_new_tokens, args.batch_size, args.seed, args.stage)
     print(f"eval of {run_dir}: stage {info['stage']!r} step {info['step']}, split {info['split']!r}, "
           f"{info['n_samples']} sample(s) per prompt at temperature {info['temperature']}\n")
     print(result.table())
-    print(f"\nwritten: {run_dir / 'eval.json'}")
+    print(f"\nwritten: {eval_path(run_dir, args.stage)}")
     return 0
 
 
@@ -396,9 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--fresh", action="store_true", help="restart runs that exist (default: resume or skip)")
     sw.add_argument("--no-compile-cache", action="store_true",
                     help="do not share JAX's compilation cache (<run_root>/.jax_cache) between the runs")
+    sw.add_argument("--vectorise", action="store_true",
+                    help="one process; the last (grpo) stage of every run as one program per iteration, vmapped "
+                    "over the runs (seeds, or a --grid of its optimizer.learning_rate; docs/ablations.md)")
     sw.set_defaults(func=cmd_sweep)
 
-    ev = sub.add_parser("eval", help="pass@k / maj@k of a finished run's final params on held-out data")
+    ev = sub.add_parser("eval", help="pass@k / maj@k of a finished run's final params (or a stage's: --stage) "
+                        "on held-out data")
     ev.add_argument("target", metavar="RUN_DIR_OR_EXP", help="runs/<name>, or the experiment[:preset] that ran")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="with an experiment: the overrides it ran with (they decide the run name)")
@@ -410,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
     ev.add_argument("--batch-size", type=int, default=0, help="prompts per sampler call (0: all at once)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--stage", default=None, help="evaluate the latest checkpoint of this stage (e.g. sft: the "
+                    "model before RL; written to eval-<stage>.json); default: the last stage (eval.json)")
     ev.set_defaults(func=cmd_eval)
     return ap
 

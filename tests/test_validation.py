@@ -210,7 +210,7 @@ CASES = [  # (experiment, overrides, error class, message)
     ("grpo", ["rl.algo.loss.loss_agg=token_mean"], ConfigError,
      r"config\.rl\.algo\.loss\.loss_agg='token_mean' is not a known aggregation mode\. Did you mean 'token-mean'"),
     ("grpo", ["rl.algo.loss.kl_estimator=k4"], ConfigError, r"config\.rl\.algo\.loss\.kl_estimator='k4' is not "
-                                                            r"supported\. Choose one of \('k1', 'k2', 'k3'\)"),
+                                                            r"supported\. Choose one of \('k1', 'k2', 'k3', 'abs'\)"),
     ("grpo", ["rl.algo.advantage_estimator=rlo"], ConfigError, r"config\.rl\.algo\.advantage_estimator='rlo' .*Did "
                                                                r"you mean 'rloo'"),
     ("grpo", ["rl.algo.scale_rewards=grop"], ConfigError, r"config\.rl\.algo\.scale_rewards='grop' .*'group'"),
@@ -282,8 +282,8 @@ CASES = [  # (experiment, overrides, error class, message)
     ("dpo", ["pref.algo.simpo_gamma=1.0"], ConfigError, r"config\.pref\.algo\.simpo_gamma=1\.0 is not read by "
                                                         r"loss_type='sigmoid'"),
     ("orpo", ["orpo.algo.beta=0.5"], ConfigError, r"config\.orpo\.algo\.beta=0\.5 is not read by loss_type='orpo'"),
-    ("dpo", ["pref.algo.loss_agg=seq-mean-token-mean"], ConfigError, r"config\.pref\.algo\.loss_agg=.* is not read "
-                                                                     r"with nll_coef=0\.0"),
+    ("dpo", ["pref.algo.nll_coef=0.0", "pref.algo.loss_agg=seq-mean-token-mean"], ConfigError,
+     r"config\.pref\.algo\.loss_agg=.* is not read with nll_coef=0\.0"),
     ("dpo", ["pref.data.source=jsnl"], ConfigError, r"config\.pref\.data\.source='jsnl' .*did you mean 'jsonl'"),
     ("dpo", ["pref.data.path=x.jsonl"], ConfigError, r"config\.pref\.data\.path='x\.jsonl' is not read with "
                                                      r"data\.source='task'"),

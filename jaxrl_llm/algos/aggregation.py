@@ -21,6 +21,14 @@ mask count in G but add nothing (they never produce NaN); with
 least one real token (verl >= 0.6.1). token-mean and token-sum-norm have no
 row count, so the option does not change them. docs/algorithms.md maps each
 verl `loss_agg_mode` and version onto these settings.
+
+One deliberate exception, off by default: `micro_batch_token_weights`
+computes a mode's weights from one micro-batch's mask, scaled by the
+micro-batch's share of the rows. With "token-mean" this is TRL's
+loss_type="bnpo" (each micro-batch divided by its own token count, then
+averaged over the accumulation steps). It is NOT exact: the loss and
+gradient depend on how the rows are split into micro-batches
+(`GRPOConfig.loss_agg_per_micro_batch`).
 """
 
 from __future__ import annotations
@@ -80,6 +88,19 @@ def token_weights(mask_bt: jax.Array, mode: str, norm_length: float | None = Non
     if mode == "seq-mean-token-sum":
         return m / n_seq
     return m / (n_seq * length)
+
+
+def micro_batch_token_weights(mask_bt: jax.Array, row_share_b: jax.Array, mode: str,
+                              norm_length: float | None = None, exclude_empty_rows: bool = False) -> jax.Array:
+    """Weights of `mode` computed from this micro-batch's own mask, times its rows' share of the minibatch.
+
+    Not exact under accumulation (see the module docstring). `row_share_b` [b]: each row's share of the
+    minibatch (1/B), so sum(row_share_b) = b/B and equal micro-batches are averaged. Summed over the
+    micro-batches of a minibatch, "token-mean" gives TRL's "bnpo":
+    1/M sum_m sum(m_m * l_m) / sum(m_m) (micro-batch m's token count, at least 1).
+    """
+    share = jnp.sum(jnp.asarray(row_share_b, jnp.float32))
+    return token_weights(mask_bt, mode, norm_length, exclude_empty_rows) * share
 
 
 def sequence_weights(mask_bt: jax.Array) -> jax.Array:

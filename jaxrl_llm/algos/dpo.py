@@ -1,4 +1,4 @@
-"""Offline preference optimisation from chosen/rejected pairs: DPO, IPO, hinge, robust DPO, SimPO, ORPO.
+"""Offline preference optimisation from chosen/rejected pairs: DPO, IPO, hinge, robust DPO, SimPO, ORPO, TDPO.
 
 One update step for the family; the loss formulas are in `preference.py`.
 Chosen and rejected completions go through ONE forward pass, concatenated
@@ -32,7 +32,9 @@ Sampling temperature does not apply (offline data): temperature 1.
 Metrics use TRL's names: rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (the
 log-probs the loss saw: sums, or averages for SimPO/ORPO/normalised IPO),
-plus pref_loss, nll_loss and, for ORPO, log_odds_ratio and log_odds_chosen.
+logps/chosen_per_token and logps/rejected_per_token (the per-pair average
+log-prob, averaged over pairs, whatever the loss), plus pref_loss, nll_loss
+and, for ORPO, log_odds_ratio and log_odds_chosen.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ from jaxrl_llm.algos.logprobs import completion_logprobs, rollout_forward_fn
 from jaxrl_llm.algos.preference import (DPO_LOSS_TYPES, PAIR_KEYS, check_batch_keys, check_choice,
                                         check_label_smoothing, concat_pairs, dpo_loss, orpo_loss, pad_pairs,
                                         simpo_loss)
+from jaxrl_llm.algos.tdpo import TDPO_LOSS_TYPES, pair_token_kl, tdpo_loss
 from jaxrl_llm.algos.train_state import Metrics, TrainState, accumulate, apply_gradients
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.layers import matmul_weights
 
-LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")
+LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo") + TDPO_LOSS_TYPES
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -60,7 +64,9 @@ class DPOConfig:
     """Preference-optimisation knobs (defaults: DPO as in the paper and TRL).
 
     loss_type: sigmoid (DPO; cDPO with label_smoothing) | ipo | hinge | robust |
-        simpo | orpo. The first four need reference log-probs in the batch.
+        simpo | orpo | tdpo1 | tdpo2. The first four need reference log-probs in the batch;
+        tdpo1 / tdpo2 (token-level DPO, `tdpo.py`) need the reference params as the step's
+        fourth argument (per-token KL over the whole vocabulary).
     beta: DPO's beta / IPO's tau / hinge's scale; SimPO's beta (the paper uses
         2.0-2.5: set it, the 0.1 default is DPO's).
     label_smoothing: cDPO / robust-DPO flip rate, and SimPO's smoothing.
@@ -69,6 +75,7 @@ class DPOConfig:
     simpo_gamma: SimPO target margin gamma in reward units (= beta * the
         official code's gamma_beta_ratio).
     orpo_lambda: ORPO's lambda (TRL calls it beta).
+    tdpo_alpha: TDPO2's alpha, the weight of the SeqKL difference (official default 0.5).
     nll_coef: adds nll_coef * NLL(chosen) to the DPO/IPO/hinge/robust/SimPO
         loss (RPO, Pang et al. 2024 = TRL rpo_alpha; CPO/TRL cpo_alpha;
         OpenRLHF nll_loss_coef). ORPO always has its NLL with weight 1.
@@ -83,6 +90,7 @@ class DPOConfig:
     ipo_length_normalize: bool = False
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
+    tdpo_alpha: float = 0.5
     nll_coef: float = 0.0
     loss_agg: str = "token-mean"
     norm_length: float | None = None
@@ -99,6 +107,8 @@ class DPOConfig:
                              f"{self.loss_type!r}; remove it")
         if self.orpo_lambda < 0 or self.nll_coef < 0:
             raise ValueError(f"dpo.orpo_lambda={self.orpo_lambda} and dpo.nll_coef={self.nll_coef} must be >= 0")
+        if not self.tdpo_alpha > 0:
+            raise ValueError(f"dpo.tdpo_alpha={self.tdpo_alpha} must be > 0 (the paper and its code use 0.5)")
         if self.nll_coef and self.loss_type == "orpo":
             raise ValueError("dpo.nll_coef does not apply to loss_type='orpo' (its NLL weight is 1; "
                              "orpo_lambda weighs the odds-ratio term)")
@@ -111,7 +121,12 @@ class DPOConfig:
 
     @property
     def needs_reference(self) -> bool:
-        return self.loss_type in DPO_LOSS_TYPES
+        return self.loss_type in DPO_LOSS_TYPES + TDPO_LOSS_TYPES
+
+    @property
+    def reference_in_step(self) -> bool:
+        """TDPO: the step reads the reference params (its 4th argument), not precomputed log-probs."""
+        return self.loss_type in TDPO_LOSS_TYPES
 
     def token_weights(self, mask_bt: jax.Array) -> jax.Array:
         """float32 [B, N] weights of the NLL term; call it on the chosen mask of the whole batch."""
@@ -154,22 +169,38 @@ def _wsum(w_b: jax.Array, x_b: jax.Array) -> jax.Array:
 
 def make_dpo_step(module: Any, model_cfg: ModelConfig, cfg: DPOConfig = DPOConfig(),
                   num_micro_batches: int = 1) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, Metrics]]:
-    """`step(state, batch, rng) -> (state, metrics)` for a CausalLM policy; jit it with `jit_update`."""
+    """`step(state, batch, rng) -> (state, metrics)` for a CausalLM policy; jit it with `jit_update`.
+
+    TDPO (`cfg.reference_in_step`): `step(state, batch, rng, ref_params)`, jitted with
+    `jit_update(step, state, batch, env, aux_example=ref_params)`; the batch needs no reference log-probs.
+    Its extra metrics: seq_kl/chosen and seq_kl/rejected (mean over pairs of the summed per-token
+    KL(ref || policy)); its rewards/* are the official beta (log-ratio + SeqKL).
+    """
     if num_micro_batches < 1:
         raise ValueError(f"num_micro_batches={num_micro_batches} must be >= 1")
-    keys = PAIR_KEYS + (REF_KEYS if cfg.needs_reference else ())
+    keys = PAIR_KEYS + (REF_KEYS if cfg.needs_reference and not cfg.reference_in_step else ())
     use_nll = cfg.loss_type == "orpo" or cfg.nll_coef > 0
 
-    def loss_fn(params, mb, rng):
+    def loss_fn(params, mb, rng, ref=None):
         del rng
-        logp_c, logp_r = pair_logprobs(module, params, model_cfg, mb, cfg.logprob_chunk)
+        if cfg.reference_in_step:  # TDPO: both models' next-token distributions, chunked over positions
+            tok = pair_token_kl(module, params, ref, model_cfg, mb, cfg.logprob_chunk)
+            logp_c, logp_r = tok["logp"]
+        else:
+            logp_c, logp_r = pair_logprobs(module, params, model_cfg, mb, cfg.logprob_chunk)
         sum_c, sum_r = logp_c.sum(-1), logp_r.sum(-1)
         len_c = jnp.maximum(mb["chosen_mask"].astype(jnp.float32).sum(-1), 1.0)
         len_r = jnp.maximum(mb["rejected_mask"].astype(jnp.float32).sum(-1), 1.0)
         w = mb["seq_w"]
         nll = -jnp.sum(mb["nll_w"] * logp_c)  # this micro-batch's share of the batch NLL of chosen tokens
         metrics = {}
-        if cfg.needs_reference:
+        if cfg.reference_in_step:
+            (ref_c, ref_r), (kl_c, kl_r) = ([x.sum(-1) for x in tok[k]] for k in ("ref_logp", "kl"))
+            losses, r_c, r_r = tdpo_loss(sum_c - ref_c, sum_r - ref_r, kl_c, kl_r, beta=cfg.beta,
+                                         alpha=cfg.tdpo_alpha, loss_type=cfg.loss_type)
+            seen_c, seen_r = sum_c, sum_r
+            metrics["seq_kl/chosen"], metrics["seq_kl/rejected"] = _wsum(w, kl_c), _wsum(w, kl_r)
+        elif cfg.needs_reference:
             normalize = cfg.loss_type == "ipo" and cfg.ipo_length_normalize
             lens = (len_c, len_r) if normalize else (None, None)
             losses, r_c, r_r = dpo_loss(sum_c, sum_r, mb["ref_chosen_logps"], mb["ref_rejected_logps"],
@@ -202,17 +233,28 @@ def make_dpo_step(module: Any, model_cfg: ModelConfig, cfg: DPOConfig = DPOConfi
             "rewards/margins": _wsum(w, r_c - r_r),
             "logps/chosen": _wsum(w, seen_c),
             "logps/rejected": _wsum(w, seen_r),
+            # per-token means whatever the loss saw: likelihood displacement shows as both falling
+            "logps/chosen_per_token": _wsum(w, sum_c / len_c),
+            "logps/rejected_per_token": _wsum(w, sum_r / len_r),
         })
         return loss, metrics
 
-    def step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: dict, rng: jax.Array, ref_params: Any = None) -> tuple[TrainState, Metrics]:
         hint = ("DPO-family losses need reference log-probs: add them with make_reference_logps_fn "
-                "(or use loss_type='simpo'/'orpo', which have no reference).") if cfg.needs_reference else ""
+                "(or use loss_type='simpo'/'orpo', which have no reference).") if "ref_chosen_logps" in keys else ""
+        if cfg.reference_in_step != (ref_params is not None):
+            raise ValueError(f"dpo step (loss_type={cfg.loss_type!r}): " + (
+                "needs the reference params as its 4th argument (jit_update(..., aux_example=ref_params))"
+                if cfg.reference_in_step else "takes no reference params (only 'tdpo1'/'tdpo2' read them)"))
         check_batch_keys(batch, keys, f"dpo step (loss_type={cfg.loss_type!r})", hint)
         batch = pad_pairs({k: batch[k] for k in keys})
         batch["seq_w"] = sequence_weights(batch["chosen_mask"])
         batch["nll_w"] = cfg.token_weights(batch["chosen_mask"])
-        grads, metrics = accumulate(loss_fn, state.params, batch, rng, num_micro_batches, frozen=state.frozen)
+        fn = loss_fn
+        if cfg.reference_in_step:  # cast once per step, read by every micro-batch (as distill's teacher)
+            ref = matmul_weights(ref_params, model_cfg)
+            fn = lambda p, mb, r: loss_fn(p, mb, r, ref)  # noqa: E731
+        grads, metrics = accumulate(fn, state.params, batch, rng, num_micro_batches, frozen=state.frozen)
         return apply_gradients(state, grads, metrics)
 
     return step

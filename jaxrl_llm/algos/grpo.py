@@ -1,4 +1,5 @@
-"""The GRPO family as one update step whose variant is data: GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++.
+"""The GRPO family as one update step whose variant is data: GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++, CISPO,
+SAPO.
 
     cfg = grpo.dapo(group_size=16)                    # or grpo.grpo(), grpo.dr_grpo(max_len), grpo.gspo(), ...
     adv = grpo.compute_advantages(cfg, rewards_b, completion_mask)         # on the whole rollout batch
@@ -26,6 +27,8 @@ What each variant sets (see docs/algorithms.md for sources and peers' defaults):
 | gspo | group mean/std | group | seq-mean-token-mean | 3e-4, 4e-4 | none | sequence |
 | rloo | leave-one-out | - | seq-mean-token-mean | 0.2, 0.2 | none | token |
 | reinforce_pp | global whitened returns, k1 KL in reward | batch | token-mean | 0.2, 0.2 | in reward | token |
+| cispo | group mean/std | group | token-mean | IS weight sg(min(rho, 1.2)) | none | token |
+| sapo | group mean/std | group | seq-mean-token-mean | none: sigmoid gate, tau 1.0 / 1.05 | none | token |
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.algos import advantages as adv_lib
 from jaxrl_llm.algos.advantages import nonzero_std_groups  # noqa: F401  (DAPO's filter, re-exported here)
-from jaxrl_llm.algos.aggregation import token_mean_weights
+from jaxrl_llm.algos.aggregation import micro_batch_token_weights, token_mean_weights
 from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_estimate, kl_penalty_rewards
 from jaxrl_llm.algos.logprobs import CONTEXT_KEY, completion_logprobs, rollout_forward_fn
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig, policy_loss
@@ -47,11 +50,17 @@ from jaxrl_llm.algos.train_state import TrainState, accumulate, apply_gradients
 from jaxrl_llm.models.config import ModelConfig
 
 ADVANTAGE_ESTIMATORS = ("group_norm", "rloo", "reinforce_pp")
+CONVENTIONS = ("none", "trl", "verl")
 
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-    """One GRPO-family variant. Use the named constructors (grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp)."""
+    """One GRPO-family variant. Use the named constructors (grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp).
+
+    `convention="trl"` / `"verl"` gives every field that still holds our default (and that this configuration
+    reads) that peer's default (`convention_settings`); an explicitly different value wins. The resolved
+    values are the fields themselves: `replace(convention="none", field=ours)` keeps one of our defaults.
+    """
 
     group_size: int = 8
     advantage_estimator: str = "group_norm"
@@ -68,14 +77,28 @@ class GRPOConfig:
     num_minibatches: int = 1
     epochs: int = 1
     filter_zero_std_groups: bool = False  # DAPO dynamic sampling (the rollout loop drops/refills groups)
+    singleton_groups: str = "error"       # a group of one: error | zero (TRL) | raw (verl: baseline 0, std 1)
+    normalize_advantages: bool = False    # rloo: whiten the advantages over the batch (TRL's RLOO option)
+    returns_reset_at_masked: bool = False  # reinforce_pp: a masked position cuts the running return (verl)
+    loss_agg_per_micro_batch: bool = False  # weights from each micro-batch's mask (TRL "bnpo"): NOT exact
+    convention: str = "none"              # none | trl | verl: that peer's defaults (convention_changes)
 
     def __post_init__(self):
         def bad(field, why):
             raise ValueError(f"GRPOConfig.{field}={getattr(self, field)!r}: {why}")
+        check_choice("GRPOConfig.convention", self.convention, CONVENTIONS)
+        for field, value in convention_changes(self).items():
+            object.__setattr__(self, field, value)
         check_choice("GRPOConfig.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         check_choice("GRPOConfig.scale_rewards", self.scale_rewards, ("group", "batch", "none"))
-        if self.group_size < 2 and self.advantage_estimator != "reinforce_pp":
-            bad("group_size", "group baselines need at least 2 completions per prompt")
+        check_choice("GRPOConfig.singleton_groups", self.singleton_groups, adv_lib.SINGLETON_GROUPS)
+        for f in ("normalize_advantages", "returns_reset_at_masked", "loss_agg_per_micro_batch"):
+            if not isinstance(getattr(self, f), bool):
+                bad(f, "must be True or False")
+        if self.group_size < 1 or (self.group_size < 2 and self.advantage_estimator != "reinforce_pp"
+                                   and self.singleton_groups == "error"):
+            bad("group_size", "group baselines need at least 2 completions per prompt (or singleton_groups="
+                "'zero' / 'raw' for groups of one)")
         check_choice("GRPOConfig.reward_kl_estimator", self.reward_kl_estimator, KL_ESTIMATORS)
         if self.temperature <= 0:
             bad("temperature", "must be > 0 (use 1.0 when sampling greedily)")
@@ -97,6 +120,64 @@ class GRPOConfig:
         then not 1), or a KL folded into the rewards (it compares the rollout policy with the reference).
         One update per rollout otherwise uses stop_gradient(new log-probs) as the old ones."""
         return self.epochs * self.num_minibatches > 1 or self.reward_kl_coef > 0
+
+
+# ------------------------------------------------------------------ peers' conventions
+
+
+def convention_settings(cfg: GRPOConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(GRPOConfig fields, PolicyLossConfig fields) that `cfg.convention` gives a peer's default value.
+
+    Only defaults that differ from ours and that this configuration reads (so that a preset never sets
+    a key the stage checks would call unread). Checked against TRL v1.9.0 (trl/trainer/grpo_trainer.py,
+    grpo_config.py, rloo_trainer.py) and verl main of 29 January 2026 (v0.7.0 + 125 commits; core_algos.py,
+    trainer/config/actor/actor.yaml); docs/algorithms.md "Peer conventions" has the table.
+    """
+    est, lc = cfg.advantage_estimator, cfg.loss
+    top: dict[str, Any] = {}
+    loss: dict[str, Any] = {"kl_coef": 0.0}  # TRL GRPOTrainer beta=0.0; verl use_kl_loss=False
+    if est != "reinforce_pp":
+        top["singleton_groups"] = {"trl": "zero", "verl": "raw"}.get(cfg.convention)
+    if cfg.convention == "trl":
+        if (est == "group_norm" and cfg.scale_rewards != "none") or (est == "rloo" and cfg.normalize_advantages):
+            top["std_eps"] = 1e-4
+        if est == "rloo":  # RLOOTrainer: beta=0.05 on the summed k1 KL in the reward; sequence-level loss
+            top["reward_kl_coef"] = 0.05
+            loss["loss_agg"] = "seq-mean-token-sum"
+        elif lc.loss_fn != "sapo":  # loss_type="dapo" (the default; "cispo" too); SAPO is loss_type="sapo"
+            loss["loss_agg"] = "token-mean"
+    elif cfg.convention == "verl":
+        loss["exclude_empty_rows"] = True  # agg_loss >= 0.6.1: the seq-mean modes count non-empty rows
+        if est == "reinforce_pp":
+            top["returns_reset_at_masked"] = True
+        if lc.ratio_level == "sequence":  # compute_policy_loss_gspo: seq-mean-token-mean, no dual clip
+            loss["seq_log_ratio_clamp"] = 10.0
+        elif lc.loss_fn != "sapo":  # actor loss_agg_mode=token-mean (SAPO forces seq-mean-token-mean)
+            loss["loss_agg"] = "token-mean"
+            if lc.loss_fn == "clip":
+                loss["dual_clip"] = 3.0  # clip_ratio_c
+    else:
+        return {}, {}
+    return {k: v for k, v in top.items() if v is not None}, loss
+
+
+def convention_changes(cfg: GRPOConfig) -> dict[str, Any]:
+    """The GRPOConfig fields `cfg.convention` changes: each setting of `convention_settings` whose field
+    still holds our library default (GRPOConfig's, and for `loss` the fields of GRPOConfig().loss); a
+    field set to any other value keeps it. {} for convention="none"."""
+    top, loss = convention_settings(cfg)
+    if not top and not loss:
+        return {}
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    out = {k: v for k, v in top.items() if getattr(cfg, k) == defaults[k]}
+    lc, ld = cfg.loss, defaults["loss"]
+    new = {k: v for k, v in loss.items() if getattr(lc, k) == getattr(ld, k)}
+    kl_coef = new.get("kl_coef", lc.kl_coef)
+    if cfg.convention == "verl" and kl_coef > 0 and lc.kl_estimator == "k3" and lc.kl_clamp == ld.kl_clamp:
+        new["kl_clamp"] = 10.0  # low_var_kl: k3 clamped to [-10, 10]
+    if new:
+        out["loss"] = dataclasses.replace(lc, **new)
+    return out
 
 
 # ------------------------------------------------------------------ named variants
@@ -137,8 +218,23 @@ def reinforce_pp(group_size: int = 8, kl_coef: float = 0.01, **kw) -> GRPOConfig
                       scale_rewards="batch", loss=PolicyLossConfig(loss_agg="token-mean"), **kw)
 
 
+def cispo(group_size: int = 8, clip_eps_high: float = 0.2, **kw) -> GRPOConfig:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): -sg(min(rho, 1 + eps_high)) A logp, no lower bound, token-mean,
+    no KL (verl's example: clip_ratio_low=10, clip_ratio_high=0.2; TRL's epsilon_high=5.0 is clip_eps_high=4.0)."""
+    return GRPOConfig(group_size=group_size, loss=PolicyLossConfig(
+        loss_fn="cispo", clip_eps_low=1.0, clip_eps_high=clip_eps_high, loss_agg="token-mean"), **kw)
+
+
+def sapo(group_size: int = 8, tau_pos: float = 1.0, tau_neg: float = 1.05, **kw) -> GRPOConfig:
+    """SAPO (arXiv 2511.20347): sigmoid gate of the token ratio, temperatures 1.0 / 1.05 for A > 0 / A <= 0
+    (paper, verl, TRL), per-sequence token mean, no KL."""
+    return GRPOConfig(group_size=group_size, loss=PolicyLossConfig(
+        loss_fn="sapo", sapo_tau_pos=tau_pos, sapo_tau_neg=tau_neg, loss_agg="seq-mean-token-mean"), **kw)
+
+
 VARIANTS: dict[str, Callable[..., GRPOConfig]] = {
-    "grpo": grpo, "dr_grpo": dr_grpo, "dapo": dapo, "gspo": gspo, "rloo": rloo, "reinforce_pp": reinforce_pp}
+    "grpo": grpo, "dr_grpo": dr_grpo, "dapo": dapo, "gspo": gspo, "rloo": rloo, "reinforce_pp": reinforce_pp,
+    "cispo": cispo, "sapo": sapo}
 
 
 # ------------------------------------------------------------------ advantages
@@ -146,15 +242,24 @@ VARIANTS: dict[str, Callable[..., GRPOConfig]] = {
 
 def compute_advantages(cfg: GRPOConfig, rewards_b: jax.Array, completion_mask_bn: jax.Array, *,
                        old_logprobs_bn: jax.Array | None = None,
-                       ref_logprobs_bn: jax.Array | None = None) -> jax.Array:
+                       ref_logprobs_bn: jax.Array | None = None,
+                       group_ids: jax.Array | None = None) -> jax.Array:
     """Token advantages [B, N] for the whole rollout batch (never per micro-batch).
 
     With reward_kl_coef > 0 the KL of the rollout policy to the reference (`reward_kl_estimator` per token,
     needs old_logprobs_bn and ref_logprobs_bn) is folded into the rewards before the baseline:
     reinforce_pp per token (`kl.kl_penalty_rewards`); group_norm and rloo per sequence,
     r_i - reward_kl_coef * sum_t kl_t (TRL's RLOO: `rewards - beta * kl.sum(-1)` with k1).
+
+    A non-finite (NaN) reward marks an unscored completion: its advantage is exactly 0 on every token and
+    it is left out of every statistic (group mean / std, leave-one-out baseline, batch std, REINFORCE++'s
+    whitening), as TRL does. `group_ids` [B] (group_norm and rloo): rows with equal ids form a group, of
+    any size and in any order (verl's `index`), instead of contiguous runs of group_size rows.
     """
     mask = completion_mask_bn
+    if group_ids is not None and cfg.advantage_estimator == "reinforce_pp":
+        raise ValueError("compute_advantages: group_ids given with advantage_estimator='reinforce_pp', which has "
+                         "no groups (it whitens over the batch); drop group_ids or use 'group_norm' / 'rloo'")
     if cfg.reward_kl_coef > 0 and (old_logprobs_bn is None or ref_logprobs_bn is None):
         raise ValueError(f"{cfg.advantage_estimator} with reward_kl_coef={cfg.reward_kl_coef} needs old_logprobs_bn "
                          "and ref_logprobs_bn (the KL folded into the rewards)")
@@ -166,16 +271,24 @@ def compute_advantages(cfg: GRPOConfig, rewards_b: jax.Array, completion_mask_bn
     if cfg.advantage_estimator == "group_norm":
         a = adv_lib.group_advantages(rewards_b, cfg.group_size, scale_by_std=cfg.scale_rewards != "none",
                                      std_over="batch" if cfg.scale_rewards == "batch" else "group",
-                                     eps=cfg.std_eps, std_ddof=cfg.std_ddof)
+                                     eps=cfg.std_eps, std_ddof=cfg.std_ddof, group_ids=group_ids,
+                                     singleton=cfg.singleton_groups)
         return adv_lib.broadcast_to_tokens(a, mask)
     if cfg.advantage_estimator == "rloo":
-        return adv_lib.broadcast_to_tokens(adv_lib.rloo_advantages(rewards_b, cfg.group_size), mask)
+        a = adv_lib.rloo_advantages(rewards_b, cfg.group_size, group_ids=group_ids, singleton=cfg.singleton_groups,
+                                    normalize=cfg.normalize_advantages, eps=cfg.std_eps, std_ddof=cfg.std_ddof)
+        return adv_lib.broadcast_to_tokens(a, mask)
+    rewards_b = jnp.asarray(rewards_b, jnp.float32)
+    scored = jnp.isfinite(rewards_b)  # unscored rows: out of the whitening, advantage 0
+    rewards_b = jnp.where(scored, rewards_b, 0.0)
+    mask = jnp.asarray(mask).astype(bool) & scored[:, None]
     if cfg.reward_kl_coef > 0:
         token_rewards = kl_penalty_rewards(rewards_b, old_logprobs_bn, ref_logprobs_bn, mask, cfg.reward_kl_coef,
                                            kind=cfg.reward_kl_estimator)
     else:
         token_rewards = kl_penalty_rewards(rewards_b, jnp.zeros(mask.shape), jnp.zeros(mask.shape), mask, 0.0)
-    return adv_lib.reinforce_pp_advantages(token_rewards, mask, gamma=cfg.gamma)
+    return adv_lib.reinforce_pp_advantages(token_rewards, mask, gamma=cfg.gamma,
+                                           reset_at_masked=cfg.returns_reset_at_masked)
 
 
 # ------------------------------------------------------------------ the update step
@@ -204,17 +317,22 @@ def make_grpo_step(module: Any, model_cfg: ModelConfig, cfg: GRPOConfig) -> Call
     """Pure `(state, batch, rng) -> (state, metrics)`: one optimiser step on one minibatch.
 
     Aggregation weights come from the whole minibatch's mask before it is
-    split into `cfg.num_micro_batches`, so accumulation is exact.
+    split into `cfg.num_micro_batches`, so accumulation is exact. With
+    `cfg.loss_agg_per_micro_batch` (not exact) each micro-batch's weights
+    come from its own mask instead (`aggregation.micro_batch_token_weights`).
     """
     lc = cfg.loss
     need_entropy = True  # reported every step; the extra reduction rides along the chunked head
+    per_micro = cfg.loss_agg_per_micro_batch
 
     def loss_fn(params, mb, rng):
         logp, ent = policy_logprobs(module, params, model_cfg, mb, temperature=cfg.temperature,
                                     chunk=cfg.logprob_chunk, with_entropy=need_entropy)
         old = mb.get("old_logprobs")
         old = jax.lax.stop_gradient(logp) if old is None else old
-        loss, metrics = policy_loss(lc, logp, old, mb["advantages"], mb["weights"], mb["metric_weights"],
+        weights = (micro_batch_token_weights(mb["completion_mask"], mb["row_share"], lc.loss_agg, lc.norm_length,
+                                             lc.exclude_empty_rows) if per_micro else mb["weights"])
+        loss, metrics = policy_loss(lc, logp, old, mb["advantages"], weights, mb["metric_weights"],
                                     ref_logp_bt=mb.get("ref_logprobs") if lc.kl_coef > 0 else None,
                                     entropy_bt=ent, sampler_logp_bt=mb.get("sampler_logprobs"),
                                     mask_bt=mb["completion_mask"])
@@ -222,8 +340,11 @@ def make_grpo_step(module: Any, model_cfg: ModelConfig, cfg: GRPOConfig) -> Call
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
         mask = batch["completion_mask"]
-        batch = dict(batch, weights=lc.token_weights(mask),
-                     metric_weights=token_mean_weights(mask))
+        if per_micro:  # each row's share of the minibatch: a micro-batch's weights sum to its rows' share
+            batch = dict(batch, row_share=jnp.full(mask.shape[:1], 1.0 / mask.shape[0], jnp.float32),
+                         metric_weights=token_mean_weights(mask))
+        else:
+            batch = dict(batch, weights=lc.token_weights(mask), metric_weights=token_mean_weights(mask))
         grads, metrics = accumulate(loss_fn, state.params, batch, rng, cfg.num_micro_batches, frozen=state.frozen)
         m = mask.astype(jnp.float32)
         metrics["response_length"] = jnp.mean(jnp.sum(m, axis=-1))

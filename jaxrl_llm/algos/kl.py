@@ -20,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
 # exp(80) ~ 5.5e34 is finite in float32; exp(89) is not. Past this the k3
 # estimate is meaningless anyway, and capping keeps values and gradients finite.
@@ -30,7 +30,8 @@ _K3_MAX_LOG_RATIO = 80.0
 def check_kl_estimator(kind: str) -> str:
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"KL estimator {kind!r} is not known; choose one of {KL_ESTIMATORS} "
-                         "(k1 = logp - ref, k2 = 0.5 (ref - logp)^2, k3 = exp(ref - logp) - (ref - logp) - 1)")
+                         "(k1 = logp - ref, k2 = 0.5 (ref - logp)^2, k3 = exp(ref - logp) - (ref - logp) - 1, "
+                         "abs = |logp - ref|)")
     return kind
 
 
@@ -43,9 +44,13 @@ def kl_estimate(logp_bt: jax.Array, ref_logp_bt: jax.Array, kind: str = "k3",
     * k1 = -d = logp - ref_logp: unbiased, high variance, can be negative;
     * k2 = d^2 / 2: biased, low variance, >= 0;
     * k3 = exp(d) - d - 1: unbiased, low variance, >= 0 (GRPO's estimator,
-      verl's "low_var_kl").
+      verl's "low_var_kl");
+    * abs = |d| = |logp - ref_logp|: verl's "abs", >= 0, not an unbiased KL
+      estimate (its gradient is sign(logp - ref_logp) grad logp).
 
-    `clamp` clips the estimate to [-clamp, clamp] (verl clamps k3 at 10).
+    `clamp` clips the estimate to [-clamp, clamp]. verl's "low_var_kl" is k3
+    with clamp=10: verl also clamps d to [-20, 20] before exp, which changes
+    nothing once the estimate is clamped at 10 (|d| > 20 gives k3 > 19).
     Departure: for k3, d is capped at 80 before `exp` so that float32 never
     overflows (the value and gradient stay finite; the estimate there is
     ~5e34 either way). Masking is the caller's business: masked positions
@@ -59,6 +64,8 @@ def kl_estimate(logp_bt: jax.Array, ref_logp_bt: jax.Array, kind: str = "k3",
         kl = -d
     elif kind == "k2":
         kl = 0.5 * jnp.square(d)
+    elif kind == "abs":
+        kl = jnp.abs(d)
     else:
         d = jnp.minimum(d, _K3_MAX_LOG_RATIO)
         kl = jnp.expm1(d) - d  # expm1: exact near d = 0, where exp(d) - 1 - d cancels

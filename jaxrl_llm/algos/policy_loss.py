@@ -1,4 +1,4 @@
-"""Clipped policy-gradient loss (PPO / GRPO / DAPO / GSPO / Dr. GRPO) and the clipped value loss.
+"""Policy-gradient losses (PPO's clip, CISPO, SAPO; for PPO / GRPO / DAPO / GSPO / Dr. GRPO) and the value loss.
 
 Both return `(loss, metrics)` in the form `train_state.accumulate` expects:
 `loss = sum(weights_bt * per_token_loss)` with weights from
@@ -24,6 +24,7 @@ from jaxrl_llm.algos.kl import KL_ESTIMATORS, kl_estimate
 from jaxrl_llm.algos.preference import check_choice
 
 RATIO_LEVELS = ("token", "sequence")
+LOSS_FNS = ("clip", "cispo", "sapo")
 
 # Log importance ratios are clamped here before exp (verl does the same, at 20
 # for token ratios): the ratio stays finite in float32 and such tokens are
@@ -37,32 +38,52 @@ Metrics = dict[str, jax.Array]
 class PolicyLossConfig:
     """Hyper-parameters of `policy_loss`; see docs/algorithms.md for the peers' defaults.
 
+    loss_fn: the per-token policy-gradient term: "clip" (PPO's clipped
+        surrogate), "cispo" (MiniMax-M1's clipped, stop-gradient IS weight
+        times log-prob, arXiv 2506.13585) or "sapo" (a sigmoid gate of the
+        ratio instead of the clip, arXiv 2511.20347); see `policy_loss`.
     clip_eps_low / clip_eps_high: rho is clipped to [1 - low, 1 + high];
         high > low is DAPO's clip-higher (0.2 / 0.28). GSPO uses ~3e-4 / 4e-4.
+        "clip" and "cispo" read them; with "cispo", low >= 1 means no lower
+        bound (CISPO's paper and TRL have none; verl's example sets 10).
     dual_clip: c > 1 caps the loss of a token with A < 0 at c * |A|
-        (Ye et al. 2020, "Mastering complex control in MOBA games", eq. 5).
+        (Ye et al. 2020, "Mastering complex control in MOBA games", eq. 5); "clip" only.
+    sapo_tau_pos / sapo_tau_neg: SAPO's gate temperatures for tokens with
+        A > 0 / A <= 0 (1.0 / 1.05 in the paper, verl and TRL); "sapo" only.
     ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO-token, arXiv 2507.18071).
+    seq_log_ratio_clamp: None clamps every log ratio to [-20, 20] before exp;
+        c > 0 (ratio_level "sequence" only) instead clamps the GSPO log
+        ratio from above at c and nothing else, as verl's GSPO (c = 10).
     loss_agg / norm_length / exclude_empty_rows: the aggregation the
         caller's weights are built with (`cfg.token_weights(mask)` of the
         whole minibatch; see `aggregation`).
     entropy_coef: the loss gets `- entropy_coef * entropy_t` (needs `entropy_bt`).
     kl_coef, kl_estimator, kl_clamp: the loss gets `kl_coef * kl_estimate(logp,
         ref_logp, kl_estimator, kl_clamp)` (GRPO's beta; needs `ref_logp_bt`).
+    kl_bias_correction: that KL term is multiplied by the importance ratio
+        (with its gradient), as TRL's `use_bias_correction_kl` (DeepSeek-V3.2,
+        arXiv 2512.02556): the token ratio, or with ratio_level "sequence"
+        the sequence ratio exp(masked mean log ratio).
     tis_cap: truncated importance sampling for the sampler/trainer mismatch:
         the policy-gradient term of each token is multiplied by
         stop_grad(min(exp(old_logp - sampler_logp), tis_cap)) (needs `sampler_logp_bt`).
     """
 
+    loss_fn: str = "clip"
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     dual_clip: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
     ratio_level: str = "token"
+    seq_log_ratio_clamp: float | None = None
     loss_agg: str = "seq-mean-token-mean"
     norm_length: float | None = None
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_clamp: float | None = None
+    kl_bias_correction: bool = False
     tis_cap: float | None = None
     exclude_empty_rows: bool = False
 
@@ -70,13 +91,23 @@ class PolicyLossConfig:
         def bad(field: str, why: str):
             raise ValueError(f"PolicyLossConfig.{field}={getattr(self, field)!r}: {why}")
 
-        if not 0.0 <= self.clip_eps_low < 1.0:
+        check_choice("PolicyLossConfig.loss_fn", self.loss_fn, LOSS_FNS)
+        if self.loss_fn == "cispo":
+            if not self.clip_eps_low >= 0.0:
+                bad("clip_eps_low", "must be >= 0 (the IS weight is clipped below at 1 - clip_eps_low; >= 1: "
+                    "no lower bound)")
+        elif not 0.0 <= self.clip_eps_low < 1.0:
             bad("clip_eps_low", "must be in [0, 1) (the ratio is clipped below at 1 - clip_eps_low)")
         if not self.clip_eps_high >= 0.0:
             bad("clip_eps_high", "must be >= 0")
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             bad("dual_clip", "must be None (off) or a constant c > 1 (3.0 is usual)")
+        for tau in ("sapo_tau_pos", "sapo_tau_neg"):
+            if not getattr(self, tau) > 0:
+                bad(tau, "must be > 0 (SAPO's gate temperature; the paper uses 1.0 / 1.05 for A > 0 / A <= 0)")
         check_choice("PolicyLossConfig.ratio_level", self.ratio_level, RATIO_LEVELS)
+        if self.seq_log_ratio_clamp is not None and not self.seq_log_ratio_clamp > 0:
+            bad("seq_log_ratio_clamp", "must be None (clamp to [-20, 20]) or > 0 (verl's GSPO uses 10.0)")
         check_loss_agg(self.loss_agg)
         if self.norm_length is not None and not self.norm_length > 0:
             bad("norm_length", "must be None (the padded length) or > 0")
@@ -110,12 +141,22 @@ def policy_loss(cfg: PolicyLossConfig, logp_bt: jax.Array, old_logp_bt: jax.Arra
                 weights_bt: jax.Array, metric_weights_bt: jax.Array, *, ref_logp_bt: jax.Array | None = None,
                 entropy_bt: jax.Array | None = None, sampler_logp_bt: jax.Array | None = None,
                 mask_bt: jax.Array) -> tuple[jax.Array, Metrics]:
-    """Clipped surrogate (+ KL to the reference, - entropy bonus), aggregated by `weights_bt`.
+    """Policy-gradient term (+ KL to the reference, - entropy bonus), aggregated by `weights_bt`.
 
-    Per token (PPO, Schulman et al. 2017, eq. 7, as a loss):
-    pg = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = exp(logp - old_logp);
-    with dual clip, for A < 0: pg = min(pg, -c A). GRPO adds beta * k3 KL to
-    the reference per token (arXiv 2402.03300, eq. 3).
+    Per token, with rho = exp(logp - old_logp), by `cfg.loss_fn`:
+
+    * "clip" (PPO, Schulman et al. 2017, eq. 7, as a loss):
+      pg = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A); with dual
+      clip, for A < 0: pg = min(pg, -c A);
+    * "cispo" (MiniMax-M1, arXiv 2506.13585, without the paper's
+      optional token mask, as verl and TRL): pg = -sg(clip(rho, 1 - eps_low, 1 + eps_high)) A logp;
+      its gradient is -w A grad logp for every token, none is dropped;
+    * "sapo" (arXiv 2511.20347, as verl and TRL): pg = -(4 / tau)
+      sigmoid(tau (rho - 1)) A, tau = tau_pos if A > 0 else tau_neg; its
+      gradient is -A rho 4 s (1 - s) grad logp with s = sigmoid(tau (rho - 1)):
+      the clip's hard 0/1 becomes a gate that is 1 at rho = 1 and decays smoothly.
+
+    GRPO adds beta * k3 KL to the reference per token (arXiv 2402.03300, eq. 3).
 
     ratio_level="sequence" is GSPO-token (arXiv 2507.18071, eq. 13-14, the
     form verl ships): log s_i = masked mean_t (logp - old_logp), and every
@@ -124,16 +165,22 @@ def policy_loss(cfg: PolicyLossConfig, logp_bt: jax.Array, old_logp_bt: jax.Arra
     "seq-mean-token-mean" this is exactly GSPO's objective; other modes
     re-weight its tokens.
 
-    Departures: log ratios are clamped to [-20, 20] before exp (as verl);
+    Departures: log ratios are clamped to [-20, 20] before exp (as verl's
+    token-level losses; `seq_log_ratio_clamp` gives verl's GSPO clamp);
     TIS multiplies only the policy-gradient term (as verl), not the KL or
     entropy terms.
 
     Metrics (sums weighted by `metric_weights_bt`): pg_loss, kl_loss
     (kl_coef * estimator, the term as added; with kl_coef > 0), kl_ref (k3
     to the reference, when given), entropy (when given), entropy_loss
-    (-entropy_coef * entropy), clipfrac_low (A < 0 and rho < 1 - eps_low),
-    clipfrac_high (A > 0 and rho > 1 + eps_high), dual_clipfrac (the dual
-    clip is active), ratio_mean, ratio_max, approx_kl (k3 estimate of
+    (-entropy_coef * entropy), clipfrac_low / clipfrac_high (tokens the
+    clip or gate acts on, below / above: "clip": A < 0 and rho < 1 - eps_low
+    / A > 0 and rho > 1 + eps_high, whose gradient is zeroed; "cispo": rho
+    < 1 - eps_low / rho > 1 + eps_high, any A, whose IS weight is clipped;
+    "sapo": rho < 1 / rho > 1 with gate 4 s (1 - s) < 1/2, whose gradient
+    is more than halved), sapo_gate_mean (the mean gate, 1 on-policy; with
+    "sapo"), dual_clipfrac (the dual clip is active; 0 unless "clip"),
+    ratio_mean, ratio_max, approx_kl (k3 estimate of
     KL(old || new), i.e. rho - 1 - log rho), mismatch_kl / mismatch_abs
     (k3 KL(sampler || old) and |old_logp - sampler_logp|, when sampler
     log-probs are given), tis_weight_mean (with tis_cap).
@@ -159,26 +206,53 @@ def policy_loss(cfg: PolicyLossConfig, logp_bt: jax.Array, old_logp_bt: jax.Arra
     old = jax.lax.stop_gradient(old)
 
     token_log_ratio = jnp.clip(logp - old, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    seq_clamp = cfg.seq_log_ratio_clamp if cfg.ratio_level == "sequence" else None
     if cfg.ratio_level == "sequence":
-        seq_log_ratio = jnp.sum(token_log_ratio * mf, axis=-1) / jnp.maximum(jnp.sum(mf, axis=-1), 1.0)
+        # with seq_log_ratio_clamp (verl's GSPO): raw token log ratios, log s_it <= c and no other clamp
+        per_token = token_log_ratio if seq_clamp is None else logp - old
+        seq_log_ratio = jnp.sum(per_token * mf, axis=-1) / jnp.maximum(jnp.sum(mf, axis=-1), 1.0)
         log_ratio = jax.lax.stop_gradient(seq_log_ratio)[:, None] + logp - jax.lax.stop_gradient(logp)
-        log_ratio = jnp.where(m, jnp.clip(log_ratio, -_MAX_LOG_RATIO, _MAX_LOG_RATIO), 0.0)
+        if seq_clamp is None:
+            log_ratio = jnp.clip(log_ratio, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+            seq_log_ratio = jnp.clip(seq_log_ratio, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        else:
+            log_ratio = jnp.minimum(log_ratio, seq_clamp)
+            seq_log_ratio = jnp.minimum(seq_log_ratio, seq_clamp)
+        log_ratio = jnp.where(m, log_ratio, 0.0)
     else:
         log_ratio = token_log_ratio
     rho = jnp.exp(log_ratio)
+    rho_sg = jax.lax.stop_gradient(rho)
 
     lo, hi = 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
-    pg_unclipped = -adv * rho
-    pg_clipped = -adv * jnp.clip(rho, lo, hi)
-    pg = jnp.maximum(pg_unclipped, pg_clipped)
-    if cfg.dual_clip is not None:
-        cap = -adv * cfg.dual_clip
-        dual_active = m & (adv < 0) & (pg > cap)
-        pg = jnp.where(adv < 0, jnp.minimum(pg, cap), pg)
-    else:
-        dual_active = jnp.zeros_like(m)
-
+    dual_active = jnp.zeros_like(m)
     metrics: Metrics = {}
+    if cfg.loss_fn == "clip":
+        pg_unclipped = -adv * rho
+        pg_clipped = -adv * jnp.clip(rho, lo, hi)
+        pg = jnp.maximum(pg_unclipped, pg_clipped)
+        if cfg.dual_clip is not None:
+            cap = -adv * cfg.dual_clip
+            dual_active = m & (adv < 0) & (pg > cap)
+            pg = jnp.where(adv < 0, jnp.minimum(pg, cap), pg)
+        # tokens whose gradient the clip zeroes
+        clipped_low, clipped_high = m & (adv < 0) & (rho_sg < lo), m & (adv > 0) & (rho_sg > hi)
+    elif cfg.loss_fn == "cispo":
+        # lo <= 0 (clip_eps_low >= 1) never binds: rho > 0
+        pg = -adv * jax.lax.stop_gradient(jnp.clip(rho, lo, hi)) * logp
+        # tokens whose IS weight is clipped, whatever the sign of A (their gradient is scaled, not zeroed)
+        clipped_low, clipped_high = m & (rho_sg < lo), m & (rho_sg > hi)
+    else:  # sapo
+        tau = jnp.where(adv > 0, cfg.sapo_tau_pos, cfg.sapo_tau_neg)
+        sig = jax.nn.sigmoid(tau * (rho - 1.0))
+        pg = -adv * sig * (4.0 / tau)
+        # d pg / d logp = -A rho * gate: the gate (1 at rho = 1) replaces the clip's 0/1
+        sig_sg = jax.lax.stop_gradient(sig)
+        gate = 4.0 * sig_sg * (1.0 - sig_sg)
+        metrics["sapo_gate_mean"] = jnp.sum(mw * gate)
+        # tokens whose gradient the gate more than halves, below / above rho = 1
+        clipped_low, clipped_high = m & (rho_sg < 1.0) & (gate < 0.5), m & (rho_sg > 1.0) & (gate < 0.5)
+
     if cfg.tis_cap is not None:
         # min(exp(x), cap) == exp(min(x, log cap)): no overflow for any x
         tis_w = jax.lax.stop_gradient(jnp.exp(jnp.minimum(old - samp, jnp.log(cfg.tis_cap))))
@@ -189,6 +263,8 @@ def policy_loss(cfg: PolicyLossConfig, logp_bt: jax.Array, old_logp_bt: jax.Arra
     metrics["pg_loss"] = jnp.sum(mw * pg)
     if cfg.kl_coef > 0:
         kl_term = cfg.kl_coef * kl_estimate(logp, ref, cfg.kl_estimator, cfg.kl_clamp)
+        if cfg.kl_bias_correction:  # TRL's use_bias_correction_kl: times the ratio, not detached
+            kl_term = kl_term * (rho if cfg.ratio_level == "token" else jnp.exp(seq_log_ratio)[:, None])
         total = total + kl_term
         metrics["kl_loss"] = jnp.sum(mw * kl_term)
     if ref is not None:
@@ -203,10 +279,9 @@ def policy_loss(cfg: PolicyLossConfig, logp_bt: jax.Array, old_logp_bt: jax.Arra
 
     loss = jnp.sum(w * total)
 
-    rho_sg = jax.lax.stop_gradient(rho)
     token_log_ratio_sg = jax.lax.stop_gradient(token_log_ratio)
-    metrics["clipfrac_low"] = jnp.sum(mw * (m & (adv < 0) & (rho_sg < lo)))
-    metrics["clipfrac_high"] = jnp.sum(mw * (m & (adv > 0) & (rho_sg > hi)))
+    metrics["clipfrac_low"] = jnp.sum(mw * clipped_low)
+    metrics["clipfrac_high"] = jnp.sum(mw * clipped_high)
     metrics["dual_clipfrac"] = jnp.sum(mw * dual_active)
     metrics["ratio_mean"] = jnp.sum(mw * rho_sg)
     metrics["ratio_max"] = jnp.max(jnp.where(m, rho_sg, 0.0))  # rho > 0, so 0 is a safe floor

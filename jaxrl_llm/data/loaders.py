@@ -7,6 +7,7 @@
 
 Record formats (JSONL, JSON array or Parquet; see docs/tasks.md):
   prompt/answer:  {"prompt": "text", "answer": "42", ...}  or  {"messages": [{"role", "content"}, ...], "answer": ...}
+  unpaired (KTO): {"prompt": "text", "completion": "text", "label": true}   (or prompt/completion as messages)
   preferences:    {"prompt": "text", "chosen": "text", "rejected": "text"}
                   {"prompt": [messages], "chosen": [assistant messages] | "text", "rejected": ...}
                   {"chosen": [messages], "rejected": [messages]}   (the shared leading messages are the prompt)
@@ -179,6 +180,74 @@ def load_preferences(path: str | pathlib.Path, prompt_field: str = "prompt", cho
                      rejected_field: str = "rejected") -> list[PreferencePair]:
     """Preference pairs from a file: text pairs, or chat pairs (TRL's conversational preference format)."""
     return [_pair(record, where, prompt_field, chosen_field, rejected_field) for where, record in read_records(path)]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpairedExample:
+    """A prompt, one completion and its label (True: desirable), for KTO (TRL's unpaired preference format).
+
+    Text: prompt and completion are strings. Chat: prompt is a message list and completion the messages that
+    follow it (starting with an assistant turn). where: the record it came from ("file.jsonl:12").
+    """
+
+    prompt: Prompt
+    completion: str | Messages
+    label: bool
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    where: str = dataclasses.field(default="", compare=False)
+
+
+def _unpaired(record: Mapping, where: str, prompt_field: str, completion_field: str,
+              label_field: str) -> UnpairedExample:
+    if not _present(record, label_field):
+        raise DataError(f"{where}: missing field {label_field!r} (has {sorted(record)}); expected true (a desirable "
+                        "completion) or false (an undesirable one)")
+    label = record[label_field]
+    if not isinstance(label, (bool, np.bool_)):
+        raise DataError(f"{where}: field {label_field!r} is {json_type(label)} ({label!r}); expected true or false")
+    for field in (prompt_field, completion_field):
+        if not _present(record, field):
+            raise DataError(f"{where}: missing field {field!r} (has {sorted(record)}); expected a string or "
+                            f"{_MESSAGE_HINT}")
+    prompt, completion = record[prompt_field], record[completion_field]
+    meta = {k: v for k, v in record.items() if k not in (prompt_field, completion_field, label_field)}
+    if isinstance(prompt, str):
+        if isinstance(completion, list):
+            raise DataError(f"{where}: field {completion_field!r} is a message list but {prompt_field!r} is a "
+                            f"string; chat records need {prompt_field!r} as messages too ({_MESSAGE_HINT})")
+        return UnpairedExample(prompt, _text(record, completion_field, where), bool(label), meta, where)
+    return UnpairedExample(_messages(prompt, prompt_field, where), _response(completion, completion_field, where),
+                           bool(label), meta, where)
+
+
+def load_unpaired(path: str | pathlib.Path, prompt_field: str = "prompt", completion_field: str = "completion",
+                  label_field: str = "label") -> list[UnpairedExample]:
+    """Unpaired examples {"prompt", "completion", "label": true/false} from a file (TRL's unpaired preference
+    format; text or chat). A missing field or a value of the wrong type raises DataError naming file:line."""
+    return [_unpaired(record, where, prompt_field, completion_field, label_field)
+            for where, record in read_records(path)]
+
+
+def unpair(pairs: Sequence[PreferencePair]) -> list[UnpairedExample]:
+    """Each pair as two unpaired examples, in order: (prompt, chosen, desirable), (prompt, rejected, undesirable)
+    (TRL's `unpair_preference_dataset`)."""
+    return [UnpairedExample(p.prompt, resp, label, p.meta, p.where)
+            for p in pairs for resp, label in ((p.chosen, True), (p.rejected, False))]
+
+
+def encode_unpaired(tokenizer, examples: Sequence[UnpairedExample], max_prompt_len: int,
+                    max_response_len: int) -> tuple[dict[str, np.ndarray], PreferenceStats]:
+    """Token arrays for KTO: prompt_tokens / prompt_mask [N, max_prompt_len] left-padded, completion_tokens /
+    completion_mask [N, max_response_len] right-padded (ending with an EOS unless truncated), label bool [N].
+    Encoded as `encode_preferences` encodes a chosen response (over-long prompts keep their last tokens,
+    completions their first); stats count examples."""
+    as_pairs = [PreferencePair(e.prompt, e.completion, e.completion, e.meta, e.where) for e in examples]
+    arrays, stats = encode_preferences(tokenizer, as_pairs, max_prompt_len, max_response_len)
+    out = {"prompt_tokens": arrays["prompt_tokens"], "prompt_mask": arrays["prompt_mask"],
+           "completion_tokens": arrays["chosen_tokens"], "completion_mask": arrays["chosen_mask"],
+           "label": np.array([examples[i].label for i in stats.kept], bool)}
+    # each example went in as chosen and rejected: its truncation counted twice
+    return out, dataclasses.replace(stats, responses_truncated=stats.responses_truncated // 2)
 
 
 @dataclasses.dataclass(frozen=True)

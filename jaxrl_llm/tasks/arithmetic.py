@@ -65,6 +65,10 @@ class ArithmeticTask:
     "exact" (the reply is the answer, the default), "last_number", "boxed" or "answer_line". `format_score`
     is added to the reward of a reply that states an answer in that format (right or wrong), as its own
     reward component "format". Only "exact" has the in-jit reward (`in_jit_reward`).
+
+    answer_prefix=True (with answer_format="exact") judges a completion on its first len(answer) characters
+    only: "5 5 0 3 1" is correct for the answer "5 5 0", so a completion may go on after its answer, right or
+    wrong, and lengths vary independently of correctness (docs/phenomena.md, GRPO's length bias).
     """
 
     min_digits: int = 1
@@ -80,6 +84,7 @@ class ArithmeticTask:
     templates: tuple[str, ...] = ()
     answer_format: str = "exact"
     format_score: float = 0.0
+    answer_prefix: bool = False
     name: str = "arithmetic"
 
     def __post_init__(self):
@@ -98,6 +103,9 @@ class ArithmeticTask:
         if (templates or self.answer_format != "exact") and (self.spaced or self.reverse_answer or self.pad_operands):
             raise ValueError("arithmetic: spaced / pad_operands / reverse_answer are formats for models trained "
                              "from scratch on 'a+b='; use them without templates and with answer_format='exact'")
+        if self.answer_prefix and self.answer_format != "exact":
+            raise ValueError(f"arithmetic: answer_prefix=True needs answer_format='exact' (got "
+                             f"{self.answer_format!r}); the other formats find the answer anywhere in the reply")
         if not 1 <= self.min_digits <= self.max_digits:
             raise ValueError(f"arithmetic: need 1 <= min_digits ({self.min_digits}) <= max_digits ({self.max_digits})")
         bad = [op for op in self.operators if op not in _OPS]
@@ -177,6 +185,8 @@ class ArithmeticTask:
     def is_correct(self, completion: str, example: Example) -> bool:
         if self.answer_format != "exact":
             return self.extract_answer(completion) == example.answer
+        if self.answer_prefix:
+            return completion.startswith(example.answer)
         return completion == example.answer
 
     def reward(self, inputs: RewardInputs) -> RewardOutput:
@@ -220,7 +230,8 @@ class ArithmeticTask:
         """A jittable `(completion_tokens [B, N], completion_mask [B, N], target_bytes, target_len) -> [B]`.
 
         Scores correct_score where the completion's text (EOS and masked
-        tokens dropped) equals the target bytes exactly, wrong_score otherwise.
+        tokens dropped) equals the target bytes exactly (with answer_prefix:
+        starts with them), wrong_score otherwise.
         """
         if not self.in_jit_reward:
             raise TaskError(f"arithmetic: answer_format={self.answer_format!r} is read on the host; set "
@@ -229,7 +240,7 @@ class ArithmeticTask:
         if eos_ids is None:
             from jaxrl_llm.tokenizer import tokenizer_info
             eos_ids = tokenizer_info(tokenizer).eos_ids
-        match = make_exact_match(table, lens, tuple(eos_ids))
+        match = make_exact_match(table, lens, tuple(eos_ids), prefix=self.answer_prefix)
         hi, lo = self.correct_score, self.wrong_score
 
         def reward(completion_tokens, completion_mask, target_bytes, target_len):
@@ -295,8 +306,9 @@ def token_byte_table(tokenizer, vocab_size: int | None = None) -> tuple[np.ndarr
     return table, np.array([len(p) for p in pieces], np.int32)
 
 
-def make_exact_match(table: np.ndarray, lens: np.ndarray, eos_ids: tuple[int, ...]):
-    """Jittable bool [B]: the completion's bytes equal the target bytes (length and content)."""
+def make_exact_match(table: np.ndarray, lens: np.ndarray, eos_ids: tuple[int, ...], prefix: bool = False):
+    """Jittable bool [B]: the completion's bytes equal the target bytes (length and content; with prefix=True
+    its first target_len bytes equal them and it may go on)."""
     table_j, lens_j = jnp.asarray(table), jnp.asarray(lens)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
     width = table.shape[1]
@@ -318,6 +330,6 @@ def make_exact_match(table: np.ndarray, lens: np.ndarray, eos_ids: tuple[int, ..
         buf = buf.at[jnp.arange(b)[:, None, None], pos].set(table_j[tok])
         in_target = jnp.arange(t)[None, :] < target_len_b[:, None]
         same = jnp.all(jnp.where(in_target, buf[:, :t] == target_bt, True), axis=-1)
-        return same & (total == target_len_b)
+        return same & ((total >= target_len_b) if prefix else (total == target_len_b))
 
     return match

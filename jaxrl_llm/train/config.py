@@ -30,7 +30,7 @@ from jaxrl_llm.errors import ConfigError, UserError  # ConfigError: re-exported
 # them from here as well (module __getattr__ below).
 _STAGE_HELPERS = ("sft_stage", "addition_warm_start", "grpo_stage", "ppo_stage", "dpo_stage",
                   "reward_model_stage", "preference_data", "prm_stage", "prm_data", "expert_iteration_stage",
-                  "step_dpo_stage", "lessons_stage")
+                  "step_dpo_stage", "lessons_stage", "online_dpo_stage", "kto_stage", "kto_data")
 
 
 def __getattr__(name: str):

@@ -11,7 +11,9 @@ this part is the same for every RL stage (GRPO family, PPO) and for the benchmar
 
 Rows are prompt-major: prompt i owns rows i*n .. i*n+n-1. With `keep_groups_with_signal` (DAPO's dynamic
 sampling) the completion mask of every group whose rewards are all equal is zeroed: those rows stay in the
-batch (static shapes) but carry no loss.
+batch (static shapes) but carry no loss. A NaN reward marks an unscored completion (an in-jit reward or a
+reward model may give one; host rewards must be finite): the reward metrics use the scored ones and count
+the others (`reward/unscored`).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def scored(ro: Rollout, prompts: PromptBatch, rewards, correct, extra: dict, n: 
         batch[CONTEXT_KEY] = context_mask
     lengths = ro.lengths.astype(jnp.float32)
     metrics.update({
-        "reward/mean": jnp.mean(rewards), "reward/std": jnp.std(rewards),
+        **reward_stats(rewards),
         "accuracy": jnp.mean(correct.astype(jnp.float32)),
         "response_length": jnp.mean(lengths), "response_length_max": jnp.max(lengths),
         "truncated_fraction": 1.0 - jnp.mean(ro.finished.astype(jnp.float32)),
@@ -144,6 +146,17 @@ def scored(ro: Rollout, prompts: PromptBatch, rewards, correct, extra: dict, n: 
     })
     metrics.update(extra)
     return Experience(batch, ro, prompts.examples, rewards, correct, metrics, n)
+
+
+def reward_stats(rewards: jax.Array) -> dict[str, jax.Array]:
+    """`reward/mean` and `reward/std` (population) over the scored completions, and `reward/unscored`: how many
+    have a non-finite (NaN) reward, which the GRPO family gives advantage 0 (`grpo.compute_advantages`)."""
+    r = jnp.asarray(rewards, jnp.float32)
+    scored = jnp.isfinite(r)
+    n = jnp.sum(scored.astype(jnp.float32))
+    mean = jnp.sum(jnp.where(scored, r, 0.0)) / jnp.maximum(n, 1.0)
+    var = jnp.sum(jnp.where(scored, jnp.square(r - mean), 0.0)) / jnp.maximum(n, 1.0)
+    return {"reward/mean": mean, "reward/std": jnp.sqrt(var), "reward/unscored": r.size - n}
 
 
 def step_metrics(stacked: dict) -> dict:

@@ -269,7 +269,8 @@ def _tail(path: pathlib.Path, n: int = 15) -> str:
 def sweep(spec: str, grid: Mapping[str, Sequence], seeds: int | str | Sequence[int] = 1,
           base_overrides: Sequence[str] = (), jobs: int | None = None, run_root: str | os.PathLike | None = None,
           *, name: str | None = None, fresh: bool = False, columns: Sequence[str] | None = None,
-          env: Mapping[str, str] | None = None, compile_cache: bool = True, quiet: bool = False) -> SweepResult:
+          env: Mapping[str, str] | None = None, compile_cache: bool = True, quiet: bool = False,
+          vectorise: bool = False) -> SweepResult:
     """Runs every variant of `grid` (cartesian product) for every seed; returns the aggregated result.
 
     spec: "experiments/x.py[:preset]". grid: {dotted key: [values]}. seeds: a count or a list.
@@ -280,6 +281,9 @@ def sweep(spec: str, grid: Mapping[str, Sequence], seeds: int | str | Sequence[i
     env: extra environment variables for the runs.
     compile_cache: share JAX's persistent compilation cache between the runs (<run_root>/.jax_cache, or
         JAX_COMPILATION_CACHE_DIR when set).
+    vectorise: run every (variant, seed) in this process, the last (grpo) stage of all of them as one program
+        per iteration (`train.vectorised`); the grid may only hold the last stage's learning rate; `jobs` and
+        `env` do not apply (an error when given); compile_cache: this process uses the cache.
     """
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     seed_list = parse_seeds(seeds)
@@ -298,6 +302,9 @@ def sweep(spec: str, grid: Mapping[str, Sequence], seeds: int | str | Sequence[i
     root = pathlib.Path(run_root if run_root is not None else cfg.run_root).absolute()
     path = root / name
     (path / "logs").mkdir(parents=True, exist_ok=True)
+    if vectorise:
+        from jaxrl_llm.train.vectorised import check_sweep
+        check_sweep(cfg, grid, jobs, env)
     jobs = max(1, (os.cpu_count() or 2) // 2) if jobs is None else int(jobs)
     if jobs < 1:
         raise GridError(f"jobs={jobs}: must be >= 1")
@@ -319,7 +326,11 @@ def sweep(spec: str, grid: Mapping[str, Sequence], seeds: int | str | Sequence[i
         child_env["JAX_COMPILATION_CACHE_DIR"] = str(root / ".jax_cache")
         child_env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     say(f"sweep {name}: {len(variant_list)} variant(s) x {len(seed_list)} seed(s) = {len(runs)} runs, "
-        f"{jobs} at a time -> {path}")
+        f"{'in one vectorised process' if vectorise else f'{jobs} at a time'} -> {path}")
+    if vectorise:  # every run in this process, the last stage vectorised; the loop below then has nothing to do
+        from jaxrl_llm.train.vectorised import run_sweep
+        run_sweep(spec, runs, fresh=fresh, say=say, cache_dir=child_env.get("JAX_COMPILATION_CACHE_DIR"))
+        queue.clear()
     running: dict[subprocess.Popen, tuple[RunResult, float]] = {}
     done = 0
     try:

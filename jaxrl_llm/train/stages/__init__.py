@@ -10,21 +10,25 @@ memory planner) and its memory terms. Adding a kind is a module here plus its li
 """
 
 from jaxrl_llm.train.stage import StageKind
-from jaxrl_llm.train.stages import expert_iteration, grpo, lessons, ppo, preference, prm, sft, step_dpo
+from jaxrl_llm.train.stages import (expert_iteration, grpo, kto, lessons, online_dpo, ppo, preference, prm, sft,
+                                   step_dpo)
 
 STAGE_KINDS: dict[str, StageKind] = {k.kind: k for k in (sft.KIND, grpo.KIND, ppo.KIND, preference.DPO_KIND,
                                                          preference.REWARD_MODEL_KIND, prm.KIND,
                                                          expert_iteration.KIND, step_dpo.KIND,
-                                                         lessons.KIND)}
+                                                         lessons.KIND, online_dpo.KIND, kto.KIND)}
 
 # The config helpers (also importable from jaxrl_llm.train.config, as experiment files do).
 sft_stage, addition_warm_start = sft.sft_stage, sft.addition_warm_start
 grpo_stage, ppo_stage = grpo.grpo_stage, ppo.ppo_stage
-dpo_stage, reward_model_stage, preference_data = preference.dpo_stage, preference.reward_model_stage, preference.preference_data
+dpo_stage, reward_model_stage = preference.dpo_stage, preference.reward_model_stage
+preference_data = preference.preference_data
 expert_iteration_stage = expert_iteration.expert_iteration_stage
 prm_stage, prm_data = prm.prm_stage, prm.prm_data
 step_dpo_stage = step_dpo.step_dpo_stage
 lessons_stage = lessons.lessons_stage
+online_dpo_stage = online_dpo.online_dpo_stage
+kto_stage, kto_data = kto.kto_stage, kto.kto_data
 
 
 def stage_kind(kind: str, where: str = "config") -> StageKind:
@@ -38,4 +42,4 @@ def stage_kind(kind: str, where: str = "config") -> StageKind:
 
 __all__ = ["STAGE_KINDS", "StageKind", "addition_warm_start", "dpo_stage", "expert_iteration_stage", "grpo_stage",
            "ppo_stage", "preference_data", "prm_data", "prm_stage", "reward_model_stage", "sft_stage", "stage_kind",
-           "step_dpo_stage", "lessons_stage"]
+           "step_dpo_stage", "lessons_stage", "online_dpo_stage", "kto_stage", "kto_data"]

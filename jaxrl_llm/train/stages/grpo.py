@@ -82,10 +82,21 @@ def check_algo(algo: grpo.GRPOConfig, where: str) -> None:
     if est == "rloo" or (est == "reinforce_pp" and algo.scale_rewards not in ("group", "batch")):
         unread(algo, "scale_rewards", where, d.scale_rewards, f"by advantage_estimator={est!r} (only by "
                "'group_norm'; reinforce_pp always whitens over the batch)")
-    if est != "group_norm" or algo.scale_rewards == "none":
+    if est == "rloo" and algo.normalize_advantages:
+        pass  # std_eps, std_ddof: the batch whitening of the leave-one-out advantages
+    elif est != "group_norm" or algo.scale_rewards == "none":
         for key in ("std_eps", "std_ddof"):
             unread(algo, key, where, getattr(d, key),
                    f"by advantage_estimator={est!r} with scale_rewards={algo.scale_rewards!r} (no std division)")
+    if est != "rloo":
+        unread(algo, "normalize_advantages", where, d.normalize_advantages,
+               f"by advantage_estimator={est!r} (only by 'rloo')")
+    if est != "reinforce_pp":
+        unread(algo, "returns_reset_at_masked", where, d.returns_reset_at_masked,
+               f"by advantage_estimator={est!r} (only by 'reinforce_pp')")
+    else:
+        unread(algo, "singleton_groups", where, d.singleton_groups,
+               "by advantage_estimator='reinforce_pp' (it has no groups)")
     if algo.group_size == 1 and algo.filter_zero_std_groups:
         raise ConfigError(f"{where}.filter_zero_std_groups=True with {where}.group_size=1: a group of one has no "
                           "reward variance, so every completion would be filtered out; set filter_zero_std_groups="
@@ -116,6 +127,20 @@ class GRPOLearner:
         """(new state, metrics of the update) from one scored rollout; `ref_params` when algo.needs_reference.
         `extra_advantages` [B, N] (e.g. coef x process advantages) are added to the outcome advantages."""
         phase = on_phase or (lambda name, value: None)
+        batch = self.update_batch(state, ref_params, exp, phase, extra_advantages)
+        if self.update is None:
+            self.update = jit_update(self.step_fn, state, batch, self.env)
+        state, stacked = self.update(state, batch, key)
+        metrics = step_metrics(stacked)
+        phase("update", (state.params, metrics))
+        return state, metrics
+
+    def update_batch(self, state: TrainState, ref_params, exp: Experience,
+                     phase: Callable[[str, Any], None] = lambda name, value: None,
+                     extra_advantages: jax.Array | None = None) -> dict:
+        """The update's batch from a scored rollout: old / reference log-probs as the algorithm needs them and
+        the advantages. Pure in its array arguments: `train.vectorised` calls it under `jax.vmap`, then
+        `self.step_fn` on the result."""
         batch = dict(exp.batch)
         if self.need_old:
             batch["old_logprobs"] = self.logp_fn(state.model_params(), batch)
@@ -128,12 +153,7 @@ class GRPOLearner:
             ref_logprobs_bn=batch.get("ref_logprobs"))
         if extra_advantages is not None:
             batch["advantages"] = batch["advantages"] + extra_advantages
-        if self.update is None:
-            self.update = jit_update(self.step_fn, state, batch, self.env)
-        state, stacked = self.update(state, batch, key)
-        metrics = step_metrics(stacked)
-        phase("update", (state.params, metrics))
-        return state, metrics
+        return batch
 
 
 class GRPOStage(RLStage):

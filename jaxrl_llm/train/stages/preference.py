@@ -8,9 +8,15 @@ DPOStage: `dpo.make_dpo_step` with `DPOConfig.loss_type` sigmoid | ipo | hinge |
   The reference is the frozen copy of the params the stage starts from (kept in the checkpoint as
   "ref_params"); its summed log-probs are computed per batch, just before the step, with
   `make_reference_logps_fn`. SimPO and ORPO have no reference: no copy, no reference forward.
+  TDPO (tdpo1 / tdpo2) needs both models' full distributions at every completion position: the step
+  gets the reference params as its 4th argument (`jit_update(..., aux_example=...)`) and runs both heads
+  chunked over positions; no log-probs are precomputed. Its held-out preference accuracy uses the same
+  beta * log-ratio reward as DPO (the SeqKL of the official rewards is a training metric, seq_kl/*).
   Evaluation: held-out task accuracy (`eval.Evaluator`, greedy) and preference accuracy on held-out
   pairs: the fraction whose implicit reward (beta * log-ratio to the reference; average log-prob for
-  SimPO/ORPO) is higher for the chosen response ("eval/pref_accuracy", "eval/pref_margin").
+  SimPO/ORPO) is higher for the chosen response ("eval/pref_accuracy", "eval/pref_margin"), and the mean
+  held-out log-probs of chosen and rejected, summed and per token ("eval/logps/chosen", ..._per_token) and
+  their implicit rewards ("eval/rewards/chosen", "eval/rewards/rejected").
 
 RewardModelStage: `reward_model.make_reward_model_step` on a `ScalarHeadModel(per_token=False)` whose
   backbone is a copy of the policy's and whose head starts at zero. Evaluation: the fraction of held-out
@@ -59,8 +65,13 @@ def preference_data() -> mc.ConfigDict:
 
 def dpo_stage(loss_type: str = "sigmoid", steps: int = 200, batch_size: int = 32, learning_rate: float = 1e-6,
               max_prompt_len: int = 16, max_response_len: int = 16, **algo_kw) -> mc.ConfigDict:
-    """A DPO-family stage: `loss_type` sigmoid | ipo | hinge | robust | simpo | orpo; `algo_kw` sets other
-    `dpo.DPOConfig` fields (beta, label_smoothing, simpo_gamma, orpo_lambda, ...)."""
+    """A DPO-family stage: `loss_type` sigmoid | ipo | hinge | robust | simpo | orpo | tdpo1 | tdpo2; `algo_kw`
+    sets other `dpo.DPOConfig` fields (beta, label_smoothing, simpo_gamma, orpo_lambda, tdpo_alpha, ...).
+
+    Recommended for pairs whose chosen and rejected share most tokens (near misses, same-format answers):
+    nll_coef=1.0 (RPO, TRL rpo_alpha). The default 0.0 is plain DPO as in the paper and TRL; on such pairs it
+    pushes both responses down and greedy task accuracy collapses (docs/algorithms.md, "Why DPO collapsed
+    task accuracy, and the remedy")."""
     return mc.ConfigDict(dict(
         kind="dpo", steps=steps, batch_size=batch_size, max_prompt_len=max_prompt_len,
         max_response_len=max_response_len, num_micro_batches=1,
@@ -87,6 +98,8 @@ def dpo_algo(s: mc.ConfigDict, where: str) -> dpo.DPOConfig:
         unread(algo, "beta", w, d.beta, "by loss_type='orpo' (orpo_lambda weighs its odds-ratio term)")
     else:
         unread(algo, "orpo_lambda", w, d.orpo_lambda, f"by loss_type={lt!r} (only by 'orpo')")
+    if lt != "tdpo2":
+        unread(algo, "tdpo_alpha", w, d.tdpo_alpha, f"by loss_type={lt!r} (only by 'tdpo2')")
     if lt != "simpo":
         unread(algo, "simpo_gamma", w, d.simpo_gamma, f"by loss_type={lt!r} (only by 'simpo')")
     if lt != "orpo" and algo.nll_coef == 0:  # loss_agg, norm_length, exclude_empty_rows aggregate the NLL term
@@ -228,10 +241,12 @@ class _PairStage(Stage):
         return multihost.to_global_tree(self.comp.env, {k: v[idx] for k, v in self.arrays.items()},
                                         int(self.section.batch_size))
 
-    def _train(self, i: int, batch: dict) -> dict:
+    def _train(self, i: int, batch: dict, *aux) -> dict:
+        """One update; `aux`: the step's optional read-only 4th argument (TDPO's reference params)."""
         if self.update is None:
-            self.update = jit_update(self.step_fn, self.state, batch, self.comp.env)
-        self.state, metrics = self.update(self.state, batch, jax.random.fold_in(self.key, i))
+            self.update = jit_update(self.step_fn, self.state, batch, self.comp.env,
+                                     aux_example=aux[0] if aux else None)
+        self.state, metrics = self.update(self.state, batch, jax.random.fold_in(self.key, i), *aux)
         return metrics
 
 
@@ -248,7 +263,7 @@ class DPOStage(_PairStage):
         chunk = self.algo.logprob_chunk
         self.ref_fn = (_in_env(comp, dpo.make_reference_logps_fn(comp.module, comp.model_cfg, chunk,
                                                                     int(s.num_micro_batches)))
-                       if self.algo.needs_reference else None)
+                       if self.algo.needs_reference and not self.algo.reference_in_step else None)
 
         def sums(params, batch):  # summed log-probs [B] of chosen and rejected
             lc, lr = dpo.pair_logprobs(comp.module, params, comp.model_cfg, batch, chunk)
@@ -264,6 +279,8 @@ class DPOStage(_PairStage):
 
     def step(self, i: int) -> dict:
         batch = self._batch()
+        if self.algo.reference_in_step:  # TDPO: the step runs the reference itself (full distributions)
+            return self._train(i, batch, self.reference_params())
         if self.algo.needs_reference:
             batch.update(self.ref_fn(self.reference_params(), batch))
         return self._train(i, batch)
@@ -298,12 +315,25 @@ class DPOStage(_PairStage):
     def evaluate(self) -> dict:
         out = super().evaluate()
         if self.eval_arrays is not None:
-            rc, rr = self._implicit_rewards(*self._held_out_sums(self.model_params()))
+            sum_c, sum_r = self._held_out_sums(self.model_params())
+            rc, rr = self._implicit_rewards(sum_c, sum_r)
             acc = float(np.mean(rc > rr))
             out.update({"eval/pref_accuracy": acc, "eval/pref_margin": float(np.mean(rc - rr))})
+            out.update(held_out_logps(sum_c, sum_r, self.eval_arrays, rc, rr))
             self.summary.setdefault("pref_accuracy_before", acc)
             self.summary["pref_accuracy_after"] = acc
         return out
+
+
+def held_out_logps(sum_c: np.ndarray, sum_r: np.ndarray, arrays: dict, rc: np.ndarray, rr: np.ndarray) -> dict:
+    """Held-out means of the policy's summed and per-token log-probs of chosen and rejected, and of the implicit
+    rewards (TRL's eval_logps/*, eval_rewards/*): chosen falling with rejected is likelihood displacement."""
+    len_c = np.maximum(arrays["chosen_mask"].sum(-1), 1)
+    len_r = np.maximum(arrays["rejected_mask"].sum(-1), 1)
+    return {"eval/logps/chosen": float(np.mean(sum_c)), "eval/logps/rejected": float(np.mean(sum_r)),
+            "eval/logps/chosen_per_token": float(np.mean(sum_c / len_c)),
+            "eval/logps/rejected_per_token": float(np.mean(sum_r / len_r)),
+            "eval/rewards/chosen": float(np.mean(rc)), "eval/rewards/rejected": float(np.mean(rr))}
 
 
 class RewardModelStage(_PairStage):
@@ -400,7 +430,10 @@ def dpo_memory(cfg, s, z) -> dict[str, int]:
     t = {"params": policy, "input_params": z.copy("policy"), "reference": z.copy("policy") if a.needs_reference else 0,
          "optimizer": z.optimizer(s.optimizer, trained), "gradients": z.gradients(trained, num_micro),
          "activations": z.activations(micro, p + n), "logprob_chunks": z.head(micro, n, a.logprob_chunk, False)}
-    if a.needs_reference:  # over the step's micro-batches of pairs in turn (dpo.make_reference_logps_fn)
+    if a.reference_in_step:  # TDPO: the reference's no-grad forward and its head inside the step, per micro-batch
+        t["activations"] += z.forward_work(micro, p + n, p + n)
+        t["logprob_chunks"] = z.head(micro, n, a.logprob_chunk, True) + z.logits(micro, min(a.logprob_chunk, n), 1)
+    elif a.needs_reference:  # over the step's micro-batches of pairs in turn (dpo.make_reference_logps_fn)
         t.update(z.score_terms(rows // num_micro, p + n, n, a.logprob_chunk))
     return t | z.eval_terms(cfg, s)
 

@@ -158,8 +158,20 @@ def check_loss(loss, where: str) -> None:
     if loss.loss_agg not in NORM_MODES:
         unread(loss, "norm_length", where, None, f"by loss_agg={loss.loss_agg!r} (only by {NORM_MODES})")
     if loss.kl_coef == 0:
-        for key in ("kl_estimator", "kl_clamp"):
+        for key in ("kl_estimator", "kl_clamp", "kl_bias_correction"):
             unread(loss, key, where, getattr(d, key), "with kl_coef=0.0 (no KL term in the loss)")
+    fn = f"by loss_fn={loss.loss_fn!r}"
+    if loss.loss_fn != "clip":
+        unread(loss, "dual_clip", where, d.dual_clip, f"{fn} (only by 'clip')")
+    if loss.loss_fn == "sapo":
+        for key in ("clip_eps_low", "clip_eps_high"):
+            unread(loss, key, where, getattr(d, key), f"{fn} (its gate has no clip range; only 'clip' and "
+                                                       "'cispo' read it)")
+    else:
+        for key in ("sapo_tau_pos", "sapo_tau_neg"):
+            unread(loss, key, where, getattr(d, key), f"{fn} (only by 'sapo')")
+    if loss.ratio_level != "sequence":
+        unread(loss, "seq_log_ratio_clamp", where, None, f"by ratio_level={loss.ratio_level!r} (only by 'sequence')")
 
 
 def check_divisible_rows(s: mc.ConfigDict, where: str, n: int, n_key: str, algo) -> None:
@@ -250,16 +262,30 @@ class RewardWatch:
                       else "every completion of the batch")
             self.warn("zero_reward_variance", step,
                       f"for {ZERO_VARIANCE_PATIENCE} iterations in a row {groups} got identical rewards (reward "
-                      f"mean {float(jax.device_get(jnp.mean(exp.rewards))):.4g}): the advantages are zero and "
+                      f"mean {float(jax.device_get(jnp.nanmean(exp.rewards))):.4g}): the advantages are zero and "
                       "nothing is learned. The task may be too hard or too easy for the model, the reward "
                       "constant, or sampling.temperature too low")
         return out
 
 
+def lengths_by_outcome(lengths: jax.Array, correct: jax.Array) -> dict[str, jax.Array]:
+    """`response_length/correct` and `response_length/wrong`: the mean completion length (tokens) of the
+    completions the task judged correct and of the others (NaN when there are none), to watch a length bias
+    of the loss aggregation (Dr. GRPO, arXiv 2503.20783, section 3.1: under the per-sequence 1/|o| mean,
+    wrong answers drift longer). With a reward that gives no verdicts every completion counts as wrong."""
+    lengths, right = lengths.astype(jnp.float32), correct.astype(jnp.float32)
+    n_right = jnp.sum(right)
+    n_wrong = right.size - n_right
+    return {"response_length/correct": jnp.where(n_right > 0, jnp.sum(lengths * right) / n_right, jnp.nan),
+            "response_length/wrong": jnp.where(n_wrong > 0, jnp.sum(lengths * (1 - right)) / n_wrong, jnp.nan)}
+
+
 def zero_variance(rewards: jax.Array, n: int) -> jax.Array:
-    """bool scalar: no group of n completions (the whole batch when n == 1) has two different rewards."""
+    """bool scalar: no group of n completions (the whole batch when n == 1) has two different scored
+    (finite) rewards; unscored (NaN) completions are left out."""
     r = rewards.reshape(-1, n) if n > 1 else rewards.reshape(1, -1)
-    return jnp.all(jnp.max(r, axis=-1) == jnp.min(r, axis=-1))
+    scored = jnp.isfinite(r)
+    return jnp.all(jnp.max(jnp.where(scored, r, -jnp.inf), axis=-1) <= jnp.min(jnp.where(scored, r, jnp.inf), axis=-1))
 
 
 class RLStage(Stage):
@@ -356,13 +382,14 @@ class RLStage(Stage):
         return jax.random.fold_in(jax.random.fold_in(self.key, i), 1)
 
     def iteration_metrics(self, i: int, exp: Experience, update_metrics: dict[str, Any]) -> dict[str, Any]:
-        """The update's metrics and the experience's, and `RewardWatch`'s (it looks at the rewards once the
-        update is dispatched); samples to samples.jsonl every log.samples_every."""
+        """The update's metrics and the experience's, the lengths of its correct and wrong completions
+        (`lengths_by_outcome`), and `RewardWatch`'s (it looks at the rewards once the update is dispatched);
+        samples to samples.jsonl every log.samples_every."""
         watched = self.watch(i, exp, zero_variance(exp.rewards, exp.n))
         if self.cfg.log.samples_every > 0 and (i + 1) % self.cfg.log.samples_every == 0:
             self.run.log_samples(self.name, i + 1, exp.sample_records(self.comp.env, self.comp.tokenizer,
                                                                       self.comp.task, self.cfg.log.num_samples))
-        return {**update_metrics, **exp.metrics, **watched}
+        return {**update_metrics, **exp.metrics, **lengths_by_outcome(exp.rollout.lengths, exp.correct), **watched}
 
     def close(self) -> None:
         if self.pipeline is not None:
