@@ -42,7 +42,8 @@ def devices():
 # first, so the short ones fill both workers' ends instead of one worker finishing a long file alone. The first
 # four start processes of their own (smoke runs, several processes, SIGKILL and resume, sweeps); the
 # in-process files after them compile the most programs.
-HEAVY_FILES_FIRST = ("test_experiments.py", "test_trainer.py", "test_gguf.py", "test_multihost.py", "test_plots_sweep.py",
+HEAVY_FILES_FIRST = ("test_experiments.py", "test_vectorised_seeds.py", "test_trainer.py", "test_online_dpo.py",
+                     "test_kto.py", "test_gguf.py", "test_multihost.py", "test_plots_sweep.py",
                      "test_ppo_step.py", "test_grpo_step.py", "test_model.py", "test_checkpoint.py",
                      "test_sampler.py", "test_sft_rm_dpo_steps.py")
 
