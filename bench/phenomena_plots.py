@@ -5,7 +5,8 @@
 
 length: per RL iteration, response_length/correct and response_length/wrong (train/stages/rl.py
 `lengths_by_outcome`) and the batch accuracy of each run, and a table of their means over the first and
-last ten iterations. passk: pass@k of <run>/eval-sft.json (the SFT checkpoint, `jaxrl-llm eval --stage sft`)
+last ten iterations, and the wrong completions' mean length per block of ten iterations. passk: pass@k of
+<run>/eval-sft.json (the SFT checkpoint, `jaxrl-llm eval --stage sft`)
 and <run>/eval.json (the final one) against k, the table of both, and how many problems each solved at least
 once.
 """
@@ -37,6 +38,11 @@ def plot_length(runs: list[str], out: pathlib.Path, stage: str = "rl", window: i
             ax.legend(fontsize=7)
             cells.append(f"{np.nanmean(values[:window]):.2f} / {np.nanmean(values[-window:]):.2f}")
         print(f"| {label} | {' | '.join(cells)} |")
+    print(f"\nmean response_length/wrong per block of {window} iterations:")
+    for run in runs:
+        _, values = series(read_metrics(run), stage, "response_length/wrong")
+        blocks = [f"{np.nanmean(values[i:i + window]):.2f}" for i in range(0, len(values), window)]
+        print(f"  {pathlib.Path(run).name}: {' '.join(blocks)}")
     fig.savefig(out, dpi=90)
 
 

@@ -8,15 +8,16 @@
 
 Model: the tiny default (Qwen2 shape, 4M parameters, random init) and the shipped tokenizer. Task:
 1-2 digit addition, one token per digit, answer reversed ("4 7 + 0 8 =" -> "5 5 0", i.e. 55), in-jit
-exact-match reward 0/1. max_new_tokens = 16: a wrong completion may ramble on past the answer.
-SFT warm start: 200 steps of 128 gold answers, lr 1e-3. RL: 32 prompts x 8 samples, temperature 1,
-no KL, lr 5e-4, 40 iterations, metrics logged every iteration; the two presets differ only in the
-variant (loss aggregation and std division). response_length/correct and response_length/wrong are
-logged per iteration (train/stages/rl.py `lengths_by_outcome`). Results: docs/phenomena.md.
-Expect: Measured on the 2-core CPU with other jobs sharing the cores (one seed; the Dr. GRPO arm resumed from the
-GRPO arm's SFT checkpoint): NO length drift here: SFT fixes every completion at 6 tokens (answer + EOS): 1/|o| is
-the same for all; wrong-answer length 5.98 -> 6.00 (GRPO) and 5.98 -> 6.02 (Dr. GRPO), first/last 10 iterations;
-held-out greedy accuracy 66.0% -> 20.7% (GRPO) and -> 7.8% (Dr. GRPO); GRPO arm 1212 s with its SFT.
+reward 0/1 on the answer prefix (task option answer_prefix: "5 5 0 3 1" counts as right, so a completion,
+right or wrong, may go on after its answer). SFT warm start: 200 steps of 128 gold answers, lr 1e-3.
+RL: 32 prompts x 8 samples, temperature 1.5 (at 1.0 the SFT model ends every completion right after
+the answer), max_new_tokens = 12, no KL, lr 3e-4, 60 iterations, metrics every iteration; the two presets
+differ only in the variant (loss aggregation and std division). Results: docs/phenomena.md.
+Expect: Measured on the 2-core CPU with other jobs sharing the cores (one seed; every arm resumed from the same SFT
+checkpoint): mean response_length/wrong per block of 10 iterations GRPO 7.1 10.1 11.0 11.7 11.6 11.4 (correct ones
+lengthen with them); GRPO with only loss_agg=seq-mean-token-sum-norm 6.2 6.3 6.3 6.1 6.0 6.0; Dr. GRPO (also no
+std) 5.8 6.3 8.5 10.9 11.0 10.2: it drifts too, about 15 iterations later. Held-out greedy accuracy 66.0% ->
+71.9% (GRPO), 81.2% (token-sum), 66.0% (Dr. GRPO); 171-215 s wall per arm's RL stage.
 """
 
 from jaxrl_llm.train.config import addition_warm_start, digit_addition_config, grpo_stage
