@@ -33,7 +33,9 @@ def _cfg(root, *sets, exp=DEMO, base=BASE):
 
 def _metrics(run_dir) -> list[dict]:
     rows = [json.loads(x) for x in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+    # non-finite values are written as strings ("nan": e.g. response_length/correct of a batch with none right)
+    num = lambda k, v: float(v) if isinstance(v, str) and k != "stage" else v  # noqa: E731
+    return [{k: num(k, v) for k, v in r.items() if not k.startswith("time")} for r in rows]
 
 
 def _checkpoint(run_dir, step=None) -> dict:

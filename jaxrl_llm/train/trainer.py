@@ -63,6 +63,23 @@ def load_stage_policy(comp, cfg: mc.ConfigDict, run_dir, name: str, params) -> t
     return out, int(step), bool(meta.get("done"))
 
 
+def run_one_stage(cfg: mc.ConfigDict, comp, run: RunDir, stages: tuple[str, ...], index: int, params,
+                  stop: StopRequests | None = None) -> tuple[Any, Any]:
+    """(the stage object, the params it hands on): stage `stages[index]` run (or restored) with its own
+    checkpointer, both closed afterwards."""
+    name = stages[index]
+    stage = stage_class(cfg[name].kind)(comp, run, name, index, stages[:index])
+    if stop is not None:
+        stage.stop = stop
+    ck = Checkpointer(run.checkpoint_dir(name), max_to_keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    try:
+        params = stage.run_stage(params, ck)
+    finally:
+        ck.close()
+        stage.close()
+    return stage, params
+
+
 def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
     """Runs (or resumes) every stage of `cfg`; returns the run summary (also written to summary.json).
 
@@ -100,15 +117,7 @@ def _train(cfg: mc.ConfigDict, run: RunDir, stop: StopRequests, t0: float) -> di
         if index and stop.now(0):  # a signal during the last step of the stage before, which is complete
             raise stop.error(f"after stage {stages[index - 1]!r} finished; run the same command again (without "
                              f"--fresh) to go on with {name!r}")
-        stage = stage_class(cfg[name].kind)(comp, run, name, index, stages[:index])
-        stage.stop = stop
-        ck = Checkpointer(run.checkpoint_dir(name), max_to_keep=cfg.checkpoint.keep,
-                          async_save=cfg.checkpoint.async_save)
-        try:
-            params = stage.run_stage(params, ck)
-        finally:
-            ck.close()
-            stage.close()
+        stage, params = run_one_stage(cfg, comp, run, stages, index, params, stop)
         finished_before.append(stage.finished_before)
         for k, v in stage.summary.items():
             summary[f"{name}/{k}"] = v

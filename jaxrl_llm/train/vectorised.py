@@ -150,10 +150,9 @@ def _run_stages_before(cfg: mc.ConfigDict, fresh: bool) -> tuple[Any, Any, Any, 
     """(components, run dir, params, summary, seconds, finished_before): the stages before the last one,
     run as `trainer.train` runs them."""
     from jaxrl_llm.train.build import build
-    from jaxrl_llm.train.checkpoint import Checkpointer
     from jaxrl_llm.train.config import check
     from jaxrl_llm.train.run_dir import RunDir
-    from jaxrl_llm.train.trainer import stage_class
+    from jaxrl_llm.train.trainer import run_one_stage
 
     t0 = time.time()
     check(cfg)
@@ -164,14 +163,7 @@ def _run_stages_before(cfg: mc.ConfigDict, fresh: bool) -> tuple[Any, Any, Any, 
         stages = tuple(cfg.stages)
         finished = True
         for index, name in enumerate(stages[:-1]):
-            stage = stage_class(cfg[name].kind)(comp, run, name, index, stages[:index])
-            ck = Checkpointer(run.checkpoint_dir(name), max_to_keep=cfg.checkpoint.keep,
-                              async_save=cfg.checkpoint.async_save)
-            try:
-                params = stage.run_stage(params, ck)
-            finally:
-                ck.close()
-                stage.close()
+            stage, params = run_one_stage(cfg, comp, run, stages, index, params)
             finished = finished and stage.finished_before
             summary.update({f"{name}/{k}": v for k, v in stage.summary.items()})
     except BaseException:
