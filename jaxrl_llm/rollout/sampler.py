@@ -85,7 +85,7 @@ _BATCH_AXES = {
 }
 
 
-def _decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConfig):
+def decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConfig):
     """The pure sampling function (params, prompt_tokens, prompt_mask, rng) -> Rollout."""
     n_new, n_rep = sampling.max_new_tokens, sampling.n_samples
     eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)  # -1 never matches a token
@@ -203,7 +203,7 @@ def make_sampler(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingCo
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     sampling.check_vocab(model_cfg.vocab_size)
-    run = _decode_fn(module, model_cfg, sampling)
+    run = decode_fn(module, model_cfg, sampling)
     if env is None:
         return jax.jit(run)
 

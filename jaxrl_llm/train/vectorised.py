@@ -16,7 +16,7 @@ last stage (`<stage>.optimizer.learning_rate`). What runs:
   as Stage.run_stage writes them). One iteration of all members is one jitted program:
   `jit(shard_map(vmap(iteration)))` over a leading member axis, with parameters, optimiser states,
   reference policies, prompts and keys stacked. `iteration` is the stage's own computation: the pure decode
-  function of its sampler (`rollout.sampler._decode_fn`), the task's in-jit reward, `experience.scored`,
+  function of its sampler (`rollout.sampler.decode_fn`), the task's in-jit reward, `experience.scored`,
   `GRPOLearner.update_batch` (old / reference log-probs, advantages) and the learner's epoch runner; the
   keys are the stage's (fold_in(fold_in(stage key, i), 0) to sample, `update_key(i)` to update).
 * the member axis is split over the devices (the largest count <= jax.device_count() that divides S); each
@@ -191,10 +191,10 @@ def make_iteration(stage, lr_traced: bool) -> Callable:
     """The stage's iteration for one member, pure: (state, ref, tokens, mask, truncated, targets, lengths,
     sample key, update key, lr) -> (state, metrics, rollout, rewards, correct). `lr_traced`: updates scaled by
     `lr` (the state's tx then has learning rate 1.0)."""
-    from jaxrl_llm.rollout.sampler import _decode_fn
+    from jaxrl_llm.rollout.sampler import decode_fn
 
     comp, learner, n = stage.comp, stage.learner, stage.n
-    decode = _decode_fn(comp.module, comp.model_cfg, stage.sampling)
+    decode = decode_fn(comp.module, comp.model_cfg, stage.sampling)
     reward_fn, correct_score = stage.scorer.jax_reward, stage.scorer.reward.correct_score
     keep = bool(stage.algo.filter_zero_std_groups)
 

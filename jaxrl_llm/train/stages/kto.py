@@ -37,7 +37,7 @@ from jaxrl_llm.train.build import make_evaluator, prompt_iterator
 from jaxrl_llm.train.config import from_dataclass, optimizer_config, optimizer_from, to_dataclass
 from jaxrl_llm.train.pref_data import check_pair_task, stage_pairs, task_pairs
 from jaxrl_llm.train.stage import Stage, StageKind
-from jaxrl_llm.train.stages.preference import EVAL_CHUNK, _PairStage, _chunks, _in_env
+from jaxrl_llm.train.stages.preference import EVAL_CHUNK, _PairStage, _chunks, in_env
 from jaxrl_llm.train.validation import choice, enough_rows, integer, supervised_batches, unread
 
 SOURCES = ("task", "jsonl", "pairs")
@@ -161,14 +161,14 @@ class KTOStage(Stage):
                                         self.cfg.seed + self.index)
         num_micro, chunk = int(s.num_micro_batches), self.algo.logprob_chunk
         self.step_fn = kto.make_kto_step(comp.module, comp.model_cfg, self.algo, num_micro)
-        self.ref_fn = _in_env(comp, kto.make_reference_logps_fn(comp.module, comp.model_cfg, chunk, num_micro))
+        self.ref_fn = in_env(comp, kto.make_reference_logps_fn(comp.module, comp.model_cfg, chunk, num_micro))
 
         def sums(params, rows):
             logp, _ = completion_logprobs(comp.module, params, comp.model_cfg, rows["prompt_tokens"],
                                           rows["prompt_mask"], rows["completion_tokens"], rows["completion_mask"],
                                           chunk=chunk, with_entropy=False)
             return logp.sum(-1)
-        self.sums_fn = _in_env(comp, sums)
+        self.sums_fn = in_env(comp, sums)
         self.evaluator = make_evaluator(comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
 
     def init(self, params) -> None:

@@ -53,7 +53,7 @@ from jaxrl_llm.algos.train_state import jit_update
 from jaxrl_llm.errors import ConfigError
 from jaxrl_llm.train.config import from_dataclass, optimizer_config, optimizer_from
 from jaxrl_llm.train.stage import StageKind
-from jaxrl_llm.train.stages.preference import _in_env, dpo_algo, load_reward_params
+from jaxrl_llm.train.stages.preference import in_env, dpo_algo, load_reward_params
 from jaxrl_llm.train.stages.rl import RLStage, check_rl_section, reward_section, sampling_section
 from jaxrl_llm.train.validation import choice, integer, number, unread
 
@@ -181,7 +181,7 @@ class OnlineDPOStage(RLStage):
         self.eos_penalty = float(s.missing_eos_penalty)
         num_micro, a = int(s.num_micro_batches), self.algo
         self.step_fn = make_online_dpo_step(comp.module, comp.model_cfg, a, num_micro)
-        self.ref_fn = _in_env(comp, dpo.make_reference_logps_fn(comp.module, comp.model_cfg, a.logprob_chunk,
+        self.ref_fn = in_env(comp, dpo.make_reference_logps_fn(comp.module, comp.model_cfg, a.logprob_chunk,
                                                                 num_micro))
         self.pairs_fn = jax.jit(lambda batch, scores: select_pairs(batch, scores, self.n))
         self.update = None
@@ -232,8 +232,8 @@ class OnlineDPOStage(RLStage):
     def step(self, i: int) -> dict:
         scorer = None
         if self.rm_params is not None:
-            from jaxrl_llm.train.stages.ppo import _RewardModelScores
-            scorer = _RewardModelScores(self.scorer, self.rm_fn, self.rm_params)
+            from jaxrl_llm.train.stages.ppo import RewardModelScores
+            scorer = RewardModelScores(self.scorer, self.rm_fn, self.rm_params)
         exp = self.experience(i, self.model_params(), scorer=scorer)
         scores = pair_scores(exp.rewards, exp.rollout.finished, self.eos_penalty)
         pairs, weight, pair_metrics = self.pairs_fn(exp.batch, scores)

@@ -110,7 +110,7 @@ def check_reward_model_options(cfg: mc.ConfigDict, name: str) -> None:
                           f"stages: {earlier or 'none'}")
 
 
-class _RewardModelScores:
+class RewardModelScores:
     """Scores a rollout with a trained reward model; the task's own reward is still computed for accuracy
     and logged as reward/task_mean."""
 
@@ -275,10 +275,10 @@ class PPOStage(RLStage):
     def step(self, i: int) -> dict:
         if self.pipeline is None:
             scorer = (self.scorer if self.rm_params is None
-                      else _RewardModelScores(self.scorer, self.rm_fn, self.rm_params))
+                      else RewardModelScores(self.scorer, self.rm_fn, self.rm_params))
             exp = self.experience(i, self.model_params(), scorer=scorer)
         else:  # the rollout of iteration i was sampled ahead, with a scorer of its own
-            make = None if self.rm_params is None else (lambda s: _RewardModelScores(s, self.rm_fn, self.rm_params))
+            make = None if self.rm_params is None else (lambda s: RewardModelScores(s, self.rm_fn, self.rm_params))
             exp = self.pipeline.experience(i, self.model_params(), make_scorer=make)
         batch = dict(exp.batch)
         batch.update(self.rollout_fn(self.state.model_params(), batch))

@@ -128,7 +128,7 @@ def scalar_head_params(policy_params: Any, comp: Components, shardings: Any) -> 
     return jax.device_put({"model": jnp_tree_copy(policy_params["model"]), "score": score}, shardings)
 
 
-def _in_env(comp: Components, fn):
+def in_env(comp: Components, fn):
     """jit(fn) traced inside the mesh environment, so activations are placed by their logical axes."""
     def traced(*args):
         with comp.env.activate():
@@ -261,14 +261,14 @@ class DPOStage(_PairStage):
         self.algo = dpo_algo(s, self.where)
         self.step_fn = dpo.make_dpo_step(comp.module, comp.model_cfg, self.algo, int(s.num_micro_batches))
         chunk = self.algo.logprob_chunk
-        self.ref_fn = (_in_env(comp, dpo.make_reference_logps_fn(comp.module, comp.model_cfg, chunk,
+        self.ref_fn = (in_env(comp, dpo.make_reference_logps_fn(comp.module, comp.model_cfg, chunk,
                                                                     int(s.num_micro_batches)))
                        if self.algo.needs_reference and not self.algo.reference_in_step else None)
 
         def sums(params, batch):  # summed log-probs [B] of chosen and rejected
             lc, lr = dpo.pair_logprobs(comp.module, params, comp.model_cfg, batch, chunk)
             return lc.sum(-1), lr.sum(-1)
-        self.sums_fn = _in_env(comp, sums)
+        self.sums_fn = in_env(comp, sums)
         self.evaluator = make_evaluator(comp, s.max_prompt_len) if self.cfg.eval.every > 0 else None
         self.ref = None
 
@@ -347,7 +347,7 @@ class RewardModelStage(_PairStage):
         _, self.shardings = param_shardings(init_fn_for(self.module), comp.env)
         self.algo = reward_model_algo(s, self.where)
         self.step_fn = make_reward_model_step(self.module, comp.model_cfg, self.algo, int(s.num_micro_batches))
-        self.eval_fn = _in_env(comp, lambda p, b: pair_rewards(self.module, p, b))
+        self.eval_fn = in_env(comp, lambda p, b: pair_rewards(self.module, p, b))
 
     def init(self, params) -> None:
         self.state = head_state(self, params)

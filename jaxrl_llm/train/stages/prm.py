@@ -54,7 +54,7 @@ from jaxrl_llm.tasks.base import Example, Prompt
 from jaxrl_llm.train.build import Components, encode_prompt_batch, prompt_iterator, stage_sampler
 from jaxrl_llm.train.config import from_dataclass, optimizer_config, optimizer_from, to_dataclass
 from jaxrl_llm.train.stage import Stage, StageKind
-from jaxrl_llm.train.stages.preference import EVAL_CHUNK, _chunks, _in_env, final_head_params, head_state
+from jaxrl_llm.train.stages.preference import EVAL_CHUNK, _chunks, in_env, final_head_params, head_state
 from jaxrl_llm.train.validation import choice, enough_rows, flag, integer, number, supervised_batches, unread
 
 SOURCES = ("jsonl", "task", "shepherd")
@@ -294,7 +294,7 @@ class PRMStage(Stage):
         self.module = process_reward_model(comp.model_cfg)
         _, self.shardings = param_shardings(init_fn_for(self.module), comp.env)
         self.step_fn = make_prm_step(self.module, comp.model_cfg, prm_algo(s, self.where), int(s.num_micro_batches))
-        self.eval_fn = _in_env(comp, lambda p, b: step_scores(self.module, p, b["prompt_tokens"], b["prompt_mask"],
+        self.eval_fn = in_env(comp, lambda p, b: step_scores(self.module, p, b["prompt_tokens"], b["prompt_mask"],
                                                               b["completion_tokens"], b["completion_mask"],
                                                               self.table)[0])
         self.with_data, self.update = with_data, None
