@@ -205,3 +205,29 @@ def test_ctrl_c_and_sigterm_checkpoint_where_they_stop_and_resume_equals_uninter
         np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rs]  # noqa: E731
     assert strip(_metrics(root)) == strip(_metrics(ref_root))
+
+
+def test_a_second_ctrl_c_inside_a_gc_callback_leaves_no_traceback(monkeypatch):
+    """Python drops an exception raised in a __del__ / garbage-collector callback and reports it through
+    sys.unraisablehook (a traceback on stderr); a second Ctrl-C landing there must not be reported (the stop
+    is already requested), other errors still are, and the hook is restored afterwards."""
+    from jaxrl_llm.train.signals import StopRequests
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: reported.append(info.exc_type))
+
+    class Raises:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    outer = sys.unraisablehook
+    with StopRequests() as stop:
+        Raises(KeyboardInterrupt())  # no stop requested yet: reported
+        stop.signum = signal.SIGINT
+        Raises(KeyboardInterrupt())  # the second Ctrl-C: dropped quietly
+        Raises(ValueError("kept"))
+    assert reported == [KeyboardInterrupt, ValueError]
+    assert sys.unraisablehook is outer

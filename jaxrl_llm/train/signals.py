@@ -28,17 +28,29 @@ class StopRequests:
         self.signum: int | None = None
         self.every = max(int(every), 1)  # with several processes: agree every `every` steps (log steps)
         self._previous: dict[int, object] = {}
+        self._unraisable = None
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
+            self._unraisable, sys.unraisablehook = sys.unraisablehook, self._quiet_unraisable
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+        if self._unraisable is not None:
+            sys.unraisablehook, self._unraisable = self._unraisable, None
+
+    def _quiet_unraisable(self, info) -> None:
+        """A second Ctrl-C that lands in a callback Python cannot raise from (a garbage-collector hook, a
+        __del__) is dropped by the interpreter with a traceback on stderr; the stop is already requested,
+        so the run stops after this step with its checkpoint and the one line, without that traceback."""
+        if issubclass(info.exc_type, KeyboardInterrupt) and self.signum is not None:
+            return
+        (self._unraisable or sys.__unraisablehook__)(info)
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
