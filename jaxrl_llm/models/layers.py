@@ -166,13 +166,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def write_slots(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`new` [B, heads, T, head_dim] written into `buf` [B, heads, S, head_dim] at slots [index, index + T):
+    one index [] for every row (a slice update in place), or one per row [B] (a row's own position, as a
+    continuous-batching decode needs: its slots hold requests at different steps)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(buf, new, (0, 0, index, 0))
+    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (0, i, 0)))(buf, new, index)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with an optional KV cache.
 
     `kv` is None (keys are the current tokens) or this layer's (k, v), each [B, kv_heads, S, head_dim]:
-    the new keys/values are written in place at slots [index, index + T) and attention reads the
-    updated buffers directly (one buffer per layer: a slice of a stacked cache would be copied before
-    every decode step's dot).
+    the new keys/values are written in place at slots [index, index + T) (`index` [] or one per row [B])
+    and attention reads the updated buffers directly (one buffer per layer: a slice of a stacked cache
+    would be copied before every decode step's dot).
     `bias` is an additive float32 mask [B, 1, 1, T, S].
     """
 
@@ -217,8 +226,8 @@ class Attention(nn.Module):
             # and each (row, kv head) reads a contiguous [S, head_dim] block, so the batched dots below need no
             # transposed copy of the cache.
             kc, vc = kv
-            kc = jax.lax.dynamic_update_slice(kc, kx.transpose(0, 2, 1, 3).astype(kc.dtype), (0, 0, index, 0))
-            vc = jax.lax.dynamic_update_slice(vc, vx.transpose(0, 2, 1, 3).astype(vc.dtype), (0, 0, index, 0))
+            kc = write_slots(kc, kx.transpose(0, 2, 1, 3).astype(kc.dtype), index)
+            vc = write_slots(vc, vx.transpose(0, 2, 1, 3).astype(vc.dtype), index)
             kv = (kc, vc)
             qg = q.reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4)  # [B, kv_heads, group, T, head_dim]
             probs = softmax(jnp.einsum("bkgtd,bksd->bkgts", qg, kc.astype(dt), preferred_element_type=jnp.float32))

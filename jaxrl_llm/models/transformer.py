@@ -16,7 +16,8 @@ Masks and positions:
 * Without a cache, token j is visible to token i iff j <= i and mask[j].
 * With a `KVCache` of S slots, the T new tokens are written at slots
   [index, index + T); slot j is visible to new token t iff
-  j <= index + t and the slot holds a real token.
+  j <= index + t and the slot holds a real token. `index` is one scalar
+  or one per row (each row at its own step).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ _REMAT = {
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys/values: k, v one [B, kv_heads, S, head_dim] array per layer (tuples); mask [B, S]; index []."""
+    """Keys/values: k, v one [B, kv_heads, S, head_dim] array per layer (tuples); mask [B, S]; index [] (the
+    next slot written, the same for every row) or [B] (one per row: continuous batching, rows at different
+    steps)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -148,12 +151,15 @@ class Decoder(nn.Module):
 
         if cache is None:
             index, kv_mask = 0, mask
-        else:
+        elif jnp.ndim(cache.index) == 0:
             index = cache.index
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
-        q_slot = index + jnp.arange(t)
+        else:  # one index per row: each row writes at its own slots
+            index = cache.index
+            kv_mask = jax.vmap(lambda m, new, i: jax.lax.dynamic_update_slice(m, new, (i,)))(cache.mask, mask, index)
+        q_slot = jnp.reshape(index, (-1, 1)) + jnp.arange(t)[None, :]  # [1 or B, T]
         k_slot = jnp.arange(kv_mask.shape[1])
-        allowed = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]  # [B, T, S]
+        allowed = (k_slot[None, None, :] <= q_slot[:, :, None]) & kv_mask[:, None, :]  # [B, T, S]
         bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
 
         if cache is None:

@@ -46,6 +46,14 @@ class SamplingConfig:
         buffer would (when P is small against N). Costs one copy of the cache per segment boundary
         and, at the last one, the previous buffer beside the full one while it is copied; each
         segment's loop is compiled on its own. 1 = one buffer of P + N slots from the start.
+        Applies to the static batch (slots = 0, or slots >= the rollout's rows).
+    slots: continuous batching (>= 0; 0 = off). With 0 < slots < the rollout's rows (prompts x n_samples),
+        `slots` completions decode at once and a slot whose completion ends takes the next pending one
+        (its prompt's prefilled cache copied in) while the others keep decoding, so uneven lengths do not
+        leave rows idle until the longest ends. Each slot's cache holds P + N positions (no segments);
+        each distinct prompt is prefilled once. The rollout is the same as the static batch's (same rows,
+        same order, same tokens for the same key: every row draws from its own key). With slots >= rows
+        the static batch runs. See docs/sampling.md.
     """
 
     max_new_tokens: int = 64
@@ -57,6 +65,7 @@ class SamplingConfig:
     pad_token_id: int = 0
     split_layer_weights: bool = True
     cache_segments: int = 4
+    slots: int = 0
 
     def __post_init__(self):
         def _is_int(x):
@@ -97,6 +106,9 @@ class SamplingConfig:
         if not _is_int(self.cache_segments) or self.cache_segments < 1:
             raise ConfigError(f"SamplingConfig.cache_segments={self.cache_segments!r}: must be an integer >= 1 "
                              "(1 = one KV-cache buffer for the whole rollout)")
+        if not _is_int(self.slots) or self.slots < 0:
+            raise ConfigError(f"SamplingConfig.slots={self.slots!r}: must be an integer >= 0 (0 = a static "
+                             "batch; > 0 = continuous batching with that many decode slots)")
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
 
@@ -202,12 +214,18 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
 
 def sample_tokens(rng: jax.Array, logp_bv: jax.Array, raw_logp_bv: jax.Array,
-                  greedy: bool) -> jax.Array:
+                  greedy: bool, per_row: bool = False) -> jax.Array:
     """Draws one token per row: argmax when greedy, else categorical(logp_bv). int32 [B].
 
     The categorical draw is `jax.random.categorical`'s own (the argmax of logits + Gumbel noise from
-    `rng`, the same tokens for the same key) with the argmax written as `first_argmax`.
+    `rng`, the same tokens for the same key) with the argmax written as `first_argmax`. `per_row`: `rng`
+    holds one key per row ([B] keys), row b's noise drawn from its own key (so a row's token does not
+    depend on which other rows share the batch).
     """
     if greedy:
         return first_argmax(raw_logp_bv)
-    return first_argmax(logp_bv + jax.random.gumbel(rng, logp_bv.shape, logp_bv.dtype))
+    if per_row:
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, logp_bv.shape[-1:], logp_bv.dtype))(rng)
+    else:
+        noise = jax.random.gumbel(rng, logp_bv.shape, logp_bv.dtype)
+    return first_argmax(logp_bv + noise)

@@ -180,7 +180,8 @@ def stage_sampler(comp: Components, sc: mc.ConfigDict, n_samples: int):
                               top_k=int(sc.top_k), top_p=float(sc.top_p), n_samples=n_samples,
                               eos_token_ids=comp.eos_ids, pad_token_id=comp.pad_id,
                               split_layer_weights=bool(sc.get("split_layer_weights", SamplingConfig.split_layer_weights)),
-                              cache_segments=int(sc.get("cache_segments", SamplingConfig.cache_segments)))
+                              cache_segments=int(sc.get("cache_segments", SamplingConfig.cache_segments)),
+                              slots=int(sc.get("slots", SamplingConfig.slots)))
     return sampling, make_sampler(comp.module, comp.model_cfg, sampling, env=comp.env,
                                   param_shardings=comp.shardings)
 

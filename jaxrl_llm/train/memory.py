@@ -60,6 +60,8 @@ compute dtype's bytes. P prompt length (max_prompt_len), N response length
 
 * kv_cache (rollout, exact): L x 2 x rows_dev x (P + N) x K x D x b with
   rows = prompts_per_iter x group_size (grpo) or x samples_per_prompt (ppo).
+  With continuous batching (0 < sampling.slots < rows): slots x (P + N)
+  plus each distinct prompt's prefilled P, and no growth term.
 * kv_cache_growth (rollout, exact): with sampling.cache_segments > 1 (and
   N >= 32) the cache grows between decode segments by copying into a longer
   buffer; at the last boundary the previous one, P + (the last segment's
@@ -457,10 +459,15 @@ class Sizes:
         rd = self.rows(rows)
         split = bool(sampling.get("split_layer_weights", SamplingConfig.split_layer_weights))
         segments = int(sampling.get("cache_segments", SamplingConfig.cache_segments))
+        slots = int(sampling.get("slots", SamplingConfig.slots))
         # the sampler prefills each distinct prompt once and repeats its cache for the samples
         decode = self.compute_params("policy")  # converted once before the loop even unsplit, when narrower
-        return {"kv_cache": self.kv_cache(rows, p + n),
-                "kv_cache_growth": self.kv_cache_growth(rows, p, n, segments),
+        if 0 < slots < rows:  # continuous batching: the slots' caches of P + N and each prompt's of P
+            cache = {"kv_cache": self.kv_cache(slots, p + n) + self.kv_cache(prompts, p), "kv_cache_growth": 0}
+        else:
+            cache = {"kv_cache": self.kv_cache(rows, p + n),
+                     "kv_cache_growth": self.kv_cache_growth(rows, p, n, segments)}
+        return {**cache,
                 "rollout_work": self.forward_work(self.rows(prompts), p, p + n) + self.logits(rd, 1, 3),
                 "decode_weights": decode if split or decode > self.params("policy") else 0}
 

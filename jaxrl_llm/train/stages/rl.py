@@ -66,7 +66,7 @@ REWARD_FAILURE_ABORT = 3    # iterations whose every reward call failed (and non
 def sampling_section(max_new_tokens: int) -> mc.ConfigDict:
     """The `sampling` section of an RL stage."""
     return mc.ConfigDict(dict(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                              split_layer_weights=True, cache_segments=4))
+                              split_layer_weights=True, cache_segments=4, slots=0))
 
 
 def training_temperature(s: mc.ConfigDict) -> float:
