@@ -167,3 +167,21 @@ def test_slots_config_key_reaches_the_sampler_and_the_memory_estimate():
                                                                              devices=jax.devices()[:1])))[0]
     sampling, _ = build.stage_sampler(comp, sc, 4)
     assert sampling.slots == 6
+
+
+@pytest.mark.parametrize("spec, key, match", [
+    ("tool_calculator.py:smoke", "rl.sampling.slots=4", "multi-turn episodes decode in a static batch"),
+    ("expert_iteration.py:smoke", "ei.sampling.slots=4", "step search decodes its beams in lockstep"),
+])
+def test_slots_refused_where_a_stage_would_not_read_it(spec, key, match):
+    from jaxrl_llm.train.config import load_experiment
+    from jaxrl_llm.train.validation import check_config
+    root = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+    overrides = [key] + (["ei.search.method=beam"] if spec.startswith("expert") else [])
+    try:
+        cfg = load_experiment(str(root / spec), overrides)
+        check_config(cfg)
+    except ConfigError as e:
+        assert match in str(e) and "slots" in str(e), e
+    else:
+        pytest.fail(f"{key} was accepted")

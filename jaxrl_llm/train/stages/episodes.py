@@ -88,6 +88,10 @@ def check_env_section(cfg: mc.ConfigDict, name: str, budget: int, budget_key: st
     if jax.process_count() > 1:
         raise ConfigError(f"{ew}.name={e.name!r}: environment episodes run in one process; run without "
                           "--distributed")
+    if s.get("sampling") is not None and int(s.sampling.get("slots", 0)):
+        raise ConfigError(f"{ew}.name={e.name!r} with {where}.sampling.slots={s.sampling.slots}: multi-turn "
+                          "episodes decode in a static batch (observations join every row between turns); set "
+                          f"{where}.sampling.slots=0")
     if s.get("reward") is not None and s.reward.get("source", "task") != "task":
         raise ConfigError(f"{ew}.name={e.name!r} with {where}.reward.source={s.reward.source!r}: an episode's "
                           "rewards are its environment's; set reward.source='task' or leave env.name empty")

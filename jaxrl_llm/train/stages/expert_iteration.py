@@ -101,6 +101,8 @@ def check_search(cfg: mc.ConfigDict, name: str) -> None:
         for key in ("prm_stage", "expansions", "step_tokens"):
             unread(s, key, sw, d[key], f"by method={s.method!r} (only by the step-level 'beam' and 'dvts')")
         return
+    unread(cfg[name].sampling, "slots", f"config.{name}.sampling", 0, f"by search.method={s.method!r} (step "
+           "search decodes its beams in lockstep; continuous batching serves method='sample')")
     stages_before = tuple(cfg.stages)[:tuple(cfg.stages).index(name)] if name in cfg.stages else ()
     if s.prm_stage not in stages_before or cfg[s.prm_stage].get("kind") != "prm":
         earlier = [x for x in stages_before if cfg[x].get("kind") == "prm"]
