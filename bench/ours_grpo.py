@@ -27,13 +27,16 @@ override `load_hf`'s config; `--cache-segments K` the sampler's KV-cache segment
 `--micro-batches M` sets `algo.num_micro_batches` (the gradient of all 64 rows summed over M row
 chunks, and the reference forward over the same chunks: still one AdamW step, as GRPOStage runs it);
 `--cpu-devices N` splits the CPU into N XLA devices and shards the batch over them (mesh data=N, what
-`jaxrl-llm train --cpu-devices N` does with the default mesh).
+`jaxrl-llm train --cpu-devices N` does with the default mesh); `--logprob-chunk C` sets
+`algo.logprob_chunk`. `--workload smollm2` runs the real-shape workload (bench/workload.py: SmolLM2-135M,
+8 prompts x 4 samples x 64 tokens, no EOS); `--detail-repeats R` keeps its --detail pass short.
 Prints one JSON line (and writes it to --json).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import pathlib
@@ -102,7 +105,7 @@ class Ours:
 
     def __init__(self, wl: dict, *, old_forward: bool = False, scan_unroll: int | None = None, remat: str | None = None,
                  dtype: str | None = None, matmul_dtype: str | None = None, micro_batches: int = 1, seed: int = 0,
-                 cache_segments: int | None = None, devices: int = 1):
+                 cache_segments: int | None = None, devices: int = 1, logprob_chunk: int | None = None):
         self.wl = wl
         self.env = ShardingEnv(make_mesh({"data": devices}, devices=jax.devices()[:devices]))
         overrides = {"scan_unroll": scan_unroll} if scan_unroll else {}
@@ -116,14 +119,19 @@ class Ours:
         self.module = CausalLM(self.cfg)
         self.tok = load_tokenizer(wl["tokenizer_dir"], vocab_size=self.cfg.vocab_size)
         info = tokenizer_info(self.tok)
-        assert info.pad_id == wl["pad_id"] and info.eos_ids == (wl["eos_id"],), info
+        # eos_id null (the smollm2 workload): no end-of-sequence id, every row decodes max_new_tokens
+        eos_ids = () if wl["eos_id"] is None else (wl["eos_id"],)
+        assert info.pad_id == wl["pad_id"] and (not eos_ids or info.eos_ids == eos_ids), info
         p_len = max(wl["prompt_tokens"])  # left-padded to the longest prompt, as TRL does
         enc = encode_prompts(self.tok, wl["prompts"], p_len, truncation="error")
+        if "prompt_ids" in wl:  # the token ids the workload recorded (TRL checks its own against them too)
+            got = [row[m].tolist() for row, m in zip(enc.tokens, enc.mask)]
+            assert got == wl["prompt_ids"], "prompt token ids differ from workload.json's prompt_ids"
         self.prompt_tokens, self.prompt_mask = jnp.asarray(enc.tokens), jnp.asarray(enc.mask)
         g = wl["num_generations"]
         self.sampling = SamplingConfig(max_new_tokens=wl["max_new_tokens"], temperature=wl["temperature"],
                                        top_k=wl["top_k"], top_p=wl["top_p"], n_samples=g,
-                                       eos_token_ids=info.eos_ids, pad_token_id=info.pad_id)
+                                       eos_token_ids=eos_ids, pad_token_id=info.pad_id)
         if cache_segments:
             self.sampling = self.sampling.replace(cache_segments=cache_segments)
         self.sampler = make_sampler(self.module, self.cfg, self.sampling, env=self.env)
@@ -131,6 +139,8 @@ class Ours:
             loss=PolicyLossConfig(clip_eps_low=wl["epsilon"], clip_eps_high=wl["epsilon"], kl_coef=wl["beta"],
                                   kl_estimator="k3"),
             temperature=wl["temperature"], epochs=wl["epochs"], num_minibatches=1, num_micro_batches=micro_batches)
+        if logprob_chunk:
+            self.algo = self.algo.replace(logprob_chunk=logprob_chunk)
         self.opt = OptimizerConfig(name="adamw", learning_rate=wl["learning_rate"], b1=wl["adam_b1"],
                                    b2=wl["adam_b2"], eps=wl["adam_eps"], weight_decay=wl["weight_decay"],
                                    max_grad_norm=wl["max_grad_norm"])
@@ -283,6 +293,31 @@ def detail(o: Ours, repeats: int) -> dict:
     mlp_jit = jax.jit(mlp_only)
     out["matmuls_only_step_ms"] = 1e3 * _time(lambda: mlp_jit(split, x), repeats) / n_new
 
+    # The decode step's per-token work outside the layers, over the full vocabulary: the head matmul alone,
+    # and the draw (log-softmax, per-row Gumbel noise from one key per row, argmax, log-prob picks).
+    from jaxrl_llm.rollout.sampling import process_logits, sample_tokens
+    from jaxrl_llm.models.transformer import unembedding
+    w_ev = unembedding(params, cfg)
+
+    def head_only(w, x):
+        def step(_, h):
+            return h + 1e-3 * (h @ w)[:, :cfg.hidden_size]
+        return jax.lax.fori_loop(0, n_new, step, x)
+
+    def draw_only(logits, key):
+        def step(t, carry):
+            lg, acc = carry
+            keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), t))(jnp.arange(rows))
+            logp, raw = process_logits(lg, o.sampling.temperature, o.sampling.top_k, o.sampling.top_p)
+            tok_ = sample_tokens(keys, logp, raw, o.sampling.greedy, per_row=True)
+            picked = jnp.take_along_axis(raw, tok_[:, None], axis=-1)[:, 0]
+            return lg + 1e-6 * picked[:, None], acc + tok_
+        return jax.lax.fori_loop(0, n_new, step, (logits, jnp.zeros((rows,), jnp.int32)))
+    head_jit, draw_jit = jax.jit(head_only), jax.jit(draw_only)
+    logits0 = jax.random.normal(jax.random.key(1), (rows, cfg.vocab_size), jnp.float32)
+    out["decode_head_matmul_step_ms"] = 1e3 * _time(lambda: head_jit(w_ev, x), repeats) / n_new
+    out["decode_draw_step_ms"] = 1e3 * _time(lambda: draw_jit(logits0, key), repeats) / n_new
+
     lowered = o.sampler.jitted_for(tuple(o.prompt_tokens.shape)).lower(params, o.prompt_tokens, o.prompt_mask, key)
     # The smallest cache any decode loop carries (the first segment's): copies of any layer's k or v count.
     first = p + o.sampling.segment_ends[0]
@@ -311,6 +346,22 @@ def detail(o: Ours, repeats: int) -> dict:
         fwd, fwd_bwd = trunk_of(mod)
         out[f"trunk_forward{suffix}_s"] = _time(lambda f=fwd: f(params, seq, seq_mask), repeats)
         out[f"trunk_fwd_bwd{suffix}_s"] = _time(lambda f=fwd_bwd: f(params, seq, seq_mask), repeats)
+
+    # The head and log-probs alone on the completion positions' hidden states [rows, N, E] (chunked, as the
+    # loss computes them): forward, and forward+backward (to hidden and the tied embedding).
+    from jaxrl_llm.algos.logprobs import logprobs_from_hidden
+    hid = jax.random.normal(jax.random.key(2), (rows, n_new, cfg.hidden_size), jnp.float32)
+
+    def head_loss(w, h, with_entropy):
+        lp, ent = logprobs_from_hidden(h, w, ro.tokens, temperature=o.algo.temperature, chunk=o.algo.logprob_chunk,
+                                       with_entropy=with_entropy)
+        return jnp.sum(lp) + (0.0 if ent is None else 0.0 * jnp.sum(jax.lax.stop_gradient(ent)))
+    for ent_flag, suffix in ((False, ""), (True, "_with_entropy")):
+        hf = jax.jit(functools.partial(head_loss, with_entropy=ent_flag))
+        hg = jax.jit(jax.grad(functools.partial(head_loss, with_entropy=ent_flag), argnums=(0, 1)))
+        out[f"head_logprobs_forward{suffix}_s"] = _time(lambda f=hf: f(w_ev, hid), repeats)
+        out[f"head_logprobs_fwd_bwd{suffix}_s"] = _time(lambda f=hg: f(w_ev, hid), repeats)
+    out["logprob_chunk"] = o.algo.logprob_chunk
 
     # The update's parts: loss+grad alone vs the whole jitted update (optimizer, metrics, finite checks).
     full = dict(batch, sampler_logprobs=ro.raw_logprobs, ref_logprobs=o.logp_fn(o.ref, batch),
@@ -356,7 +407,8 @@ def run(args) -> dict:
     t_setup = time.perf_counter()
     o = Ours(wl, old_forward=args.old_forward, scan_unroll=args.scan_unroll, remat=args.remat, dtype=args.dtype,
              matmul_dtype=args.matmul_dtype, micro_batches=args.micro_batches,
-             seed=args.seed, cache_segments=args.cache_segments, devices=args.cpu_devices)
+             seed=args.seed, cache_segments=args.cache_segments, devices=args.cpu_devices,
+             logprob_chunk=args.logprob_chunk)
     setup_s = time.perf_counter() - t_setup
     t0 = time.perf_counter()
     o.iteration(0)
@@ -386,13 +438,14 @@ def run(args) -> dict:
         "options": {"old_logprob_forward": o.need_old, "scan_unroll": o.cfg.scan_unroll, "remat": o.cfg.remat,
                     "dtype": o.cfg.dtype, "matmul_dtype": o.cfg.matmul_dtype,
                     "num_micro_batches": o.algo.num_micro_batches, "prompt_len": int(o.prompt_tokens.shape[1]),
+                    "logprob_chunk": o.algo.logprob_chunk, "workload": o.wl["name"],
                     "cache_segment_ends": o.sampling.segment_ends, "devices": len(o.env.mesh.devices.flat)},
         "last": o.last,
     }
     res["median"]["other"] = res["median"]["total"] - sum(res["median"][k] for k in ("generation", "reference",
                                                                                         "update"))
     if args.detail:
-        res["detail"] = detail(o, repeats=max(5, args.iters // 2))
+        res["detail"] = detail(o, repeats=args.detail_repeats or max(5, args.iters // 2))
     return res
 
 
@@ -415,6 +468,10 @@ def main(argv=None):
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="split the CPU into this many XLA devices, the batch sharded over them (mesh data=N)")
     ap.add_argument("--detail", action="store_true", help="also time prefill, decode steps, forwards, update parts")
+    ap.add_argument("--detail-repeats", type=int, default=None,
+                    help="timed calls per --detail figure (default max(5, iters / 2); 1-2 at the smollm2 shape)")
+    ap.add_argument("--logprob-chunk", type=int, default=None,
+                    help="algo.logprob_chunk: positions per block of the chunked head in the log-prob forwards")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.cpu_devices != 1:

@@ -1,6 +1,7 @@
-"""TRL GRPOTrainer on the reference workload "tiny-qwen2 GRPO", timed per iteration.
+"""TRL GRPOTrainer on a benchmark workload ("tiny-qwen2 GRPO", "smollm2-135m GRPO"), timed per iteration.
 
     bench/.venvs/trl/bin/python bench/peers/trl_grpo.py --workload bench/.cache/workload --iters 10 --warmup 2
+    bench/.venvs/trl/bin/python bench/peers/trl_grpo.py --workload bench/.cache/smollm2 --iters 2 --warmup 1
 
 (bench/peers.py creates the venv: torch==2.13.0 (CPU), trl==1.16.0.) One
 iteration = one trainer step: generate 8 prompts x 8 completions with
@@ -9,6 +10,11 @@ forward (beta 0.04), one AdamW step over the 64 completions (lr 1e-5, no weight
 decay, no clipping, one epoch, no accumulation). float32, 2 torch threads,
 gradient checkpointing off (our update does not rematerialise either),
 OpenMP's default wait policy (see common.torch_env).
+
+smollm2 (workload.json's eos_id null): 8 chat prompts x 4 completions of 64 tokens; `generation_kwargs`
+min_new_tokens = max_new_tokens keeps the EOS from being sampled, so every completion is 64 tokens, as ours
+(which samples with no EOS); the run checks that every completion has that length and that TRL's prompt
+token ids are the workload's (`prompt_ids`), and reports the lengths it saw.
 
 Timing: the step is the time between consecutive `on_step_end` callbacks;
 its split comes from wrapping the trainer's own methods: `_generate`
@@ -50,7 +56,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     wl = load_workload(args.workload)
     tok = AutoTokenizer.from_pretrained(wl["tokenizer_dir"])
-    assert tok.pad_token_id == wl["pad_id"] and tok.eos_token_id == wl["eos_id"]
+    no_eos = wl["eos_id"] is None  # every completion runs max_new_tokens: the EOS is never sampled
+    assert tok.pad_token_id == wl["pad_id"] and (no_eos or tok.eos_token_id == wl["eos_id"]), (
+        tok.pad_token_id, tok.eos_token_id)
     tok.padding_side = "left"
     n_steps = args.warmup + args.iters
     # Each step takes the 8 prompts in order (no shuffling), each repeated num_generations times.
@@ -73,6 +81,7 @@ def main(argv=None):
         lr_scheduler_type="constant", warmup_steps=0, bf16=args.bf16, fp16=False, gradient_checkpointing=False,
         shuffle_dataset=False, use_vllm=False, log_completions=False, dataloader_num_workers=0,
         model_init_kwargs={"dtype": torch.float32},
+        generation_kwargs={"min_new_tokens": wl["max_new_tokens"]} if no_eos else None,
     )
     trainer = trl.GRPOTrainer(model=wl["model_dir"], reward_funcs=length_reward, args=cfg, train_dataset=ds,
                               processing_class=tok)
@@ -92,7 +101,19 @@ def main(argv=None):
                     cur[name] = cur.get(name, 0.0) + time.perf_counter() - t0
         return wrapper
 
-    trainer._generate = timed("generation", trainer._generate)
+    seen = {"completion_lengths": set(), "prompt_ids_ok": None}
+    generate = trainer._generate
+
+    @functools.wraps(generate)
+    def generate_checked(*a, **kw):  # the completions' lengths, and the prompt ids against the workload's
+        out = generate(*a, **kw)
+        prompt_ids, completion_ids = out[0], out[1]
+        seen["completion_lengths"].update(len(c) for c in completion_ids)
+        if "prompt_ids" in wl:
+            g = wl["num_generations"]
+            seen["prompt_ids_ok"] = [list(p) for p in prompt_ids[::g]] == wl["prompt_ids"]
+        return out
+    trainer._generate = timed("generation", generate_checked)
     trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
     trainer._get_per_token_logps_and_entropies = timed(
         "reference", trainer._get_per_token_logps_and_entropies, pred=lambda m, *a, **k: m is trainer.ref_model)
@@ -125,6 +146,11 @@ def main(argv=None):
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
+    if no_eos and seen["completion_lengths"] != {wl["max_new_tokens"]}:
+        raise AssertionError(f"completion lengths {sorted(seen['completion_lengths'])}, expected every one "
+                             f"{wl['max_new_tokens']}")
+    if seen["prompt_ids_ok"] is False:
+        raise AssertionError("TRL's prompt token ids differ from workload.json's prompt_ids")
     timed_steps = steps[args.warmup:]
     keys = ("generation", "reward", "reference", "update", "total", "step")
     med = {k: statistics.median(s[k] for s in timed_steps) for k in keys}
@@ -136,9 +162,11 @@ def main(argv=None):
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg": os.getloadavg(), "median": med, "first_iteration_s": steps[0]["total"],
         "train_wall_s": wall, "all_total_s": [s["total"] for s in timed_steps],
+        "completion_lengths": sorted(seen["completion_lengths"]), "prompt_ids_match": seen["prompt_ids_ok"],
         "settings": {"bf16": args.bf16, "gradient_accumulation_steps": args.micro_batches,
                      "gradient_checkpointing": False, "loss_type": "grpo", "attn_implementation":
-                     trainer.model.config._attn_implementation, "optim": str(cfg.optim)},
+                     trainer.model.config._attn_implementation, "optim": str(cfg.optim),
+                     "generation_kwargs": cfg.generation_kwargs},
     }))
 
 

@@ -2,7 +2,10 @@
 
 The LM head is applied to `chunk` positions at a time inside a `lax.scan`
 whose body is rematerialised (`jax.checkpoint`): forward and backward hold
-one [B, chunk, V] block of logits at a time. Logits are divided by the
+one [B, chunk, V] block of logits at a time. When the positions fit in one
+chunk the body is not rematerialised: the backward would hold that block
+either way, so recomputing it (one more [B*T, E] x [E, V] matmul, a quarter
+of the head's forward+backward) would buy no memory. Logits are divided by the
 sampling temperature, so the result is the distribution the sampler's
 `raw_logprobs` come from.
 
@@ -74,7 +77,6 @@ def logprobs_from_hidden(hidden_btE: jax.Array, w_EV: jax.Array, targets_bt: jax
     w = w_EV.astype(hidden_btE.dtype)
     inv_t = 1.0 / temperature
 
-    @jax.checkpoint
     def one(h_bcE, y_bc):
         logits = jnp.einsum("bce,ev->bcv", h_bcE, w, preferred_element_type=jnp.float32) * inv_t
         logits = constrain(logits, ("batch", "length", "vocab"))
@@ -88,8 +90,12 @@ def logprobs_from_hidden(hidden_btE: jax.Array, w_EV: jax.Array, targets_bt: jax
         ent = lse - jnp.sum(probs * logits, axis=-1)
         return logp, ent
 
+    # Several chunks: rematerialise each in the backward, so only one block of logits is live at a time.
+    # One chunk: its block is live in the backward anyway (recomputed or kept), so keep it.
+    block = jax.checkpoint(one) if n_chunks > 1 else one
+
     def body(_, xs):
-        return None, one(*xs)
+        return None, block(*xs)
 
     _, (logp, ent) = jax.lax.scan(body, None, (h, y))
     logp = jnp.moveaxis(logp, 0, 1).reshape(b, -1)[:, :t]
