@@ -39,7 +39,7 @@ def get_config(preset=None):
         c.sft.steps, c.prm.steps, c.orm.steps = 4, 4, 4
         c.sft.optimizer.total_steps = 4
         # the dummy model after 4 SFT steps writes few solutions with steps: sample many, batch few
-        c.prm.data.num_examples, c.prm.data.samples_per_example, c.prm.data.eval_rows = 64, 2, 8
+        c.prm.data.num_examples, c.prm.data.samples_per_example, c.prm.data.eval_rows = 64, 2, 32
         c.prm.batch_size, c.orm.batch_size = 2, 8
         c.orm.data.num_pairs, c.orm.data.eval_pairs = 64, 16
         c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 2, 2

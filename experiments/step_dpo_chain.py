@@ -41,7 +41,7 @@ def get_config(preset=None):
         c.stages = ("sft", "prm", "step")
         c.prm = prm_stage(steps=4, batch_size=2, learning_rate=1e-3, max_prompt_len=12, max_response_len=24)
         c.prm.data.source = "task"
-        c.prm.data.num_examples, c.prm.data.samples_per_example, c.prm.data.eval_rows = 64, 2, 8
+        c.prm.data.num_examples, c.prm.data.samples_per_example, c.prm.data.eval_rows = 64, 2, 32
         c.step.search.value = "prm"
         c.step.batch_size = 2
         c.step.search.update(dict(num_problems=8, eval_problems=8, simulations=3, expansions=2, step_tokens=4,

@@ -360,7 +360,10 @@ class PRMStage(Stage):
                              "solutions/dropped": stats.rows_dropped, "steps/train": len(labelled),
                              "steps/truncated": stats.steps_truncated, "steps/label_mean": float(labelled.mean())})
         if held_out:
-            self.eval_arrays, _ = self._encode(held_out)
+            eval_arrays, eval_stats = self._encode(held_out)
+            # none usable (e.g. no sampled solution had a step): no held-out metrics, said in the summary
+            self.summary["solutions/held_out_usable"] = eval_stats.rows
+            self.eval_arrays = eval_arrays if eval_stats.rows else None
         self.iterator = prompt_iterator(self.comp, np.arange(stats.rows), int(s.batch_size), self.cfg.seed + self.index)
 
     # --- the Stage interface
