@@ -7,7 +7,9 @@ Why a kernel of its own: XLA:CPU's fast matmul kernels take row-major 2-D operan
 gradient of a dense layer, lhs.T @ grad, is a contraction over both operands' first (token) axis; left to
 XLA it runs on the generic dot kernel. `weight_grad` writes it as a row-major matmul of a transposed copy
 of the narrower operand instead (docs/performance.md has the measurements). On other backends the
-contraction is left as it is (`jax.lax.platform_dependent`).
+contraction is left as it is (`jax.lax.platform_dependent`). `dot_general(..., backward="xla")` (the model's
+`dense_backward`) keeps the forward and leaves the backward to XLA's autodiff (`plain_matmul`), for CPUs where
+bench/cpu_choices.py finds that faster.
 
 With `op_dtype` set (e.g. bfloat16 with float32 parameters and activations), both matmul operands are cast
 to it in the forward and in the backward (the incoming gradient too), products accumulate in float32 and
@@ -73,11 +75,25 @@ def _matmul_bwd(op_dtype, res, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def dot_general(op_dtype=None):
+BACKWARDS = ("custom", "xla")  # the dense layers' backward: `matmul`'s hand-written one, or XLA's autodiff
+
+
+def plain_matmul(lhs, rhs, op_dtype):
+    """`matmul`'s forward (operands in `op_dtype`, float32 accumulation, result in the inputs' dtype) with the
+    backward left to JAX's autodiff: the weight gradient as XLA lays it out, a dot over the token axis."""
+    lo, ro = (lhs, rhs) if op_dtype is None else (lhs.astype(op_dtype), rhs.astype(op_dtype))
+    return _mm(lo, ro, ((1,), (0,))).astype(jnp.result_type(lhs, rhs))
+
+
+def dot_general(op_dtype=None, backward: str = "custom"):
     """A `dot_general` for flax's Dense / DenseGeneral: the contraction as one 2-D `matmul` (free dims of
     the input flattened into rows, the kernel's contracting dims into its rows), operands in `op_dtype`
     (None: as given). Only a dense layer's contraction is accepted (no batch dims; the input's last dims
-    against the kernel's first)."""
+    against the kernel's first). `backward`: "custom" (`matmul`'s hand-written backward) or "xla"
+    (`plain_matmul`: the same forward, XLA's own backward)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"dense backward={backward!r}; expected one of {BACKWARDS}")
+    mm = matmul if backward == "custom" else plain_matmul
 
     def dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
         (lc, rc), (lb, rb) = dimension_numbers
@@ -85,7 +101,7 @@ def dot_general(op_dtype=None):
         if lb or rb or tuple(lc) != tuple(range(lhs.ndim - k, lhs.ndim)) or tuple(rc) != tuple(range(k)):
             raise NotImplementedError(f"dot_general {dimension_numbers} is not a dense layer's")
         free, out = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
-        y = matmul(lhs.reshape(math.prod(free), -1), rhs.reshape(-1, math.prod(out)), op_dtype)
+        y = mm(lhs.reshape(math.prod(free), -1), rhs.reshape(-1, math.prod(out)), op_dtype)
         return y.reshape(*free, *out)
 
     return dot

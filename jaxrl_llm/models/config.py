@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from jaxrl_llm.errors import ModelPresetError
+from jaxrl_llm.kernels.dense import BACKWARDS as DENSE_BACKWARDS
 from jaxrl_llm.models.lora import LoraConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -45,6 +46,10 @@ class ModelConfig:
     backward pass) or "dots" (keep matmul outputs, recompute the rest).
     `lora` (a `models.lora.LoraConfig`) adds adapters to the projections it
     targets; `num_params` counts the base model only.
+    `dense_backward` is how the dense layers' backward is computed (`kernels.dense`): "custom" (a weight
+    gradient written for XLA:CPU's row-major matmul kernels) or "xla" (XLA's autodiff); the forward and the
+    gradients are the same up to float rounding. bench/cpu_choices.py measures both on a CPU
+    (docs/performance.md has the figures).
     """
 
     vocab_size: int = 512
@@ -69,6 +74,7 @@ class ModelConfig:
     scan_unroll: int = 1  # layers are a lax.scan; unroll this many per iteration (num_layers: fully unrolled)
     family: str = "qwen2"  # the HF architecture written on export: llama, qwen2, qwen3
     lora: LoraConfig | None = None  # LoRA adapters on the projections (models/lora.py); None: none
+    dense_backward: str = "custom"  # the dense layers' backward: "custom" or "xla" (kernels.dense.BACKWARDS)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -90,6 +96,8 @@ class ModelConfig:
         dtype_of(self.dtype)
         if self.matmul_dtype is not None:
             dtype_of(self.matmul_dtype)
+        if self.dense_backward not in DENSE_BACKWARDS:
+            raise ValueError(f"dense_backward={self.dense_backward!r}; expected one of {DENSE_BACKWARDS}")
         if self.lora is not None and not isinstance(self.lora, LoraConfig):
             raise ValueError(f"lora={self.lora!r}: expected a models.lora.LoraConfig or None")
         if self.rope_scaling is not None:

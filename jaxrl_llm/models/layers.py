@@ -35,7 +35,7 @@ def _matmul_op_dtype(cfg: ModelConfig):
 def matmul_fn(cfg: ModelConfig):
     """The `dot_general` of the model's dense layers (`kernels.dense`): operands in `cfg.matmul_dtype` when
     set (forward and backward), float32 accumulation, results in the compute dtype."""
-    return dense.dot_general(_matmul_op_dtype(cfg))
+    return dense.dot_general(_matmul_op_dtype(cfg), backward=cfg.dense_backward)
 
 
 def matmul_weights(params, cfg: ModelConfig):

@@ -149,7 +149,8 @@ def base_config() -> mc.ConfigDict:
     c.model = mc.ConfigDict(dict(preset="tiny", path="", dtype="float32", param_dtype="float32",
                                  matmul_dtype="",  # "" = the compute dtype; "bfloat16": bf16 matmul operands
                                  remat="none",
-                                 scan_unroll=0))  # 0 = the preset's / checkpoint config's own
+                                 scan_unroll=0,  # 0 = the preset's / checkpoint config's own
+                                 dense_backward="custom"))  # the dense layers' backward: "custom" | "xla"
     # LoRA adapters (docs/lora.md): rank 0 = off (full fine-tuning); targets: projection names, groups
     # ("attention", "mlp", "all") or regexes; base_dtype "" = param_dtype (the frozen base's storage dtype)
     from jaxrl_llm.models.lora import TARGETS

@@ -159,6 +159,9 @@ def check_model_numerics(m: mc.ConfigDict) -> None:
         choice(m.matmul_dtype, "config.model.matmul_dtype", DTYPE_NAMES,
                means='a dtype name ("" for the compute dtype)')
     choice(m.remat, "config.model.remat", REMAT_POLICIES, means="a remat policy")
+    from jaxrl_llm.models.config import DENSE_BACKWARDS
+    choice(m.get("dense_backward", "custom"), "config.model.dense_backward", DENSE_BACKWARDS,
+           means="the dense layers' backward (custom: the hand-written one; xla: XLA's autodiff)")
     integer(m.get("scan_unroll", 0), "config.model.scan_unroll", 0,
             means="0: the model's own; N: unroll N layers per step of the layer scan", example=0)
     lora_config(m)
