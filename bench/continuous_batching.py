@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -45,16 +44,6 @@ def long_tail_lengths(n: int, max_new_tokens: int, seed: int = 0, median_fractio
     return rng.permutation(np.clip(np.round(lengths), 1, max_new_tokens).astype(np.int32))
 
 
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=512, help="completions in all (prompts x samples)")
@@ -77,6 +66,7 @@ def main(argv=None) -> dict:
 
     from jaxrl_llm.models import create_model, get_preset
     from jaxrl_llm.rollout import SamplingConfig, make_sampler
+    from jaxrl_llm.kernels.platform import cpu_info, summary
     from jaxrl_llm.rollout.sampler import slot_utilisation
     from jaxrl_llm.sharding import ShardingEnv, make_mesh
 
@@ -131,7 +121,7 @@ def main(argv=None) -> dict:
     assert useful == sum(int(jnp.sum(o.lengths)) for o in s_outs) == int(jnp.sum(c_out.lengths))
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "jax": jax.__version__, "devices": str(jax.devices()[0].device_kind),
+        "cpu": summary(cpu_info()), "jax": jax.__version__, "devices": str(jax.devices()[0].device_kind),
         "model": a.preset, "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "requests": a.requests, "samples_per_prompt": a.samples, "slots": a.slots,
         "max_new_tokens": a.new_tokens, "prompt_len": a.prompt_len,
