@@ -142,7 +142,8 @@ def test_loss_on_sampled_pairs_equals_make_dpo_step_on_the_pairs_by_hand(lm, los
     d_hand = jax.tree.map(lambda a, p: np.asarray(a, np.float64) - np.asarray(p, np.float64),
                           jax.device_get(st_hand.params), params)
     for x, y in zip(jax.tree.leaves(d_online), jax.tree.leaves(d_hand)):
-        np.testing.assert_allclose(x, 3 / 4 * y, rtol=1e-3, atol=1e-7)
+        # the deltas are differences of float32 parameters (up to ~1): a few of their ulps (~1.2e-7) apart
+        np.testing.assert_allclose(x, 3 / 4 * y, rtol=1e-3, atol=5e-7)
     assert max(float(np.abs(y).max()) for y in jax.tree.leaves(d_hand)) > 1e-4
 
 
