@@ -166,13 +166,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def write_slots(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """`new` [B, heads, T, head_dim] written into `buf` [B, heads, S, head_dim] at slots [index, index + T):
-    one index [] for every row (a slice update in place), or one per row [B] (a row's own position, as a
-    continuous-batching decode needs: its slots hold requests at different steps)."""
+def write_slots(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 2) -> jax.Array:
+    """`new` written into `buf` (both [B, ...]) at slots [index, index + T) of `axis` (2: keys/values
+    [B, heads, S, head_dim]; 1: the cache mask [B, S]): one index [] for every row (a slice update in
+    place), or one per row [B] (a row's own position, as a continuous-batching decode needs: its slots
+    hold requests at different steps)."""
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(buf, new, (0, 0, index, 0))
-    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (0, i, 0)))(buf, new, index)
+        return jax.lax.dynamic_update_slice(buf, new, tuple(index if a == axis else 0 for a in range(buf.ndim)))
+    starts = lambda i: tuple(i if a == axis - 1 else 0 for a in range(buf.ndim - 1))  # noqa: E731
+    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, starts(i)))(buf, new, index)
 
 
 class Attention(nn.Module):

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.layers import _NEG_INF, DecoderLayer, RMSNorm, _init, rope_tables, rope_tables_below
+from jaxrl_llm.models.layers import (_NEG_INF, DecoderLayer, RMSNorm, _init, rope_tables, rope_tables_below,
+                                     write_slots)
 from jaxrl_llm.sharding.rules import constrain
 
 # One layer's keys or values. kv_heads before length: attention reads each head's [S, head_dim] block
@@ -151,12 +152,9 @@ class Decoder(nn.Module):
 
         if cache is None:
             index, kv_mask = 0, mask
-        elif jnp.ndim(cache.index) == 0:
+        else:  # one index, or one per row (each row writes at its own slots)
             index = cache.index
-            kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
-        else:  # one index per row: each row writes at its own slots
-            index = cache.index
-            kv_mask = jax.vmap(lambda m, new, i: jax.lax.dynamic_update_slice(m, new, (i,)))(cache.mask, mask, index)
+            kv_mask = write_slots(cache.mask, mask, index, axis=1)
         q_slot = jnp.reshape(index, (-1, 1)) + jnp.arange(t)[None, :]  # [1 or B, T]
         k_slot = jnp.arange(kv_mask.shape[1])
         allowed = (k_slot[None, None, :] <= q_slot[:, :, None]) & kv_mask[:, None, :]  # [B, T, S]

@@ -160,6 +160,22 @@ def decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConfi
                                      prompt_mask.astype(jnp.bool_), cache, return_hidden=True)
         return params, cache, next_logits(params, hidden)
 
+    def empty_outputs(rows: int) -> dict:
+        """The completion buffers of `rows` rows, before any step (fields of both loop states)."""
+        zeros_f = constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", "length"))
+        return dict(tokens=constrain(jnp.full((rows, n_new), pad, jnp.int32), ("batch", "length")),
+                    logprobs=zeros_f, raw_logprobs=zeros_f,
+                    finished=constrain(jnp.zeros((rows,), jnp.bool_), ("batch",)),
+                    lengths=constrain(jnp.zeros((rows,), jnp.int32), ("batch",)))
+
+    def rollout(st, tokens_bp, mask_bp, slot_steps) -> Rollout:
+        """The Rollout from a finished loop state (either kind)."""
+        mask = (jnp.arange(n_new)[None, :] < st.lengths[:, None]).astype(jnp.int32)
+        return Rollout(prompt_tokens=tokens_bp, prompt_mask=mask_bp, tokens=st.tokens,
+                       mask=constrain(mask, ("batch", "length")), logprobs=st.logprobs,
+                       raw_logprobs=st.raw_logprobs, lengths=st.lengths, finished=st.finished,
+                       num_steps=st.step, slot_steps=slot_steps)
+
     def run(params, prompt_tokens, prompt_mask, rng, stop_lengths=None) -> Rollout:
         b, p = prompt_tokens.shape
         rows = b * n_rep
@@ -185,17 +201,9 @@ def decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConfi
         start = constrain(jnp.sum(mask_bp, axis=-1, dtype=jnp.int32), ("batch",))
         # Every step's RoPE cos/sin [rows, N, head_dim / 2], once: step s reads column s.
         cos_all, sin_all = rope_tables(model_cfg, start[:, None] + jnp.arange(n_new, dtype=jnp.int32)[None, :])
-        zeros_f = constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", "length"))
-        no = constrain(jnp.zeros((rows,), jnp.bool_), ("batch",))
         state = _DecodeState(
-            step=jnp.zeros((), jnp.int32),
-            tokens=constrain(jnp.full((rows, n_new), pad, jnp.int32), ("batch", "length")),
-            logprobs=zeros_f, raw_logprobs=zeros_f, done=no, finished=no,
-            lengths=constrain(jnp.zeros((rows,), jnp.int32), ("batch",)),
-            cache=cache,
-            logits=logits,
-            position=start,
-        )
+            step=jnp.zeros((), jnp.int32), done=constrain(jnp.zeros((rows,), jnp.bool_), ("batch",)),
+            **empty_outputs(rows), cache=cache, logits=logits, position=start)
 
         def cond_until(end):
             return lambda s: (s.step < end) & ~jnp.all(s.done)
@@ -239,11 +247,7 @@ def decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConfi
         running = ~jnp.all(s.done)  # False when every row finished early: then the last pick records nothing
         last, _, _ = pick(s)
         s = last.replace(step=s.step + running.astype(jnp.int32))
-        mask = (jnp.arange(n_new)[None, :] < s.lengths[:, None]).astype(jnp.int32)
-        return Rollout(prompt_tokens=tokens_bp, prompt_mask=mask_bp, tokens=s.tokens,
-                       mask=constrain(mask, ("batch", "length")), logprobs=s.logprobs,
-                       raw_logprobs=s.raw_logprobs, lengths=s.lengths, finished=s.finished,
-                       num_steps=s.step, slot_steps=s.step * rows)
+        return rollout(s, tokens_bp, mask_bp, slot_steps=s.step * rows)
 
     def continuous(params, prompt_tokens, prompt_mask, tokens_bp, mask_bp, limit, row_keys) -> Rollout:
         """Continuous batching: `sampling.slots` rows decode at once; when a completion ends, its slot takes
@@ -254,7 +258,6 @@ def decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConfi
         params, prompt_cache, prompt_logits = prefill(params, prompt_tokens, prompt_mask, p)
         start = constrain(jnp.sum(prompt_mask.astype(jnp.int32), axis=-1, dtype=jnp.int32), ("batch",))
         prompt_kv_mask = prompt_cache.mask
-        slot_axes = ("batch",)
 
         def refill(st: _SlotState, take, req) -> _SlotState:
             """Slots where `take` start request `req` (its prompt's cache prefix and first logits)."""
@@ -276,20 +279,15 @@ def decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConfi
             rank = jnp.cumsum(free.astype(jnp.int32)) - 1
             req = st.next_request + rank
             take = free & (req < rows)
-            st = st.replace(request=constrain(jnp.where(take, req, jnp.where(free, rows, st.request)), slot_axes),
+            st = st.replace(request=constrain(jnp.where(take, req, jnp.where(free, rows, st.request)), ("batch",)),
                             next_request=st.next_request + jnp.sum(take, dtype=jnp.int32))
             return jax.lax.cond(jnp.any(take), lambda s: refill(s, take, req), lambda s: s, st)
 
-        zeros_f = constrain(jnp.zeros((rows, n_new), jnp.float32), ("batch", "length"))
-        no = constrain(jnp.zeros((rows,), jnp.bool_), ("batch",))
         cache = KVCache.zeros(model_cfg, n_slots, p + n_new)
         empty = jnp.full((n_slots,), rows, jnp.int32)  # `rows`: no request (out of range, writes are dropped)
         st = _SlotState(
             step=jnp.zeros((), jnp.int32), next_request=jnp.zeros((), jnp.int32),
-            request=empty, t=jnp.zeros((n_slots,), jnp.int32),
-            tokens=constrain(jnp.full((rows, n_new), pad, jnp.int32), ("batch", "length")),
-            logprobs=zeros_f, raw_logprobs=zeros_f, finished=no,
-            lengths=constrain(jnp.zeros((rows,), jnp.int32), ("batch",)),
+            request=empty, t=jnp.zeros((n_slots,), jnp.int32), **empty_outputs(rows),
             cache=cache.replace(index=jnp.full((n_slots,), p, jnp.int32)),
             logits=jnp.zeros((n_slots, prompt_logits.shape[-1]), jnp.float32),
             position=jnp.zeros((n_slots,), jnp.int32))
@@ -298,10 +296,11 @@ def decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConfi
         def body(st: _SlotState) -> _SlotState:
             busy = st.request < rows
             req = st.request
-            tok, lp, raw = draw(st.logits, jax.vmap(jax.random.fold_in)(row_keys[jnp.clip(req, 0, rows - 1)], st.t))
+            row = jnp.clip(req, 0, rows - 1)  # an empty slot reads row rows-1's key and limit, records nothing
+            tok, lp, raw = draw(st.logits, jax.vmap(jax.random.fold_in)(row_keys[row], st.t))
             is_eos = busy & jnp.any(tok[:, None] == eos[None, :], axis=-1)
             t1 = st.t + 1
-            ended = busy & (is_eos | (t1 >= limit[jnp.clip(req, 0, rows - 1)]))
+            ended = busy & (is_eos | (t1 >= limit[row]))
             put = lambda buf, v: buf.at[req, st.t].set(v.astype(buf.dtype), mode="drop")  # noqa: E731
             st = st.replace(step=st.step + 1, t=t1,
                             tokens=put(st.tokens, tok), logprobs=put(st.logprobs, lp),
@@ -332,11 +331,7 @@ def decode_fn(module: nn.Module, model_cfg: ModelConfig, sampling: SamplingConfi
             before = st.step
             st = jax.lax.while_loop(cond, body, st)
             slot_steps = slot_steps + (st.step - before) * width
-        mask = (jnp.arange(n_new)[None, :] < st.lengths[:, None]).astype(jnp.int32)
-        return Rollout(prompt_tokens=tokens_bp, prompt_mask=mask_bp, tokens=st.tokens,
-                       mask=constrain(mask, ("batch", "length")), logprobs=st.logprobs,
-                       raw_logprobs=st.raw_logprobs, lengths=st.lengths, finished=st.finished,
-                       num_steps=st.step, slot_steps=slot_steps)
+        return rollout(st, tokens_bp, mask_bp, slot_steps)
 
     def compact(st: _SlotState, width: int, rows: int) -> _SlotState:
         """The busy slots (at most `width`) moved to the front of a batch `width` slots wide."""
