@@ -123,9 +123,15 @@ def test_keep_last_k_and_save_every(tmp_path):
 
 
 def test_step_in_flight_is_not_complete(tmp_path):
-    gate = threading.Event()
-    ckpt = Checkpointer(tmp_path, before_commit=lambda: gate.wait(30))
+    gate, reached = threading.Event(), threading.Event()
+
+    def before_commit():
+        reached.set()  # the step's files are written, not yet committed
+        gate.wait(30)
+
+    ckpt = Checkpointer(tmp_path, before_commit=before_commit)
     ckpt.save(1, _tree(1), {})
+    assert reached.wait(30)
     assert ckpt.latest_step() is None and ckpt.restore_latest(abstract_like(_tree())) is None
     assert (tmp_path / f"1{TMP_SUFFIX}").is_dir()
     gate.set()
