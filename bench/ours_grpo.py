@@ -105,7 +105,8 @@ class Ours:
 
     def __init__(self, wl: dict, *, old_forward: bool = False, scan_unroll: int | None = None, remat: str | None = None,
                  dtype: str | None = None, matmul_dtype: str | None = None, micro_batches: int = 1, seed: int = 0,
-                 cache_segments: int | None = None, devices: int = 1, logprob_chunk: int | None = None):
+                 cache_segments: int | None = None, devices: int = 1, logprob_chunk: int | None = None,
+                 share_prompt: bool = True):
         self.wl = wl
         self.env = ShardingEnv(make_mesh({"data": devices}, devices=jax.devices()[:devices]))
         overrides = {"scan_unroll": scan_unroll} if scan_unroll else {}
@@ -138,7 +139,8 @@ class Ours:
         self.algo = grpo.grpo(group_size=g, beta=wl["beta"]).replace(
             loss=PolicyLossConfig(clip_eps_low=wl["epsilon"], clip_eps_high=wl["epsilon"], kl_coef=wl["beta"],
                                   kl_estimator="k3"),
-            temperature=wl["temperature"], epochs=wl["epochs"], num_minibatches=1, num_micro_batches=micro_batches)
+            temperature=wl["temperature"], epochs=wl["epochs"], num_minibatches=1, num_micro_batches=micro_batches,
+            share_prompt_forward=share_prompt)
         if logprob_chunk:
             self.algo = self.algo.replace(logprob_chunk=logprob_chunk)
         self.opt = OptimizerConfig(name="adamw", learning_rate=wl["learning_rate"], b1=wl["adam_b1"],
@@ -149,7 +151,7 @@ class Ours:
         self.examples = [Example(prompt=p, answer="") for p in wl["prompts"]]
         self.scorer = RolloutScorer(_WorkloadReward(), self.tok, self.env, in_jit=False, timeout_s=None)
         self.learner = GRPOLearner(self.module, self.cfg, self.algo, self.env,
-                                   old_logprobs=True if old_forward else None)
+                                   old_logprobs=True if old_forward else None, rows=len(wl["prompts"]) * g)
         self.need_old = self.learner.need_old
         self.logp_fn = self.learner.logp_fn
         self.state = TrainState.create(jax.tree.map(jnp.copy, params), self.opt)
@@ -408,7 +410,7 @@ def run(args) -> dict:
     o = Ours(wl, old_forward=args.old_forward, scan_unroll=args.scan_unroll, remat=args.remat, dtype=args.dtype,
              matmul_dtype=args.matmul_dtype, micro_batches=args.micro_batches,
              seed=args.seed, cache_segments=args.cache_segments, devices=args.cpu_devices,
-             logprob_chunk=args.logprob_chunk)
+             logprob_chunk=args.logprob_chunk, share_prompt=not args.per_row_forward)
     setup_s = time.perf_counter() - t_setup
     t0 = time.perf_counter()
     o.iteration(0)
@@ -439,6 +441,7 @@ def run(args) -> dict:
                     "dtype": o.cfg.dtype, "matmul_dtype": o.cfg.matmul_dtype,
                     "num_micro_batches": o.algo.num_micro_batches, "prompt_len": int(o.prompt_tokens.shape[1]),
                     "logprob_chunk": o.algo.logprob_chunk, "workload": o.wl["name"],
+                    "prompt_unit": o.learner.prompt_unit,
                     "cache_segment_ends": o.sampling.segment_ends, "devices": len(o.env.mesh.devices.flat)},
         "last": o.last,
     }
@@ -464,6 +467,9 @@ def main(argv=None):
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="algo.num_micro_batches: the update's gradient (and the reference forward) computed over "
                          "this many row chunks in turn; still one AdamW step over all rows")
+    ap.add_argument("--per-row-forward", action="store_true",
+                    help="algo.share_prompt_forward=False: every row its own prompt forward in the reference "
+                         "forward and the update")
     ap.add_argument("--cache-segments", type=int, default=None, help="override SamplingConfig.cache_segments")
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="split the CPU into this many XLA devices, the batch sharded over them (mesh data=N)")

@@ -22,6 +22,7 @@ OpenMP settings and 2 threads); the table reports the median
 over rounds of each run's medians. `--variants [NAMES]` adds rows for other
 configurations of ours (all of VARIANTS below, or a comma-separated subset):
 4 micro-batches; bf16 matmul operands (+ 4 micro-batches and unrolled layers); unrolled layers alone;
+one forward per row (no prompt sharing);
 float32 and bf16 on two CPU devices (`--cpu-devices 2`, the batch sharded over
 them, a core each; the decode table then lists each variant's sampler too);
 remat="full"; a separate old-policy forward; one KV-cache buffer
@@ -81,6 +82,8 @@ VARIANTS = {"ours-micro4": (["--micro-batches", "4"],
             "ours-bf16-2dev": (["--cpu-devices", "2", "--matmul-dtype", "bfloat16", "--micro-batches", "4",
                                 "--scan-unroll", "4"],
                                "ours, bf16 matmul operands on two CPU devices + 4 micro-batches + unrolled layers"),
+            "ours-per-row": (["--per-row-forward"],
+                             "ours, every row its own prompt forward (algo.share_prompt_forward=False)"),
             "ours-unrolled": (["--scan-unroll", "1000"],
                               "ours, layers unrolled (model.scan_unroll >= num_layers: no layer scan)"),
             "ours-remat-full": (["--remat", "full"], "ours, remat=\"full\" (layers recomputed in the backward)"),

@@ -81,6 +81,7 @@ class GRPOConfig:
     normalize_advantages: bool = False    # rloo: whiten the advantages over the batch (TRL's RLOO option)
     returns_reset_at_masked: bool = False  # reinforce_pp: a masked position cuts the running return (verl)
     loss_agg_per_micro_batch: bool = False  # weights from each micro-batch's mask (TRL "bnpo"): NOT exact
+    share_prompt_forward: bool = True     # each prompt's forward once for its samples (GRPOLearner)
     convention: str = "none"              # none | trl | verl: that peer's defaults (convention_changes)
 
     def __post_init__(self):
@@ -92,7 +93,8 @@ class GRPOConfig:
         check_choice("GRPOConfig.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         check_choice("GRPOConfig.scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         check_choice("GRPOConfig.singleton_groups", self.singleton_groups, adv_lib.SINGLETON_GROUPS)
-        for f in ("normalize_advantages", "returns_reset_at_masked", "loss_agg_per_micro_batch"):
+        for f in ("normalize_advantages", "returns_reset_at_masked", "loss_agg_per_micro_batch",
+                  "share_prompt_forward"):
             if not isinstance(getattr(self, f), bool):
                 bad(f, "must be True or False")
         if self.group_size < 1 or (self.group_size < 2 and self.advantage_estimator != "reinforce_pp"
@@ -295,31 +297,38 @@ def compute_advantages(cfg: GRPOConfig, rewards_b: jax.Array, completion_mask_bn
 
 
 def policy_logprobs(module: Any, params: Any, model_cfg: ModelConfig, batch: dict, *, temperature: float,
-                    chunk: int, with_entropy: bool = False):
-    """Log-probs (and entropies) [B, N] of the batch's completions under `params`."""
+                    chunk: int, with_entropy: bool = False, prompt_group: int = 1):
+    """Log-probs (and entropies) [B, N] of the batch's completions under `params` (`prompt_group`: see
+    `logprobs.completion_logprobs`)."""
     return completion_logprobs(module, params, model_cfg, batch["prompt_tokens"], batch["prompt_mask"],
                                batch["completion_tokens"], batch["completion_mask"],
                                temperature=temperature, chunk=chunk, with_entropy=with_entropy,
-                               context_mask=batch.get(CONTEXT_KEY))
+                               context_mask=batch.get(CONTEXT_KEY), prompt_group=prompt_group)
 
 
 def make_logprob_fn(module: Any, model_cfg: ModelConfig, temperature: float = 1.0, chunk: int = 128,
-                    num_micro: int = 1) -> Callable:
+                    num_micro: int = 1, prompt_unit: int = 1) -> Callable:
     """`(params, batch) -> logprobs [B, N]`: old-policy recomputation and reference log-probs (jit it),
     `num_micro` micro-batches of rows at a time (`map_micro`; the stage passes the update's micro-batch
-    count, num_minibatches x num_micro_batches, so no forward holds more rows than an update step)."""
+    count, num_minibatches x num_micro_batches, so no forward holds more rows than an update step).
+    `prompt_unit` u > 1: every u consecutive rows share their prompt (`train_state.prompt_unit`); the
+    micro-batches take whole units and each prompt's forward runs once for them."""
     return rollout_forward_fn(
-        lambda params, mb: policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk)[0],
-        model_cfg, num_micro)
+        lambda params, mb: policy_logprobs(module, params, model_cfg, mb, temperature=temperature, chunk=chunk,
+                                           prompt_group=prompt_unit)[0],
+        model_cfg, num_micro, unit=prompt_unit)
 
 
-def make_grpo_step(module: Any, model_cfg: ModelConfig, cfg: GRPOConfig) -> Callable:
+def make_grpo_step(module: Any, model_cfg: ModelConfig, cfg: GRPOConfig, prompt_unit: int = 1) -> Callable:
     """Pure `(state, batch, rng) -> (state, metrics)`: one optimiser step on one minibatch.
 
     Aggregation weights come from the whole minibatch's mask before it is
     split into `cfg.num_micro_batches`, so accumulation is exact. With
     `cfg.loss_agg_per_micro_batch` (not exact) each micro-batch's weights
     come from its own mask instead (`aggregation.micro_batch_token_weights`).
+    `prompt_unit` u > 1: every u consecutive rows of the minibatch share their prompt; micro-batches take
+    whole units and each prompt's forward runs once for its u completions (`make_epoch_runner(unit=u)`
+    keeps the units together).
     """
     lc = cfg.loss
     need_entropy = True  # reported every step; the extra reduction rides along the chunked head
@@ -327,7 +336,7 @@ def make_grpo_step(module: Any, model_cfg: ModelConfig, cfg: GRPOConfig) -> Call
 
     def loss_fn(params, mb, rng):
         logp, ent = policy_logprobs(module, params, model_cfg, mb, temperature=cfg.temperature,
-                                    chunk=cfg.logprob_chunk, with_entropy=need_entropy)
+                                    chunk=cfg.logprob_chunk, with_entropy=need_entropy, prompt_group=prompt_unit)
         old = mb.get("old_logprobs")
         old = jax.lax.stop_gradient(logp) if old is None else old
         weights = (micro_batch_token_weights(mb["completion_mask"], mb["row_share"], lc.loss_agg, lc.norm_length,
@@ -345,7 +354,8 @@ def make_grpo_step(module: Any, model_cfg: ModelConfig, cfg: GRPOConfig) -> Call
                          metric_weights=token_mean_weights(mask))
         else:
             batch = dict(batch, weights=lc.token_weights(mask), metric_weights=token_mean_weights(mask))
-        grads, metrics = accumulate(loss_fn, state.params, batch, rng, cfg.num_micro_batches, frozen=state.frozen)
+        grads, metrics = accumulate(loss_fn, state.params, batch, rng, cfg.num_micro_batches, frozen=state.frozen,
+                                    unit=prompt_unit)
         m = mask.astype(jnp.float32)
         metrics["response_length"] = jnp.mean(jnp.sum(m, axis=-1))
         metrics["advantage_mean"] = jnp.sum(batch["advantages"] * batch["metric_weights"])

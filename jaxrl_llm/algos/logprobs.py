@@ -17,6 +17,7 @@ token n), so the head never runs over the prompt.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jaxrl_llm.algos.train_state import dropout_rngs, map_micro
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.layers import matmul_weights
-from jaxrl_llm.models.transformer import unembedding
+from jaxrl_llm.models.transformer import KVCache, positions_from_mask, unembedding, unstack_layers
 from jaxrl_llm.sharding.rules import constrain
 
 
@@ -106,34 +107,60 @@ def logprobs_from_hidden(hidden_btE: jax.Array, w_EV: jax.Array, targets_bt: jax
 def completion_logprobs(module: Any, params: Any, cfg: ModelConfig, prompt_tokens: jax.Array,
                         prompt_mask: jax.Array, completion_tokens: jax.Array, completion_mask: jax.Array, *,
                         temperature: float = 1.0, chunk: int = 128, with_entropy: bool = True,
-                        context_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+                        context_mask: jax.Array | None = None,
+                        prompt_group: int = 1) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs [B, N] (and entropies) of completion tokens given left-padded prompts.
 
     One forward over prompt + completion; the head runs only over the N
     positions that predict completion tokens. Positions where
     `completion_mask` is 0 get log-prob 0 and entropy 0. `context_mask` [B, N]: the completion
     tokens attended when they are more than the trained ones (observations); default completion_mask.
+    `prompt_group` g > 1: rows i*g .. i*g+g-1 share one prompt (tokens and mask), as a group of samples
+    does: each prompt's forward runs once and its g completions attend to its keys and values. The
+    caller guarantees that layout (a GRPO rollout's rows are prompt-major: `train.experience`).
     """
     batch = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask, "completion_tokens": completion_tokens,
              "completion_mask": completion_mask}
     tokens, mask, p, n = sequence(batch if context_mask is None else {**batch, CONTEXT_KEY: context_mask})
-    hidden, _ = module.apply({"params": params}, tokens, None, mask, return_hidden=True, rngs=dropout_rngs())
-    hidden = hidden[:, p - 1:p - 1 + n]
+    if prompt_group > 1:
+        hidden = _shared_prompt_hidden(module, params, cfg, tokens, mask, p, prompt_group)
+    else:
+        hidden, _ = module.apply({"params": params}, tokens, None, mask, return_hidden=True, rngs=dropout_rngs())
+        hidden = hidden[:, p - 1:p - 1 + n]
     logp, ent = logprobs_from_hidden(hidden, unembedding(params, cfg), completion_tokens,
                                      temperature=temperature, chunk=chunk, with_entropy=with_entropy)
     m = completion_mask.astype(jnp.float32)
     return logp * m, (ent * m if ent is not None else None)
 
 
+def _shared_prompt_hidden(module: Any, params: Any, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
+                          p: int, g: int) -> jax.Array:
+    """The hidden states [B, N, E] at the positions that predict the completion tokens, each group's prompt
+    computed once: the B/g distinct prompts fill a KV cache of P + N slots (as the sampler's prefill), which
+    is repeated to the B rows, then the completions run against it. Equal to the plain forward's up to float
+    rounding; the gradient reaches each prompt's keys and values from its g completions."""
+    b, t = tokens.shape
+    if b % g:
+        raise ValueError(f"prompt_group={g} does not divide the batch's {b} rows")
+    n = t - p
+    positions = positions_from_mask(mask)
+    layers = unstack_layers(params)  # the cache path runs the layers one by one
+    apply = functools.partial(module.apply, {"params": layers}, return_hidden=True, rngs=dropout_rngs())
+    cache = KVCache.zeros(cfg, b // g, t)
+    h_prompt, cache = apply(tokens[::g, :p], positions[::g, :p], mask[::g, :p], cache)
+    h_compl, _ = apply(tokens[:, p:], positions[:, p:], mask[:, p:], cache.repeat(g))
+    return jnp.concatenate([jnp.repeat(h_prompt[:, -1:], g, axis=0), h_compl[:, :n - 1]], axis=1)
+
+
 def rollout_forward_fn(forward: Callable[[Any, dict], Any], model_cfg: ModelConfig, num_micro: int = 1,
-                       keys: tuple[str, ...] = SEQUENCE_KEYS) -> Callable:
+                       keys: tuple[str, ...] = SEQUENCE_KEYS, unit: int = 1) -> Callable:
     """`(params, batch) -> forward(params, rows)` for a forward without gradients over a batch (old or
     reference log-probs, values; `keys`: the batch entries it reads, [B, ...] each, and `CONTEXT_KEY` when the
     batch has it): the matmul kernels cast
-    once (`matmul_weights`), then `num_micro` strided micro-batches of those entries in turn (`map_micro`),
-    outputs [B, ...] in row order."""
+    once (`matmul_weights`), then `num_micro` strided micro-batches of those entries in turn (`map_micro`;
+    `unit`: of units of that many consecutive rows), outputs [B, ...] in row order."""
     def fn(params, batch):
         params = matmul_weights(params, model_cfg)
         rows = {k: batch[k] for k in keys + ((CONTEXT_KEY,) if CONTEXT_KEY in batch else ())}
-        return map_micro(lambda mb: forward(params, mb), rows, num_micro)
+        return map_micro(lambda mb: forward(params, mb), rows, num_micro, unit)
     return fn

@@ -201,34 +201,54 @@ def _reduce(name: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return {"max": jnp.maximum, "min": jnp.minimum, "sum": jnp.add}[_reduction(name)](a, b)
 
 
-def split_micro(batch: Any, num_micro: int) -> Any:
-    """[B, ...] -> [M, B/M, ...] with micro-batch m = rows m, m+M, m+2M, ... (strided)."""
+def split_micro(batch: Any, num_micro: int, unit: int = 1) -> Any:
+    """[B, ...] -> [M, B/M, ...] with micro-batch m = rows m, m+M, m+2M, ... (strided), or with `unit` u > 1
+    the units of u consecutive rows strided (unit m, m+M, ...: a unit's rows stay together and in order, as
+    a group of samples of one prompt must for `logprobs.completion_logprobs(prompt_group=u)`)."""
     def one(x):
         b = x.shape[0]
-        if b % num_micro:
-            raise ValueError(f"batch size {b} is not divisible by num_micro_batches={num_micro}")
-        return jnp.swapaxes(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 0, 1)
+        if b % (num_micro * unit):
+            raise ValueError(f"batch size {b} is not divisible by num_micro_batches={num_micro}"
+                             + (f" x unit={unit}" if unit > 1 else ""))
+        y = jnp.swapaxes(x.reshape(b // (num_micro * unit), num_micro, unit, *x.shape[1:]), 0, 1)
+        return y.reshape(num_micro, b // num_micro, *x.shape[1:])
     return jax.tree.map(one, batch)
 
 
-def map_micro(fn: Callable[[Any], Any], batch: Any, num_micro: int = 1) -> Any:
-    """`fn(batch)` computed one micro-batch at a time (`split_micro`'s strided rows, `lax.map`), its [B, ...]
-    outputs put back in the batch's row order. For row-wise forwards without gradients (old/reference
+def merge_micro(tree: Any, unit: int = 1) -> Any:
+    """The inverse of `split_micro`: [M, B/M, ...] -> [B, ...] in the batch's row order."""
+    def one(y):
+        m, r = y.shape[:2]
+        y = jnp.swapaxes(y.reshape(m, r // unit, unit, *y.shape[2:]), 0, 1)
+        return y.reshape(m * r, *y.shape[3:])
+    return jax.tree.map(one, tree)
+
+
+def map_micro(fn: Callable[[Any], Any], batch: Any, num_micro: int = 1, unit: int = 1) -> Any:
+    """`fn(batch)` computed one micro-batch at a time (`split_micro`'s strided rows or units, `lax.map`), its
+    [B, ...] outputs put back in the batch's row order. For row-wise forwards without gradients (old/reference
     log-probs): one micro-batch's activations are alive at a time, and on a CPU they stay in cache."""
     if num_micro == 1:
         return fn(batch)
-    out = jax.lax.map(fn, split_micro(batch, num_micro))
-    return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), out)
+    return merge_micro(jax.lax.map(fn, split_micro(batch, num_micro, unit)), unit)
+
+
+def prompt_unit(group: int, rows: int, parts: int) -> int:
+    """The largest divisor u of `group` such that the `rows` split into `parts` equal parts of whole units of
+    u rows (rows % (u * parts) == 0): how many samples of one prompt every minibatch, device share and
+    micro-batch holds together, so that prompt's forward can run once for them. 1: none."""
+    return max((u for u in range(2, group + 1) if group % u == 0 and rows % (u * parts) == 0), default=1)
 
 
 def accumulate(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]], params: Any, batch: Any,
-               rng: jax.Array, num_micro: int = 1, frozen: Any = None) -> tuple[Any, Metrics]:
+               rng: jax.Array, num_micro: int = 1, frozen: Any = None, unit: int = 1) -> tuple[Any, Metrics]:
     """Sum of gradients and metrics of `loss_fn` over `num_micro` micro-batches.
 
     `loss_fn(params, micro_batch, rng) -> (loss, metrics)` must return its
     share of the global loss (weights normalised over the whole batch), and
     metrics as weighted sums (names ending in `_max`/`_min` are reduced by
     max/min). The metric "loss" is added.
+    `unit`: micro-batches take units of that many consecutive rows (`split_micro`).
     `frozen` (a `TrainState.frozen`): the loss gets the union of `params` and
     `frozen` and the gradient is of `params` only. The model calls of the loss
     get a dropout key (`dropout_rngs`).
@@ -248,10 +268,10 @@ def accumulate(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics
         (loss, metrics), grads = grad_fn(params, batch, rng)
         return grads, {"loss": loss, **metrics}
 
-    axes = _data_parallel_axes(batch, num_micro)
+    axes = _data_parallel_axes(batch, num_micro * unit)
     if axes:
-        return _accumulate_per_device(grad_fn, params, batch, rng, num_micro, axes)
-    return _accumulate_scan(grad_fn, params, batch, rng, num_micro)
+        return _accumulate_per_device(grad_fn, params, batch, rng, num_micro, axes, unit)
+    return _accumulate_scan(grad_fn, params, batch, rng, num_micro, unit)
 
 
 def _data_parallel_axes(batch: Any, num_micro: int) -> tuple[str, ...]:
@@ -272,7 +292,7 @@ def _data_parallel_axes(batch: Any, num_micro: int) -> tuple[str, ...]:
     return batch_axes
 
 
-def _accumulate_per_device(grad_fn, params, batch, rng, num_micro: int, axes: tuple[str, ...]):
+def _accumulate_per_device(grad_fn, params, batch, rng, num_micro: int, axes: tuple[str, ...], unit: int):
     """Each device sums the gradients of its own rows' micro-batches, then one all-reduce (`psum`) over
     `axes`: the gradient of replicated parameters is otherwise all-reduced after every micro-batch (what
     DDP's `no_sync` avoids). Same rows, same sum, in a different order than `_accumulate_scan`."""
@@ -282,7 +302,7 @@ def _accumulate_per_device(grad_fn, params, batch, rng, num_micro: int, axes: tu
     def local(params, batch, rng):
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
         with env.deactivate():  # inside, arrays are this device's: no mesh constraints
-            grads, metrics = _accumulate_scan(grad_fn, params, batch, rng, num_micro)
+            grads, metrics = _accumulate_scan(grad_fn, params, batch, rng, num_micro, unit)
 
         across = {"max": jax.lax.pmax, "min": jax.lax.pmin, "sum": jax.lax.psum}
         metrics = {k: across[_reduction(k)](v, axes) for k, v in metrics.items()}
@@ -292,8 +312,8 @@ def _accumulate_per_device(grad_fn, params, batch, rng, num_micro: int, axes: tu
                          out_specs=PartitionSpec(), check_vma=False)(params, batch, rng)
 
 
-def _accumulate_scan(grad_fn, params, batch, rng, num_micro: int):
-    micro = split_micro(batch, num_micro)
+def _accumulate_scan(grad_fn, params, batch, rng, num_micro: int, unit: int = 1):
+    micro = split_micro(batch, num_micro, unit)
     first = jax.tree.map(lambda x: x[0], micro)
     (_, m_shape), g_shape = jax.eval_shape(grad_fn, params, first, rng)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), g_shape)
@@ -445,23 +465,28 @@ def _jit_update_frozen(step: Callable, state: TrainState, batch_example: Any, en
     return update
 
 
-def make_epoch_runner(step: Callable, num_minibatches: int, epochs: int = 1, shuffle: bool = True) -> Callable:
+def make_epoch_runner(step: Callable, num_minibatches: int, epochs: int = 1, shuffle: bool = True,
+                      unit: int = 1) -> Callable:
     """(state, batch, rng) -> (state, metrics stacked over the epochs x minibatches updates).
 
     Each epoch draws a fresh permutation of the rows (`fold_in(rng, epoch)`)
     when `shuffle`, then updates on `num_minibatches` equal minibatches.
+    `unit` u > 1: the permutation moves units of u consecutive rows (a prompt's samples stay together).
     """
     def run(state, batch, rng):
         frozen = state.frozen  # loop-invariant: not a carry of the scans
         state = state.replace(frozen=None)
         b = jax.tree.leaves(batch)[0].shape[0]
-        if b % num_minibatches:
-            raise ValueError(f"rollout batch of {b} rows is not divisible by num_minibatches={num_minibatches}")
+        if b % (num_minibatches * unit):
+            raise ValueError(f"rollout batch of {b} rows is not divisible by num_minibatches={num_minibatches}"
+                             + (f" x unit={unit}" if unit > 1 else ""))
         mb = b // num_minibatches
 
         def epoch(state, e):
             erng = jax.random.fold_in(rng, e)
-            perm = jax.random.permutation(erng, b) if shuffle else jnp.arange(b)
+            perm = jnp.arange(b)
+            if shuffle:
+                perm = (jax.random.permutation(erng, b // unit)[:, None] * unit + jnp.arange(unit)).reshape(b)
             shuffled = jax.tree.map(lambda x: x[perm].reshape(num_minibatches, mb, *x.shape[1:]), batch)
 
             def one(state, xs):

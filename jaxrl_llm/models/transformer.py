@@ -177,14 +177,34 @@ class Decoder(nn.Module):
         ks, vs = [], []
         for i in range(self.cfg.num_layers):
             params_i = layers[str(i)] if str(i) in layers else jax.tree.map(lambda p, i=i: p[i], layers)
+            # a training forward's dropout (LoRA's): its own key per layer, as the scanned layers get
+            rngs = {"dropout": self.make_rng("dropout")} if self.has_rng("dropout") else {}
             (x, (k, v)), _ = layer.apply({"params": params_i}, (x, (cache.k[i], cache.v[i])), cos, sin, bias,
-                                         cache.index)
+                                         cache.index, rngs=rngs)
             ks.append(constrain(k, CACHE_AXES))
             vs.append(constrain(v, CACHE_AXES))
         return x, tuple(ks), tuple(vs)
 
     def attend(self, hidden):
         return self.embed_tokens.attend(hidden)
+
+
+@jax.custom_vjp
+def _unstack(x: jax.Array) -> tuple[jax.Array, ...]:
+    """x [L, ...] -> its L slices. The gradient is one stack of the slices' cotangents (autodiff of L static
+    slices would add L zero-padded [L, ...] arrays)."""
+    return tuple(x[i] for i in range(x.shape[0]))
+
+
+def _unstack_fwd(x):
+    return _unstack(x), None
+
+
+def _unstack_bwd(_, cts):
+    return (jnp.stack(cts),)
+
+
+_unstack.defvjp(_unstack_fwd, _unstack_bwd)
 
 
 def unstack_layers(params: Any) -> Any:
@@ -197,7 +217,9 @@ def unstack_layers(params: Any) -> Any:
     for name, sub in params.items():
         if name == "layers" and isinstance(sub, Mapping) and "0" not in sub:
             n = jax.tree.leaves(sub)[0].shape[0]
-            out[name] = {str(i): jax.tree.map(lambda p, i=i: p[i], sub) for i in range(n)}
+            parts = jax.tree.map(_unstack, sub)
+            out[name] = {str(i): jax.tree.map(lambda p, i=i: p[i], parts, is_leaf=lambda x: isinstance(x, tuple))
+                         for i in range(n)}
         else:
             out[name] = unstack_layers(sub)
     return out

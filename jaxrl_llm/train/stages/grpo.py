@@ -18,7 +18,7 @@ import jax
 import ml_collections as mc
 
 from jaxrl_llm.algos import grpo
-from jaxrl_llm.algos.train_state import TrainState, jit_update, make_epoch_runner
+from jaxrl_llm.algos.train_state import TrainState, jit_update, make_epoch_runner, prompt_unit
 from jaxrl_llm.train.config import (ConfigError, from_dataclass, nearest, optimizer_config, optimizer_from,
                                     to_dataclass)
 from jaxrl_llm.train.experience import Experience, step_metrics
@@ -104,6 +104,17 @@ def check_algo(algo: grpo.GRPOConfig, where: str) -> None:
     check_loss(algo.loss, f"{where}.loss")
 
 
+def shared_prompt_unit(algo: grpo.GRPOConfig, rows: int | None, env) -> int:
+    """How many of a prompt's samples share one forward of it in the log-prob forwards and the update: the
+    largest divisor of group_size whose units of rows every minibatch, data-parallel device and micro-batch
+    holds whole (`train_state.prompt_unit`); 1 (every row its own forward) with share_prompt_forward=False or
+    `rows` unknown. The rollout's rows are prompt-major (`train.experience`)."""
+    if not algo.share_prompt_forward or not rows:
+        return 1
+    devices = env.mesh.size if env is not None else 1
+    return prompt_unit(algo.group_size, rows, algo.num_minibatches * algo.num_micro_batches * devices)
+
+
 class GRPOLearner:
     """The model side of a GRPO-family iteration: old / reference log-probs, advantages, the update.
 
@@ -112,13 +123,16 @@ class GRPOLearner:
     the step uses stop_gradient(new log-probs) as the old ones (ratio exactly 1).
     """
 
-    def __init__(self, module: Any, model_cfg, algo: grpo.GRPOConfig, env, old_logprobs: bool | None = None):
+    def __init__(self, module: Any, model_cfg, algo: grpo.GRPOConfig, env, old_logprobs: bool | None = None,
+                 rows: int | None = None):
         self.algo, self.env = algo, env
         self.need_old = algo.needs_old_logprobs if old_logprobs is None else bool(old_logprobs)
+        parts = algo.num_minibatches * algo.num_micro_batches
+        self.prompt_unit = shared_prompt_unit(algo, rows, env)
         self.logp_fn = jax.jit(grpo.make_logprob_fn(module, model_cfg, algo.temperature, algo.logprob_chunk,
-                                                    num_micro=algo.num_minibatches * algo.num_micro_batches))
-        self.step_fn = make_epoch_runner(grpo.make_grpo_step(module, model_cfg, algo), algo.num_minibatches,
-                                         algo.epochs)
+                                                    num_micro=parts, prompt_unit=self.prompt_unit))
+        self.step_fn = make_epoch_runner(grpo.make_grpo_step(module, model_cfg, algo, self.prompt_unit),
+                                         algo.num_minibatches, algo.epochs, unit=self.prompt_unit)
         self.update = None
 
     def __call__(self, state: TrainState, ref_params, exp: Experience, key: jax.Array,
@@ -162,7 +176,8 @@ class GRPOStage(RLStage):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.opt_cfg = optimizer_from(self.section.optimizer, f"config.{self.name}.optimizer")
-        self.learner = GRPOLearner(self.comp.module, self.comp.model_cfg, self.algo, self.comp.env)
+        self.learner = GRPOLearner(self.comp.module, self.comp.model_cfg, self.algo, self.comp.env,
+                                   rows=int(self.section.prompts_per_iter) * self.algo.group_size)
         self.ref = None
         p = self.section.get("process_reward")
         self.process = ProcessRewards(self, "grpo") if p is not None and p.source != "none" else None
