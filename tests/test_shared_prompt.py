@@ -209,3 +209,33 @@ def test_learner_shares_the_prompt_forward_with_the_same_update():
     np.testing.assert_allclose(float(m_s["grad_norm"]), float(m_r["grad_norm"]), rtol=1e-4)
     assert float(m_s["grad_norm"]) > 1e-3
     _close_trees(p_s, p_r, 1e-5)
+
+
+def test_update_step_with_units_on_a_data_parallel_mesh():
+    """`make_grpo_step(prompt_unit=4)` where each of 2 data-parallel devices sums its own micro-batches
+    (`train_state._accumulate_per_device`: a device's rows are whole units): the single device's update with
+    one forward per row."""
+    from jaxrl_llm.algos.train_state import jit_update
+    module, params, _ = create_model(CFG, jax.random.key(0), _env({"data": 1}))
+    batch = _batch(prompts=4)
+    rows = 4 * G
+    rng = np.random.default_rng(4)
+    adv = rng.normal(size=(rows, 1)) * np.asarray(batch["completion_mask"])
+    batch = {**batch, "advantages": jnp.asarray(adv, jnp.float32),
+             "old_logprobs": jnp.asarray(rng.normal(scale=0.1, size=(rows, N)) - 2.0, jnp.float32)}
+    algo = grpo.GRPOConfig(group_size=G, num_micro_batches=2, logprob_chunk=4, loss=PolicyLossConfig(kl_coef=0.0))
+    opt = OptimizerConfig(name="sgd", learning_rate=0.5, max_grad_norm=None)
+
+    def run(env, unit, prm):
+        state = TrainState.create(jax.tree.map(jnp.copy, prm), opt)
+        step = jit_update(grpo.make_grpo_step(module, CFG, algo, prompt_unit=unit), state, batch, env)
+        new, metrics = step(state, batch, jax.random.key(2))
+        return jax.device_get(new.params), jax.device_get(metrics)
+
+    want, m_want = run(_env({"data": 1}), 1, params)
+    env = _env({"data": 2})
+    _, params_m, _ = create_model(CFG, jax.random.key(0), env)
+    got, m_got = run(env, G, params_m)
+    np.testing.assert_allclose(float(m_got["loss"]), float(m_want["loss"]), rtol=1e-5, atol=1e-6)
+    assert float(m_want["grad_norm"]) > 1e-3
+    _close_trees(got, want, 1e-5)
