@@ -17,7 +17,7 @@ from jaxrl_llm.models import CausalLM, ModelConfig, create_model, lora
 from jaxrl_llm.sharding import ShardingEnv, make_mesh
 from jaxrl_llm.train.stages.grpo import GRPOLearner, shared_prompt_unit
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, qkv_bias=True)
 G, PROMPTS, P, N = 4, 3, 5, 6
 
