@@ -374,19 +374,24 @@ def detail(o: Ours, repeats: int) -> dict:
     from jaxrl_llm.algos.policy_loss import policy_loss
     lc = o.algo.loss
 
-    def loss_fn(prm, mb):
+    def loss_fn(prm, mb, group=1):
         logp, ent = grpo.policy_logprobs(module, prm, cfg, mb, temperature=o.algo.temperature,
-                                         chunk=o.algo.logprob_chunk, with_entropy=True)
+                                         chunk=o.algo.logprob_chunk, with_entropy=True, prompt_group=group)
         old = mb.get("old_logprobs", jax.lax.stop_gradient(logp))
         m = mb["completion_mask"]
         loss, _ = policy_loss(lc, logp, old, mb["advantages"], lc.token_weights(m),
                               token_mean_weights(m), ref_logp_bt=mb["ref_logprobs"], entropy_bt=ent,
                               sampler_logp_bt=mb["sampler_logprobs"], mask_bt=m)
         return loss
-    grad_jit = jax.jit(traced(jax.value_and_grad(loss_fn)))
-    out["loss_and_grad_s"] = _time(lambda: grad_jit(params, full), repeats)
-    fwd_jit = jax.jit(traced(loss_fn))
-    out["loss_forward_only_s"] = _time(lambda: fwd_jit(params, full), repeats)
+    # one forward per row, and each prompt's forward shared by its samples (what the learner runs by default)
+    for group, suffix in ((1, ""), (o.learner.prompt_unit, "_shared_prompt")):
+        if suffix and group == 1:
+            continue
+        grad_jit = jax.jit(traced(jax.value_and_grad(functools.partial(loss_fn, group=group))))
+        out[f"loss_and_grad{suffix}_s"] = _time(lambda f=grad_jit: f(params, full), repeats)
+        fwd_jit = jax.jit(traced(functools.partial(loss_fn, group=group)))
+        out[f"loss_forward_only{suffix}_s"] = _time(lambda f=fwd_jit: f(params, full), repeats)
+    out["prompt_unit"] = o.learner.prompt_unit
 
     state_copy = TrainState.create(jax.tree.map(jnp.copy, params), o.opt)
     grads = jax.tree.map(jnp.zeros_like, params)

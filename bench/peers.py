@@ -329,7 +329,11 @@ def detail_md(d: dict | None) -> str:
         ("trunk forward / forward+backward", f"{x['trunk_forward_s']:.3f} s / {x['trunk_fwd_bwd_s']:.3f} s"),
         ("same, layer scan unrolled", (f"{x.get('trunk_forward_unrolled_s', float('nan')):.3f} s / "
                                        f"{x.get('trunk_fwd_bwd_unrolled_s', float('nan')):.3f} s")),
-        ("GRPO loss forward / loss+grad", f"{x['loss_forward_only_s']:.3f} s / {x['loss_and_grad_s']:.3f} s"),
+        ("GRPO loss forward / loss+grad, one forward per row",
+         f"{x['loss_forward_only_s']:.3f} s / {x['loss_and_grad_s']:.3f} s"),
+        ("same, each prompt's forward shared by its samples (the default)",
+         (f"{x.get('loss_forward_only_shared_prompt_s', float('nan')):.3f} s / "
+          f"{x.get('loss_and_grad_shared_prompt_s', float('nan')):.3f} s")),
         ("AdamW update alone", f"{x['optimizer_only_s']:.3f} s"),
     ]
     if "head_logprobs_fwd_bwd_s" in x:  # ours_grpo.py's head and draw figures

@@ -184,8 +184,9 @@ def test_keep_mask_ties_and_renormalisation():
 
 
 def test_sample_tokens_are_jax_categorical_and_argmax():
-    """sample_tokens draws exactly jax.random.categorical's tokens for the same key (its argmax written as
-    two plain reductions), masked (-inf) entries included, and greedy picks the first maximum."""
+    """sample_tokens with one key for the batch draws exactly jax.random.categorical's tokens for the same key
+    (its argmax written as two plain reductions), masked (-inf) entries included, and greedy picks the first
+    maximum."""
     from jaxrl_llm.rollout.sampling import first_argmax, sample_tokens
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(16, 40)).astype(np.float32) * 3
@@ -201,6 +202,62 @@ def test_sample_tokens_are_jax_categorical_and_argmax():
     np.testing.assert_array_equal(np.asarray(first_argmax(ties)), [1, 0, 0])
     np.testing.assert_array_equal(np.asarray(sample_tokens(None, ties, ties, True)), [1, 0, 0])
     assert first_argmax(ties).dtype == jnp.int32
+
+
+@pytest.mark.parametrize("vocab", [3, 256, 1000])
+def test_cdf_pick_is_the_inverse_cdf_and_never_picks_a_filtered_id(vocab):
+    """The per-row draw: on a grid of u over [0, 1) every id's share of the grid is its probability (the
+    exact inverse CDF, in blocks, padded when the vocabulary is not a multiple of the block), ids of
+    probability 0 are never picked, u = 0 and the largest float32 below 1 give the first and last positive ids,
+    and exact interval boundaries go to the next id."""
+    from jaxrl_llm.rollout.sampling import cdf_pick
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(size=(4, vocab)) * 2
+    logits[:, rng.random(vocab) < 0.4] = -np.inf  # filtered ids, whole blocks of them too at 1000
+    if vocab == 1000:
+        logits[:, 300:560] = -np.inf
+    logits[:, 0] = 1.0  # at least one kept id per row
+    logits[1] = -np.inf
+    logits[1, vocab - 1] = 0.0  # all mass on the last id
+    logits[2, :] = -np.inf
+    logits[2, [0, vocab - 1]] = 0.0
+    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    p = np.exp(np.asarray(logp, np.float64))
+    grid = 20000
+    u = (np.arange(grid) + 0.5) / grid
+    pick = jax.jit(jax.vmap(cdf_pick, in_axes=(None, 0)))
+    toks = np.asarray(pick(logp, jnp.asarray(np.repeat(u[:, None], 4, 1), jnp.float32)))  # [grid, 4]
+    for row in range(4):
+        share = np.bincount(toks[:, row], minlength=vocab) / grid
+        assert np.all(share[p[row] == 0] == 0)
+        np.testing.assert_allclose(share, p[row], atol=2.0 / grid)
+    ends = jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)
+    for row in range(4):
+        first, last = np.flatnonzero(p[row] > 0)[[0, -1]]
+        got = np.asarray(pick(logp[row:row + 1], ends[:, None]))[:, 0]
+        assert got.tolist() == [first, last]
+    if vocab == 3:
+        half = jax.nn.log_softmax(jnp.log(jnp.asarray([[0.25, 0.25, 0.5]])), axis=-1)
+        got = np.asarray(pick(half, jnp.asarray([[0.0], [0.2499], [0.25], [0.5], [0.75]], jnp.float32)))[:, 0]
+        assert got.tolist() == [0, 0, 1, 2, 2]
+
+
+def test_per_row_draws_follow_the_distribution():
+    """sample_tokens(per_row=True): one key per row; 200k rows of one distribution (filtered ids included)
+    give each id's frequency within 5 standard errors of its probability."""
+    from jaxrl_llm.rollout.sampling import sample_tokens
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=40) * 1.5
+    logits[::7] = -np.inf
+    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+    n = 200_000
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(n))
+    toks = np.asarray(jax.jit(lambda k: sample_tokens(k, jnp.broadcast_to(logp, (n, 40)),
+                                                      jnp.broadcast_to(logp, (n, 40)), False, per_row=True))(keys))
+    p = np.exp(np.asarray(logp, np.float64))
+    freq = np.bincount(toks, minlength=40) / n
+    assert np.all(freq[p == 0] == 0)
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12)
 
 
 def test_eos_stops_rows_and_exits_early(model):
@@ -286,12 +343,17 @@ def test_cache_segments_are_the_same_rollout(model):
     assert SamplingConfig(max_new_tokens=50, cache_segments=8).segment_ends == (17, 34, 50)  # >= 16 steps each
     assert SamplingConfig(max_new_tokens=31).segment_ends == (31,)
     assert SamplingConfig(max_new_tokens=48, cache_segments=1).segment_ends == (48,)
+    def run(k, eos, key):
+        sc = SamplingConfig(max_new_tokens=48, temperature=1.0, n_samples=3, eos_token_ids=eos, cache_segments=k)
+        return make_sampler(module, CFG, sc)(params, PROMPTS, PMASK, jax.random.key(key))
+
     for eos in ((), (1, 2, 3, 4, 5, 6)):  # no EOS: all 48 steps; frequent EOS: all rows stop in segment 2
-        out = {}
-        for k in (1, 3):
-            sc = SamplingConfig(max_new_tokens=48, temperature=1.0, n_samples=3, eos_token_ids=eos,
-                                cache_segments=k)
-            out[k] = make_sampler(module, CFG, sc)(params, PROMPTS, PMASK, jax.random.key(5))
+        key = 5
+        if eos:  # the first key from 5 whose rows all stop after segment 1 and before the limit
+            key = next((k for k in range(5, 45) if 16 < int(run(1, eos, k).num_steps) < 48
+                        and np.asarray(run(1, eos, k).finished).all()), None)
+            assert key is not None, "no key in 5..44 makes every row stop inside segment 2 or 3"
+        out = {k: run(k, eos, key) for k in (1, 3)}
         for name in ("tokens", "mask", "lengths", "finished", "num_steps"):
             np.testing.assert_array_equal(np.asarray(getattr(out[3], name)), np.asarray(getattr(out[1], name)))
         for name in ("logprobs", "raw_logprobs"):

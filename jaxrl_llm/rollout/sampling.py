@@ -213,19 +213,64 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
 
 
+# The inverse-CDF draw's block: the vocabulary in blocks of this many ids, block sums first, then one block.
+CDF_BLOCK = 256
+
+
+def cdf_pick(logp_bv: jax.Array, u_b: jax.Array) -> jax.Array:
+    """The token of each row whose cumulative probability interval holds u * total: the first id j with
+    P(<= j) > u * P(all), for u [B] in [0, 1). int32 [B]; ids with probability 0 (-inf log-prob: outside
+    top-k/top-p) are never picked.
+
+    Two levels, so no [B, V] cumulative sum exists: the sums of blocks of `CDF_BLOCK` ids, their cumulative
+    sum [B, V / CDF_BLOCK], then the cumulative sum inside the one block that holds the target. A row whose
+    float rounding points past its last positive id (or at an id of probability 0) takes its last (or most
+    probable) positive id instead.
+    """
+    b, v = logp_bv.shape
+    kb = min(CDF_BLOCK, v)
+    nb = -(-v // kb)
+    p = jnp.exp(logp_bv.astype(jnp.float32))
+    pb = jnp.pad(p, ((0, 0), (0, nb * kb - v))).reshape(b, nb, kb)
+    block_sums = jnp.sum(pb, axis=-1)
+    cum_blocks = jnp.cumsum(block_sums, axis=-1)
+    target = u_b.astype(jnp.float32) * cum_blocks[:, -1]
+
+    def first_after(cum, mass):  # [B, K]: the first index with cum > target, within the positive entries
+        i = jnp.sum(cum <= target[:, None], axis=-1).astype(jnp.int32)
+        positive = (mass > 0).astype(jnp.int32)
+        first = first_argmax(positive)
+        last = cum.shape[-1] - 1 - first_argmax(positive[:, ::-1])
+        return jnp.clip(i, first, last)
+
+    def block(i):
+        return jnp.take_along_axis(pb, i[:, None, None], axis=1)[:, 0]
+
+    blk = first_after(cum_blocks, block_sums)
+    inner = block(blk)
+    base = jnp.take_along_axis(cum_blocks - block_sums, blk[:, None], axis=1)[:, 0]
+    idx = first_after(base[:, None] + jnp.cumsum(inner, axis=-1), inner)
+    ok = jnp.take_along_axis(inner, idx[:, None], axis=1)[:, 0] > 0
+    # rounding's last resort (never a zero-probability id): the first positive id of the first positive block
+    first_blk = first_argmax((block_sums > 0).astype(jnp.int32))
+    fallback = first_blk * kb + first_argmax((block(first_blk) > 0).astype(jnp.int32))
+    return jnp.where(ok, blk * kb + idx, fallback)
+
+
 def sample_tokens(rng: jax.Array, logp_bv: jax.Array, raw_logp_bv: jax.Array,
                   greedy: bool, per_row: bool = False) -> jax.Array:
     """Draws one token per row: argmax when greedy, else categorical(logp_bv). int32 [B].
 
-    The categorical draw is `jax.random.categorical`'s own (the argmax of logits + Gumbel noise from
-    `rng`, the same tokens for the same key) with the argmax written as `first_argmax`. `per_row`: `rng`
-    holds one key per row ([B] keys), row b's noise drawn from its own key (so a row's token does not
-    depend on which other rows share the batch).
+    `per_row`: `rng` holds one key per row ([B] keys); row b draws one uniform number from its own key (so a
+    row's token does not depend on which other rows share the batch) and takes the token where it falls in
+    the row's cumulative distribution (`cdf_pick`: one exp pass over the logits and one small block, not a
+    random number per vocabulary entry). Otherwise the draw is `jax.random.categorical`'s own (the argmax of
+    logits + Gumbel noise from `rng`, the same tokens for the same key) with the argmax written as
+    `first_argmax`.
     """
     if greedy:
         return first_argmax(raw_logp_bv)
     if per_row:
-        noise = jax.vmap(lambda k: jax.random.gumbel(k, logp_bv.shape[-1:], logp_bv.dtype))(rng)
-    else:
-        noise = jax.random.gumbel(rng, logp_bv.shape, logp_bv.dtype)
+        return cdf_pick(logp_bv, jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(rng))
+    noise = jax.random.gumbel(rng, logp_bv.shape, logp_bv.dtype)
     return first_argmax(logp_bv + noise)
