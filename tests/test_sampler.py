@@ -470,3 +470,19 @@ def test_prefill_never_materialises_prompt_logits():
     text = str(jax.make_jaxpr(sampler)(params, PROMPTS, PMASK, jax.random.key(0)))
     assert "[3,1,64]" in text  # the last-slot logits are there ...
     assert "[3,6,64]" not in text  # ... but never logits for every prompt slot [B, P, V]
+
+
+def test_bench_draw_runs_both_draws(capsys):
+    """bench/draw.py (the per-row draws' cost) at a small shape, so it cannot rot."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+    import draw
+    draw.main(["--rows", "4", "--vocab", "300", "--steps", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "[4, 300] gumbel per row:" in out and "[4, 300] inverse CDF per row:" in out
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(3))
+    logp = jax.nn.log_softmax(jnp.asarray([[0.0, -np.inf, 0.0], [-np.inf, 0.0, -np.inf], [0.0, 0.0, 0.0]]))
+    for fn in (draw.gumbel_per_row, draw.cdf_per_row):  # both draw only kept ids
+        tok = np.asarray(fn(keys, logp))
+        assert tok[1] == 1 and tok[0] in (0, 2)
