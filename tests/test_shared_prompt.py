@@ -126,15 +126,12 @@ def test_shared_prompt_forward_with_lora_adapters():
     np.testing.assert_allclose(lg, l1, rtol=1e-5)
     _close_trees(gg, g1, 1e-4)
 
-    from jaxrl_llm.algos.train_state import _DROPOUT_KEY
+    from jaxrl_llm.algos.train_state import _with_dropout  # what `accumulate` wraps a loss in
     dcfg = CFG.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5))
     dmodule = CausalLM(dcfg)
     params = lora.merge_trees(adapters, base)
-    _DROPOUT_KEY.append(jax.random.key(7))
-    try:
-        dropped = np.asarray(_logprobs(dmodule, params, dcfg, batch, G)[0])
-    finally:
-        _DROPOUT_KEY.pop()
+    dropped = np.asarray(_with_dropout(lambda prm, b, rng: _logprobs(dmodule, prm, dcfg, b, G)[0])(
+        params, batch, jax.random.key(7)))
     plain = np.asarray(_logprobs(dmodule, params, dcfg, batch, G)[0])
     assert np.all(np.isfinite(dropped)) and not np.allclose(dropped, plain)
 
@@ -173,9 +170,6 @@ def _state():
     @struct.dataclass
     class S:
         frozen: object = None
-
-        def replace(self, **kw):
-            return S(**{"frozen": self.frozen, **kw})
     return S()
 
 
