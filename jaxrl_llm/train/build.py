@@ -72,7 +72,7 @@ def model_numerics(m: mc.ConfigDict) -> dict[str, Any]:
     """ModelConfig fields from the `model` config section: dtypes, remat, the dense layers' backward, and
     scan_unroll / matmul_dtype when set (0 / "": the preset's or checkpoint config's own)."""
     out = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, matmul_dtype=m.get("matmul_dtype") or None,
-               dense_backward=m.get("dense_backward", "custom"))
+               dense_backward=m.get("dense_backward", ModelConfig.dense_backward))
     if int(m.get("scan_unroll", 0)):
         out["scan_unroll"] = int(m.scan_unroll)
     return out
