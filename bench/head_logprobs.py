@@ -9,8 +9,10 @@ hidden states [rows, positions, embed], a tied [embed, vocab] matrix and random 
     matmul              the [rows * positions, embed] x [embed, vocab] product alone (the floor of one head pass)
     forward             `algos.logprobs.logprobs_from_hidden` (log-probs and entropy), as the reference forward
     forward+backward    its gradient to the hidden states and the matrix (the update's head), for each variant:
-                        library   the library as it is (one chunk: no rematerialisation)
-                        remat     the same body under `jax.checkpoint` (the library before, for one chunk)
+                        library   the library as it is (one chunk: no rematerialisation; the block's
+                                  hand-written backward, `logprobs._head_block`)
+                        autodiff  the same forward differentiated by JAX (the library before 2026-12-07)
+                        remat     that autodiff body under `jax.checkpoint` (the library before, for one chunk)
                         no-entropy  with_entropy=False
                         chunk C   --chunks: positions per block (several blocks: rematerialised)
 
@@ -30,16 +32,16 @@ import jax.numpy as jnp
 from jaxrl_llm.algos.logprobs import logprobs_from_hidden
 
 
-def _remat_body(h, w, y):
-    """logprobs_from_hidden's block as one rematerialised chunk (what the library ran before for one chunk)."""
-    @jax.checkpoint
+def _autodiff_body(h, w, y, remat):
+    """logprobs_from_hidden's block as one chunk differentiated by JAX, rematerialised or not (what the library
+    ran before its hand-written backward)."""
     def one(hh, yy):
         logits = jnp.einsum("bce,ev->bcv", hh, w, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == yy[..., None], logits, 0.0), axis=-1)
         probs = jnp.exp(logits - lse[..., None])
         return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
-    return one(h, y)
+    return (jax.checkpoint(one) if remat else one)(h, y)
 
 
 def main(argv=None):
@@ -63,15 +65,18 @@ def main(argv=None):
             return jnp.sum(lp), en
         return loss
 
-    def remat(w_, h_):
-        lp, en = _remat_body(h_, w_, y)
-        return jnp.sum(lp), en
+    def autodiff(remat):
+        def loss(w_, h_):
+            lp, en = _autodiff_body(h_, w_, y, remat)
+            return jnp.sum(lp), en
+        return loss
 
     grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))  # noqa: E731
     fns = {"matmul": jax.jit(lambda w_, h_: h_.reshape(-1, e) @ w_),
            "forward": jax.jit(lib(n)),
            "fwd_bwd library": grad(lib(n)),
-           "fwd_bwd remat": grad(remat),
+           "fwd_bwd autodiff": grad(autodiff(False)),
+           "fwd_bwd remat": grad(autodiff(True)),
            "fwd_bwd no-entropy": grad(lib(n, ent=False))}
     for c in (int(x) for x in args.chunks.split(",") if x):
         fns[f"fwd_bwd chunk {c}"] = grad(lib(c))

@@ -79,17 +79,7 @@ def logprobs_from_hidden(hidden_btE: jax.Array, w_EV: jax.Array, targets_bt: jax
     inv_t = 1.0 / temperature
 
     def one(h_bcE, y_bc):
-        logits = jnp.einsum("bce,ev->bcv", h_bcE, w, preferred_element_type=jnp.float32) * inv_t
-        logits = constrain(logits, ("batch", "length", "vocab"))
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        # one-hot contraction instead of a gather: stays local when the vocab is sharded
-        picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == y_bc[..., None], logits, 0.0), axis=-1)
-        logp = picked - lse
-        if not with_entropy:
-            return logp, jnp.zeros_like(logp)
-        probs = jnp.exp(logits - lse[..., None])
-        ent = lse - jnp.sum(probs * logits, axis=-1)
-        return logp, ent
+        return _head_block(h_bcE, w, y_bc, inv_t, with_entropy)
 
     # Several chunks: rematerialise each in the backward, so only one block of logits is live at a time.
     # One chunk: its block is live in the backward anyway (recomputed or kept), so keep it.
@@ -100,8 +90,57 @@ def logprobs_from_hidden(hidden_btE: jax.Array, w_EV: jax.Array, targets_bt: jax
 
     _, (logp, ent) = jax.lax.scan(body, None, (h, y))
     logp = jnp.moveaxis(logp, 0, 1).reshape(b, -1)[:, :t]
-    ent = jnp.moveaxis(ent, 0, 1).reshape(b, -1)[:, :t]
-    return logp, (ent if with_entropy else None)
+    if not with_entropy:
+        return logp, None
+    return logp, jnp.moveaxis(ent, 0, 1).reshape(b, -1)[:, :t]
+
+
+def _head_stats(h_bcE, w_EV, y_bc, inv_t, with_entropy):
+    """(logits z [B, c, V] float32, log-probs of the targets, log-sum-exp, entropy or zeros) of one block:
+    one exponential per logit, read in two passes (the row maximum, then the sums of exp(z - max) and of
+    exp(z - max) * z, which give the log-sum-exp and the entropy together)."""
+    z = jnp.einsum("bce,ev->bcv", h_bcE, w_EV, preferred_element_type=jnp.float32) * inv_t
+    z = constrain(z, ("batch", "length", "vocab"))
+    m = jnp.max(z, axis=-1, keepdims=True)
+    # one-hot contraction instead of a gather: stays local when the vocab is sharded
+    picked = jnp.sum(jnp.where(jnp.arange(z.shape[-1]) == y_bc[..., None], z, 0.0), axis=-1)
+    e = jnp.exp(z - m)
+    s = jnp.sum(e, axis=-1)
+    lse = m[..., 0] + jnp.log(s)
+    ent = lse - jnp.sum(e * z, axis=-1) / s if with_entropy else jnp.zeros_like(lse)
+    return z, picked - lse, lse, ent
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _head_block(h_bcE, w_EV, y_bc, inv_t, with_entropy):
+    """(log-probs, entropies) [B, c] of one block of positions, with a hand-written backward: the gradient of
+    log p_y is onehot(y) - p and that of the entropy H is -p * (log p + H), so the backward is one elementwise
+    pass over the block's logits (one exponential) and the two matmuls; automatic differentiation of the
+    same forward reads and writes the [B, c, V] block several times more."""
+    _, logp, _, ent = _head_stats(h_bcE, w_EV, y_bc, inv_t, with_entropy)
+    return logp, ent
+
+
+def _head_block_fwd(h_bcE, w_EV, y_bc, inv_t, with_entropy):
+    z, logp, lse, ent = _head_stats(h_bcE, w_EV, y_bc, inv_t, with_entropy)
+    return (logp, ent), (h_bcE, w_EV, y_bc, z, lse, ent)
+
+
+def _head_block_bwd(inv_t, with_entropy, res, cotangents):
+    h, w, y, z, lse, ent = res
+    g_logp, g_ent = cotangents
+    log_p = z - lse[..., None]
+    p = jnp.exp(log_p)
+    dz = jnp.where(jnp.arange(z.shape[-1]) == y[..., None], g_logp[..., None], 0.0) - g_logp[..., None] * p
+    if with_entropy:
+        dz = dz - (g_ent[..., None] * p) * (log_p + ent[..., None])
+    dz = constrain((dz * inv_t).astype(h.dtype), ("batch", "length", "vocab"))
+    dh = jnp.einsum("bcv,ev->bce", dz, w, preferred_element_type=jnp.float32).astype(h.dtype)
+    dw = jnp.einsum("bce,bcv->ev", h, dz, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dh, dw, None
+
+
+_head_block.defvjp(_head_block_fwd, _head_block_bwd)
 
 
 def completion_logprobs(module: Any, params: Any, cfg: ModelConfig, prompt_tokens: jax.Array,
