@@ -98,16 +98,19 @@ def logprobs_from_hidden(hidden_btE: jax.Array, w_EV: jax.Array, targets_bt: jax
 def _head_stats(h_bcE, w_EV, y_bc, inv_t, with_entropy):
     """(logits z [B, c, V] float32, log-probs of the targets, log-sum-exp, entropy or zeros) of one block:
     one exponential per logit, read in two passes (the row maximum, then the sums of exp(z - max) and of
-    exp(z - max) * z, which give the log-sum-exp and the entropy together)."""
+    exp(z - max) * z, which give the log-sum-exp and the entropy together). The sums over the vocabulary are
+    products with a vector of ones: a matmul accumulates in vector lanes and threads, where XLA:CPU runs a
+    float sum-reduction in order on one thread (it may not reassociate the additions)."""
     z = jnp.einsum("bce,ev->bcv", h_bcE, w_EV, preferred_element_type=jnp.float32) * inv_t
     z = constrain(z, ("batch", "length", "vocab"))
+    ones = jnp.ones(z.shape[-1:], jnp.float32)
     m = jnp.max(z, axis=-1, keepdims=True)
     # one-hot contraction instead of a gather: stays local when the vocab is sharded
-    picked = jnp.sum(jnp.where(jnp.arange(z.shape[-1]) == y_bc[..., None], z, 0.0), axis=-1)
+    picked = jnp.where(jnp.arange(z.shape[-1]) == y_bc[..., None], z, 0.0) @ ones
     e = jnp.exp(z - m)
-    s = jnp.sum(e, axis=-1)
+    s = e @ ones
     lse = m[..., 0] + jnp.log(s)
-    ent = lse - jnp.sum(e * z, axis=-1) / s if with_entropy else jnp.zeros_like(lse)
+    ent = lse - ((e * z) @ ones) / s if with_entropy else jnp.zeros_like(lse)
     return z, picked - lse, lse, ent
 
 
