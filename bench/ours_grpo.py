@@ -30,7 +30,8 @@ chunks, and the reference forward over the same chunks: still one AdamW step, as
 `jaxrl-llm train --cpu-devices N` does with the default mesh); `--logprob-chunk C` sets
 `algo.logprob_chunk`. `--workload smollm2` runs the real-shape workload (bench/workload.py: SmolLM2-135M,
 8 prompts x 4 samples x 64 tokens, no EOS); `--detail-repeats R` keeps its --detail pass short.
-Prints one JSON line (and writes it to --json).
+Prints one JSON line (and writes it to --json); `host_median` has the page faults and kernel CPU seconds of
+each piece, and `host_malloc` the host allocator setting (jaxrl_llm.host_memory, JAXRL_LLM_HOST_MALLOC).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import json
 import logging
 import pathlib
 import re
+import resource
 import statistics
 import sys
 import time
@@ -86,6 +88,12 @@ class CompileCounter(logging.Handler):
 
 def _sync(x):
     return jax.block_until_ready(x)
+
+
+def _host_usage() -> dict:
+    """The process's minor page faults and kernel CPU seconds so far (getrusage)."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return {"minor_faults": u.ru_minflt, "system_s": u.ru_stime}
 
 
 def _median(xs):
@@ -158,16 +166,19 @@ class Ours:
         self.state = TrainState.create(jax.tree.map(jnp.copy, params), self.opt)
         self.ref = params
         self.key = jax.random.key(seed)
+        self.host: list[dict] = []  # per iteration: page faults and kernel time of each piece
 
     # ------------------------------------------------------------------ one iteration
 
     def iteration(self, i: int) -> dict:
         key = jax.random.fold_in(self.key, i)
         marks = [("start", time.perf_counter())]
+        host = [("start", _host_usage())]
 
         def phase(name, value):  # block on what the phase produced, then stamp its end
             _sync(value)
             marks.append((name, time.perf_counter()))
+            host.append((name, _host_usage()))
 
         prompts = PromptBatch(self.prompt_tokens, self.prompt_mask, self.examples, 0)
         exp = collect(self.sampler, self.state.params, prompts, jax.random.fold_in(key, 0), self.scorer,
@@ -176,6 +187,7 @@ class Ours:
         loss = float(jax.device_get(metrics["loss"]))  # the trainer fetches metrics on log steps
         t = {name: end - start for (_, start), (name, end) in zip(marks, marks[1:])}
         t["total"] = marks[-1][1] - marks[0][1]
+        self.host.append({name: {k: end[k] - start[k] for k in end} for (_, start), (name, end) in zip(host, host[1:])})
         texts = decode_completions(self.tok, exp.rollout.tokens[:1], exp.rollout.mask[:1])
         self.last = {"loss": loss, "num_steps": int(exp.rollout.num_steps),
                      "mean_len": float(jnp.mean(exp.rollout.lengths)), "reward_mean": float(jnp.mean(exp.rewards)),
@@ -440,6 +452,9 @@ def run(args) -> dict:
         "iters": args.iters, "warmup": args.warmup,
         "setup_s": setup_s, "first_iteration_s": first_s,
         "median": {k: _median([t[k] for t in times]) for k in PIECES + ("total",)},
+        # page faults and kernel time per piece (the host allocator's work: jaxrl_llm.host_memory)
+        "host_median": {k: {q: _median([h[k][q] for h in o.host[-args.iters:]]) for q in ("minor_faults", "system_s")}
+                        for k in PIECES},
         "decode_s": _median(decode),
         "all_total_s": [t["total"] for t in times],
         "compiles_in_timed_loop": counter.count,
