@@ -5,9 +5,11 @@ whose body is rematerialised (`jax.checkpoint`): forward and backward hold
 one [B, chunk, V] block of logits at a time. When the positions fit in one
 chunk the body is not rematerialised: the backward would hold that block
 either way, so recomputing it (one more [B*T, E] x [E, V] matmul, a quarter
-of the head's forward+backward) would buy no memory. Logits are divided by the
-sampling temperature, so the result is the distribution the sampler's
-`raw_logprobs` come from.
+of the head's forward+backward) would buy no memory. Each block's backward is
+written by hand (`_head_block`: onehot - p for the log-prob, -p (log p + H) for
+the entropy), one elementwise pass over its logits between the two matmuls.
+Logits are divided by the sampling temperature, so the result is the
+distribution the sampler's `raw_logprobs` come from.
 
 Sequences are split as the sampler returns them: a left-padded prompt
 [B, P] followed by a completion [B, N]. Log-probs are computed for the
