@@ -58,8 +58,8 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 import workload as workload_lib
 
-# glibc's tunables for what jaxrl_llm.host_memory sets with mallopt at import (arena_max=1, mmap_max=0, no trim)
-KEEP_MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
+from jaxrl_llm import host_memory
+
 PEERS = {
     "trl": {"script": "peers/trl_grpo.py", "pins": ["torch==2.13.0", "trl==1.16.0"], "label": "TRL 1.16.0 GRPOTrainer"},
     # TRL's own mixed precision (bf16=True: bfloat16 autocast, float32 weights), the peer of our bf16 matmuls
@@ -71,7 +71,8 @@ PEERS = {
                    "label": "TRL 1.16.0 GRPOTrainer, 4 accumulation steps of 16 rows"},
     # TRL in a process whose glibc malloc keeps freed memory as jaxrl_llm's does (jaxrl_llm.host_memory; glibc
     # tunables, since torch's allocator is malloc too): the like-for-like peer of that setting
-    "trl-keep-malloc": {"script": "peers/trl_grpo.py", "venv": "trl", "env": {"GLIBC_TUNABLES": KEEP_MALLOC_TUNABLES},
+    "trl-keep-malloc": {"script": "peers/trl_grpo.py", "venv": "trl",
+                        "env": {"GLIBC_TUNABLES": host_memory.keep_tunables()},
                         "pins": ["torch==2.13.0", "trl==1.16.0"],
                         "label": "TRL 1.16.0 GRPOTrainer, glibc malloc keeping freed memory (as ours)"},
     "tunix": {"script": "peers/tunix_grpo.py", "pins": ["jax[cpu]==0.10.2", "google-tunix==0.1.7"],

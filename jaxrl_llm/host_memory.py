@@ -34,9 +34,9 @@ from jaxrl_llm.errors import ConfigError
 
 ENV = "JAXRL_LLM_HOST_MALLOC"
 MODES = ("keep", "system")
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_KEEP = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+# (glibc tunable name, mallopt parameter from malloc.h, value): one arena, no mmap, no trimming (-1: the
+# largest size_t)
+_KEEP = (("arena_max", -8, 1), ("mmap_max", -4, 0), ("trim_threshold", -1, -1))
 
 STATE: dict = {"mode": None, "applied": False, "reason": "not configured yet"}
 
@@ -70,6 +70,12 @@ def _glibc():
         return None
 
 
+def keep_tunables() -> str:
+    """The same settings as a GLIBC_TUNABLES value, for a process that does not import jaxrl_llm (a peer's
+    benchmark run); glibc reads it at start-up."""
+    return ":".join(f"glibc.malloc.{name}={v if v >= 0 else 2**64 - 1}" for name, _, v in _KEEP)
+
+
 def configure(environ=None) -> dict:
     """Applies the mode (see the module docstring) and returns `STATE`; a bad value is recorded in
     STATE["error"] for `check()`, and nothing is applied."""
@@ -87,7 +93,7 @@ def configure(environ=None) -> dict:
     if libc is None:
         STATE["reason"] = "not glibc: the C library's default"
         return STATE
-    failed = [p for p, v in _KEEP if libc.mallopt(p, v) != 1]
+    failed = [name for name, p, v in _KEEP if libc.mallopt(p, v) != 1]
     STATE.update(applied=not failed, reason="mallopt refused parameters " + str(failed) if failed else
                  "glibc " + libc.gnu_get_libc_version().decode())
     return STATE

@@ -42,9 +42,11 @@ print(json.dumps({"state": host_memory.STATE, "faults": faults}))
 """
 
 
-def _rounds(mode: str) -> dict:
+def _rounds(mode: str, tunables: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env[host_memory.ENV] = mode
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
     out = subprocess.run([sys.executable, "-c", ROUNDS], env=env, capture_output=True, text=True, timeout=120,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -62,6 +64,15 @@ def test_keep_reuses_freed_memory_without_page_faults():
     assert system["faults"][1] >= system["faults"][0] // 2, system
     # ... where kept memory is reused as it is
     assert keep["faults"][1] <= max(16, system["faults"][1] // 10) and keep["faults"][1] < pages // 100, keep
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="GLIBC_TUNABLES is glibc's")
+def test_keep_tunables_give_a_process_the_same_reuse():
+    """`keep_tunables()` (what bench/peers.py hands a peer's process) does without mallopt what `keep` does."""
+    system, tuned = _rounds("system"), _rounds("system", host_memory.keep_tunables())
+    assert tuned["state"]["applied"] is False  # nothing from mallopt: the tunables alone
+    assert tuned["faults"][0] > 16, tuned
+    assert tuned["faults"][1] <= max(16, system["faults"][1] // 10) and tuned["faults"][1] < (256 << 20) // 4096 // 100
 
 
 @pytest.mark.parametrize("value,expected", [(None, "keep"), ("", "keep"), ("keep", "keep"), (" System ", "system")])
