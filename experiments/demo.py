@@ -9,9 +9,10 @@ zero-padded operands and the answer least-significant digit first
 ("0 7 + 3 8 =" -> "5 4 0" for 45, arXiv 2307.03381); accuracy is greedy
 exact match on 256 held-out problems.
 
-Expect (measured, 2-core CPU, one seed): the SFT warm start reaches 56.6% held-out
-accuracy after 200 steps; 60 GRPO iterations lift it to 95.3% (93.8% with the Gumbel draw, 93.4% at
-d034ab0 with one forward per row, 92.2% before per-row keys).
+Expect (measured, 2-core CPU, one seed): seed 0 reaches 19.1% held-out accuracy after the 200 SFT
+steps and 60 GRPO iterations lift it to 46.5% (at 8fbb7c7; 56.6% -> 95.3% before the head's hand-written
+backward changed the float rounding). The SFT warm start decides the end point: over seeds 0-4 SFT
+36.0% +- 27.2, then RL 63.7% +- 26.8, RL +23 to +33 points in every seed.
 Full figures and times: README "Measured".
 """
 
