@@ -39,7 +39,23 @@ def _env():
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".pytest_cache" / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["PYTHONFAULTHANDLER"] = "1"  # a run stopped with SIGABRT prints where each of its threads was
     return env
+
+
+def _communicate(proc, timeout=None, what="the run") -> str:
+    """The run's stderr once it ends; a run still going after `timeout` s fails the test with every thread's
+    Python stack (SIGABRT, faulthandler) instead of leaving only a TimeoutExpired."""
+    try:
+        return proc.communicate(timeout=timeout)[1].decode()
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            err = proc.communicate(timeout=60)[1].decode()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1].decode()
+        pytest.fail(f"{what} had not ended {timeout} s later; where its threads were:\n{err[-8000:]}")
 
 
 def _final_arrays(run_root) -> dict:
@@ -67,7 +83,7 @@ def _run_until(run_root, predicate, timeout=240):
             proc.wait()
             return True
         time.sleep(0.01)
-    out = proc.communicate()[1].decode()
+    out = _communicate(proc, timeout, "the run (no signal sent)")
     assert proc.returncode == 0, out[-3000:]
     return False
 
@@ -155,7 +171,7 @@ def _run_and_signal(run_root, predicate, signals=(signal.SIGINT,), timeout=240):
         if proc.poll() is None:
             proc.send_signal(s)
             time.sleep(0.05)
-    err = proc.communicate(timeout=timeout)[1].decode()
+    err = _communicate(proc, timeout, f"the run sent {[signal.Signals(s).name for s in signals]}")
     return proc.returncode, err
 
 
