@@ -103,9 +103,16 @@ def _writing(run_dir, stage):
     return d.exists() and any("tmp" in p.name for p in d.iterdir())
 
 
-def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
-    ref_root, root = tmp_path / "ref", tmp_path / "killed"
-    assert not _run_until(ref_root, lambda d: False)
+@pytest.fixture(scope="module")
+def ref_root(tmp_path_factory):
+    """The run never stopped (the same command as every stopped run here), shared by the tests that compare."""
+    root = tmp_path_factory.mktemp("ref")
+    assert not _run_until(root, lambda d: False)
+    return root
+
+
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, ref_root):
+    root = tmp_path / "killed"
     reference = _final_arrays(ref_root)
     kill_points = [
         lambda d: _metric_steps(d, "sft") >= 3,   # mid SFT, between checkpoints
@@ -182,9 +189,8 @@ def _one_error_line(err: str) -> str:
     return errors[0]
 
 
-def test_ctrl_c_and_sigterm_checkpoint_where_they_stop_and_resume_equals_uninterrupted(tmp_path):
-    ref_root, root = tmp_path / "ref", tmp_path / "stopped"
-    assert not _run_until(ref_root, lambda d: False)
+def test_ctrl_c_and_sigterm_checkpoint_where_they_stop_and_resume_equals_uninterrupted(tmp_path, ref_root):
+    root = tmp_path / "stopped"
     reference = _final_arrays(ref_root)
 
     # Ctrl-C mid SFT (between checkpoints): a checkpoint where it stopped, exit code 130, one line saying so.
