@@ -493,6 +493,17 @@ def _quiet_unraisable(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def _exit_now(code: int) -> None:
+    """Ends the process without Python's shutdown. After a second Ctrl-C the checkpoint writer's threads may
+    wait for signals from a save that was cut short, and the interpreter's exit would join them for ever."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = config_flags_to_sets(sys.argv[1:] if argv is None else list(argv))
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -509,7 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        return report(e)
+        code = report(e)
+        if getattr(e, "at_once", False):
+            _exit_now(code)
+        return code
     except OSError as e:
         if debug or e.errno not in UNWRITABLE:
             raise

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -227,6 +228,30 @@ def test_ctrl_c_and_sigterm_checkpoint_where_they_stop_and_resume_equals_uninter
         np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rs]  # noqa: E731
     assert strip(_metrics(root)) == strip(_metrics(ref_root))
+
+
+def test_a_second_ctrl_c_ends_the_process_though_a_writer_thread_still_waits():
+    """A second Ctrl-C that cuts a checkpoint save short leaves orbax's writer threads waiting for signals the
+    save never sent, and Python's exit joins them for ever (seen: `threading._shutdown` waiting on three
+    `_SignalingThread`s). `jaxrl-llm` reports the stop and ends at once all the same."""
+    script = textwrap.dedent("""
+        import sys, threading
+        from jaxrl_llm import cli
+        from jaxrl_llm.errors import Interrupted
+
+        def train(args):
+            threading.Thread(target=threading.Event().wait, name="waits-for-ever").start()  # not a daemon
+            e = Interrupted("stopped at once by a second Ctrl-C; the run resumes from its last checkpoint")
+            e.at_once = True
+            raise e
+
+        cli.cmd_train = train
+        sys.exit(cli.main(["train", "experiments/demo.py"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert _one_error_line(proc.stderr).startswith("error: stopped at once by a second Ctrl-C")
 
 
 def test_a_second_ctrl_c_inside_a_gc_callback_leaves_no_traceback(monkeypatch):

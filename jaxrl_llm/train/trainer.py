@@ -94,8 +94,10 @@ def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
         with StopRequests(every=cfg.log.every) as stop:
             return _train(cfg, run, stop, t0)
     except KeyboardInterrupt:  # a second Ctrl-C: out at once
-        raise Interrupted(f"stopped at once by a second Ctrl-C; {run.path} resumes from its last complete "
-                          f"checkpoint{_latest(run, cfg)} when the same command runs again (without --fresh)") from None
+        e = Interrupted(f"stopped at once by a second Ctrl-C; {run.path} resumes from its last complete "
+                        f"checkpoint{_latest(run, cfg)} when the same command runs again (without --fresh)")
+        e.at_once = True  # a save it cut short may leave the writer's threads waiting: see Interrupted
+        raise e from None
     except (OSError, ValueError, RuntimeError) as e:
         full = _full_disk(e)
         if full is None:
