@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "jaxrl_llm"
 
 # Bottom to top. A top-level module (tokenizer.py, records.py, cli.py) is a package of its own.
-LAYERS = ("errors", "host_memory", "records", "kernels", "tokenizer", "assets", "sharding", "models", "rollout", "algos", "tasks",
-          "lessons", "envs", "data", "rewards", "search", "eval", "train", "cli")
+LAYERS = ("errors", "host_memory", "records", "kernels", "tokenizer", "assets", "sharding", "models", "rollout",
+          "algos", "tasks", "lessons", "envs", "data", "rewards", "search", "eval", "train", "cli")
 
 
 def _package_of(path: Path) -> str:
