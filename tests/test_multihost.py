@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from subprocs import stop_with_tracebacks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXP = str(ROOT / "tests" / "multihost_exp.py")
@@ -62,24 +63,6 @@ def _start(run_root, processes: int, sets=()) -> list[subprocess.Popen]:
                              stderr=subprocess.STDOUT, text=True) for c in cmds]
 
 
-def _stop_with_tracebacks(procs) -> str:
-    """Stops the processes; those still running first print every thread's Python stack (faulthandler)."""
-    running = [p.poll() is None for p in procs]
-    for p, alive in zip(procs, running):
-        if alive:
-            p.send_signal(signal.SIGABRT)
-    parts = []
-    for i, (p, alive) in enumerate(zip(procs, running)):
-        try:
-            out = p.communicate(timeout=30)[0]
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out = p.communicate()[0]
-        state = "was still running" if alive else f"had ended with exit {p.returncode}"
-        parts.append(f"process {i} {state}:\n{out[-6000:]}")
-    return "\n".join(parts)
-
-
 def _finish(procs, timeout=TIMEOUT) -> list[str]:
     outs = []
     deadline = time.time() + timeout
@@ -88,7 +71,7 @@ def _finish(procs, timeout=TIMEOUT) -> list[str]:
             out, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             pytest.fail(f"multi-process run did not finish in {timeout} s; where each process was:\n"
-                        + _stop_with_tracebacks(procs))
+                        + stop_with_tracebacks(procs, grace=30))
         outs.append(out)
     for p, out in zip(procs, outs):
         assert p.returncode == 0, f"process failed (exit {p.returncode}):\n{out[-4000:]}"
@@ -166,7 +149,7 @@ def _kill_when(procs, path: pathlib.Path, timeout=TIMEOUT) -> None:
     while not path.exists():
         if any(p.poll() is not None for p in procs) or time.time() - t0 > timeout:
             pytest.fail(f"the run ended (or hung) before {path} appeared after {time.time() - t0:.0f} s:\n"
-                        + _stop_with_tracebacks(procs))
+                        + stop_with_tracebacks(procs, grace=30))
         time.sleep(0.05)
     for p in procs:
         p.send_signal(signal.SIGKILL)

@@ -18,6 +18,7 @@ import pytest
 from jaxrl_llm.train.config import load_experiment
 from jaxrl_llm.train.stage import NonFiniteError
 from jaxrl_llm.train.trainer import train
+from subprocs import stop_with_tracebacks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "experiments" / "demo.py")
@@ -46,17 +47,12 @@ def _env():
 
 def _communicate(proc, timeout=None, what="the run") -> str:
     """The run's stderr once it ends; a run still going after `timeout` s fails the test with every thread's
-    Python stack (SIGABRT, faulthandler) instead of leaving only a TimeoutExpired."""
+    Python stack (`subprocs.stop_with_tracebacks`) instead of leaving only a TimeoutExpired."""
     try:
         return proc.communicate(timeout=timeout)[1].decode()
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGABRT)
-        try:
-            err = proc.communicate(timeout=60)[1].decode()
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            err = proc.communicate()[1].decode()
-        pytest.fail(f"{what} had not ended {timeout} s later; where its threads were:\n{err[-8000:]}")
+        pytest.fail(f"{what} had not ended {timeout} s later; where its threads were:\n"
+                    + stop_with_tracebacks([proc], tail=8000))
 
 
 def _final_arrays(run_root) -> dict:
