@@ -101,8 +101,10 @@ VARIANTS = {"ours-system-malloc": ([], "ours, the C library's own malloc behavio
             "ours-remat-full": (["--remat", "full"], "ours, remat=\"full\" (layers recomputed in the backward)"),
             "ours-old-forward": (["--old-forward"], "ours + a separate old-policy forward"),
             "ours-one-cache-buffer": (["--cache-segments", "1"], "ours, one KV-cache buffer (cache_segments=1)")}
-# issue 7: ours must be this many times faster
-TARGETS = {"trl": 3.0, "trl-bf16": 3.0, "trl-micro4": 3.0, "trl-keep-malloc": 3.0, "tunix": 1.5, "generate": 3.0}
+# issue 24's floors on the tiny workload, float32 on every CPU kind: ours at least 1.5x TRL's iteration (every TRL
+# configuration is held to TRL's), 2x Tunix's, and the sampler 2x `generate`. (Issue 7 had asked for 3x TRL and
+# `generate`, 1.5x Tunix, on one CPU; docs/performance.md says where those stand.)
+TARGETS = {"trl": 1.5, "trl-bf16": 1.5, "trl-micro4": 1.5, "trl-keep-malloc": 1.5, "tunix": 2.0, "generate": 2.0}
 # per workload (workload.json's name) where it differs: issue 24 asks for 2x TRL at the real shape
 WORKLOAD_TARGETS = {"smollm2-135m GRPO": {"trl": 2.0, "trl-bf16": 2.0, "trl-micro4": 2.0, "trl-keep-malloc": 2.0}}
 
@@ -308,7 +310,7 @@ def table(summary: dict, decode_label: str = "decode 64 rows x 64 new tokens") -
     g = summary.get("generate")
     if g and g.get("ok"):
         lines.append(f"| transformers generate | {_f(g['decode_s'], 3)} | {_f(g.get('ratio_vs_ours'))}{_range(g)} "
-                     f"(target 3: {'met' if g.get('target_met') else 'not met'}) |")
+                     f"(target {g['target']:g}: {'met' if g.get('target_met') else 'not met'}) |")
         for name, s in summary.items():
             if name.startswith("ours") and name != "ours" and s.get("generate_over_decode"):
                 r = s.get("generate_over_decode_per_round") or []
