@@ -102,10 +102,11 @@ class StorageError(UserError, OSError):
 class Interrupted(UserError):
     """The run stopped on Ctrl-C or SIGTERM (after saving a checkpoint when it could).
 
-    `at_once` is True after a second Ctrl-C: the run did not wait for anything, and a checkpoint save it cut
-    short leaves the writer's background threads waiting for ever (Python's exit joins them), so the process
-    should end with `os._exit` once the error is reported, as `jaxrl-llm` does; what was being written stays a
-    temporary directory that a resume ignores, as after SIGKILL."""
+    `at_once` is True after a second Ctrl-C: the run did not wait for its step to end. A second Ctrl-C waits
+    for a checkpoint being handed to its writer (`train.signals.finish_first`), a third does not, and a save
+    cut short leaves the writer's background threads waiting for ever (Python's exit joins them), so the
+    process should end with `os._exit` once the error is reported, as `jaxrl-llm` does; what was being written
+    stays a temporary directory that a resume ignores, as after SIGKILL."""
 
     exit_code = 130
     at_once = False

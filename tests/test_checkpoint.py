@@ -231,3 +231,53 @@ def test_mismatch_and_bad_input_messages(tmp_path):
     with pytest.raises(CheckpointError, match=r"in the checkpoint but not expected \(1\):\n    step"):
         ckpt.restore(1, fewer)
     ckpt.close()
+
+
+def test_a_second_ctrl_c_waits_for_the_save_to_be_handed_over_and_a_third_does_not(tmp_path, capsys):
+    """A second Ctrl-C that comes while `save` hands the checkpoint to orbax is held until that call returns
+    (cut short, orbax's writer threads would wait for ever for what it had not done yet), then raised: the
+    checkpoint is complete. A third one raises at once; outside a save the second raises at once as before."""
+    from jaxrl_llm.train.signals import StopRequests, finish_first
+
+    def sigint():
+        os.kill(os.getpid(), signal.SIGINT)  # handled in this (the main) thread before the next bytecode
+
+    ckpt = Checkpointer(tmp_path)
+    orbax_save = ckpt._manager.save
+    calls = []
+
+    def interrupted_save(*args, **kwargs):
+        sigint()  # the second Ctrl-C, in the middle of the call
+        calls.append("after the second Ctrl-C")
+        return orbax_save(*args, **kwargs)
+
+    ckpt._manager.save = interrupted_save
+    with StopRequests() as stop:
+        sigint()  # the first: a stop after this step
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save(1, _tree(1), {"s": 1})
+        assert calls == ["after the second Ctrl-C"]
+        ckpt.wait()
+        assert ckpt.all_steps() == [1]  # complete and readable
+        _, meta = ckpt.restore(1, abstract_like(_tree()))
+        assert meta == {"s": 1}
+        assert "Ctrl-C again: stopping at once when checkpoint 1 has been handed to its writer" in capsys.readouterr().err
+
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with finish_first("the test's section"):
+                sigint()  # held
+                done.append(2)
+                sigint()  # the third: at once
+                done.append(3)
+        assert done == [2]
+        with pytest.raises(ValueError, match="its own error"):  # a body's own error wins over a held Ctrl-C
+            with finish_first("the test's section"):
+                sigint()
+                raise ValueError("its own error")
+        with finish_first("the test's section"):
+            pass  # nothing held over from the section before
+        with pytest.raises(KeyboardInterrupt):
+            sigint()  # outside a section: at once
+    ckpt.close()

@@ -43,6 +43,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxrl_llm.errors import ResumeError
+from jaxrl_llm.train.signals import finish_first
 
 STATE, META = "state", "meta"
 TRASH = "_to_delete"  # orbax renames pruned steps here (todelete_subdir); we delete them
@@ -135,8 +136,11 @@ class Checkpointer:
         if step in self._manager.all_steps():
             raise CheckpointError(f"a checkpoint for step {step} already exists in {self.directory}; resume from "
                                   f"the latest step ({self.latest_step()}) or write to a new directory")
-        self._manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                                            META: ocp.args.JsonSave(meta)}), force=True)
+        # A second Ctrl-C must not cut this call short: orbax's writer threads would wait for ever for what it
+        # had not done yet (a third one still does; `jaxrl-llm` then ends with os._exit, see errors.Interrupted).
+        with finish_first(f"checkpoint {step} has been handed to its writer"):
+            self._manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                                META: ocp.args.JsonSave(meta)}), force=True)
         if self.async_save:
             self._in_flight = step
         self._purge_trash()

@@ -1,6 +1,7 @@
 """Stopping a run cleanly: Ctrl-C (SIGINT) and SIGTERM ask the training loop to stop after the step it is
 in, save a checkpoint there and end with `errors.Interrupted` saying where to resume from; a second Ctrl-C
-stops at once (the last complete checkpoint is what a resume starts from).
+stops at once (the last complete checkpoint is what a resume starts from), except that it lets a section
+marked `finish_first` (a checkpoint being handed to its writer) end first; a third Ctrl-C cuts that short too.
 
     with StopRequests() as stop:       # installs the handlers (main thread only), restores them on exit
         ...
@@ -10,6 +11,7 @@ stops at once (the last complete checkpoint is what a resume starts from).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -19,6 +21,40 @@ from jaxrl_llm.sharding import multihost
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+
+
+class _Section:
+    """The main thread's `finish_first` section: how deep, what it does, and whether a Ctrl-C waits for it."""
+
+    depth = 0
+    what = ""
+    held = False
+
+
+@contextlib.contextmanager
+def finish_first(what: str):
+    """A second Ctrl-C (the one that stops at once) that comes while the body runs is held until the body has
+    ended and raised then (KeyboardInterrupt): the body is never cut short by it. For work that must not stop
+    half done, e.g. handing a checkpoint to orbax, whose writer threads would otherwise wait for ever for
+    signals the save had not sent yet (and Python's exit waits for them). A third Ctrl-C raises at once.
+    `what` finishes the line printed when a Ctrl-C is held ("stopping at once when <what> ..."). A body that
+    raises ends the section with its own exception (a held Ctrl-C is dropped: the run stops either way).
+    Outside the main thread, or with no StopRequests installed, it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _Section.depth += 1
+    outer, _Section.what = _Section.what, _Section.what or what
+    try:
+        yield
+    finally:
+        _Section.depth -= 1
+        _Section.what = outer
+        held = _Section.held and not _Section.depth
+        if not _Section.depth:
+            _Section.held = False
+    if held:
+        raise KeyboardInterrupt
 
 
 class StopRequests:
@@ -54,6 +90,11 @@ class StopRequests:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
+            if _Section.depth and not _Section.held:  # the second Ctrl-C in a finish_first section: after it
+                _Section.held = True
+                print(f"\nCtrl-C again: stopping at once when {_Section.what} (Ctrl-C once more to cut it short)",
+                      file=sys.stderr, flush=True)
+                return
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.signum is None:
             print(f"\n{NAMES.get(signum, signum)}: stopping after this step and saving a checkpoint "
