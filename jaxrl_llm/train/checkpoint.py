@@ -141,8 +141,8 @@ class Checkpointer:
         with finish_first(f"checkpoint {step} has been handed to its writer"):
             self._manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                                                 META: ocp.args.JsonSave(meta)}), force=True)
-        if self.async_save:
-            self._in_flight = step
+            if self.async_save:
+                self._in_flight = step
         self._purge_trash()
         return True
 
