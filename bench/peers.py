@@ -86,6 +86,8 @@ VARIANTS = {"ours-system-malloc": ([], "ours, the C library's own malloc behavio
             "ours-micro4": (["--micro-batches", "4"],
                             "ours, 4 micro-batches (algo.num_micro_batches=4: one AdamW step, gradient summed "
                             "over 4 row chunks)"),
+            "ours-micro2-unrolled": (["--micro-batches", "2", "--scan-unroll", "1000"],
+                                     "ours, float32, 2 micro-batches + unrolled layers (one CPU device)"),
             "ours-bf16": (["--matmul-dtype", "bfloat16", "--micro-batches", "4", "--scan-unroll", "4"],
                           "ours, bf16 matmul operands (model.matmul_dtype) + 4 micro-batches + unrolled layers"),
             "ours-2dev": (["--cpu-devices", "2", "--micro-batches", "2", "--scan-unroll", "4"],
