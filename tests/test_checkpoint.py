@@ -240,7 +240,7 @@ def test_a_second_ctrl_c_waits_for_the_save_to_be_handed_over_and_a_third_does_n
     from jaxrl_llm.train.signals import StopRequests, finish_first
 
     def sigint():
-        os.kill(os.getpid(), signal.SIGINT)  # handled in this (the main) thread before the next bytecode
+        signal.raise_signal(signal.SIGINT)  # to this thread (the main one); its handler has run when this returns
 
     ckpt = Checkpointer(tmp_path)
     orbax_save = ckpt._manager.save
