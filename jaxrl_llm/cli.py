@@ -494,8 +494,10 @@ def _quiet_unraisable(unraisable) -> None:
 
 
 def _exit_now(code: int) -> None:
-    """Ends the process without Python's shutdown. After a second Ctrl-C the checkpoint writer's threads may
-    wait for signals from a save that was cut short, and the interpreter's exit would join them for ever."""
+    """Ends the process without Python's shutdown. After a third Ctrl-C (a second one waits for a save to be
+    handed over, `train.signals.finish_first`) the checkpoint writer's threads may wait for signals from a save
+    that was cut short, and the interpreter's exit would join them for ever; after a second it would wait for
+    the write in flight, which "at once" does not."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -262,7 +262,8 @@ def test_a_second_ctrl_c_waits_for_the_save_to_be_handed_over_and_a_third_does_n
         assert ckpt.all_steps() == [1]  # complete and readable
         _, meta = ckpt.restore(1, abstract_like(_tree()))
         assert meta == {"s": 1}
-        assert "Ctrl-C again: stopping at once when checkpoint 1 has been handed to its writer" in capsys.readouterr().err
+        held = "Ctrl-C again: stopping at once when checkpoint 1 has been handed to its writer"
+        assert held in capsys.readouterr().err
 
         done = []
         with pytest.raises(KeyboardInterrupt):

@@ -227,9 +227,10 @@ def test_ctrl_c_and_sigterm_checkpoint_where_they_stop_and_resume_equals_uninter
 
 
 def test_a_second_ctrl_c_ends_the_process_though_a_writer_thread_still_waits():
-    """A second Ctrl-C that cuts a checkpoint save short leaves orbax's writer threads waiting for signals the
-    save never sent, and Python's exit joins them for ever (seen: `threading._shutdown` waiting on three
-    `_SignalingThread`s). `jaxrl-llm` reports the stop and ends at once all the same."""
+    """A Ctrl-C that cuts a checkpoint save short (a third one: a second waits for the save to be handed over,
+    tests/test_checkpoint.py) leaves orbax's writer threads waiting for signals the save never sent, and
+    Python's exit joins them for ever (seen: `threading._shutdown` waiting on three `_SignalingThread`s).
+    `jaxrl-llm` reports the stop and ends at once all the same."""
     script = textwrap.dedent("""
         import sys, threading
         from jaxrl_llm import cli

@@ -96,7 +96,7 @@ def train(cfg: mc.ConfigDict, *, fresh: bool = False) -> dict[str, Any]:
     except KeyboardInterrupt:  # a second Ctrl-C: out at once
         e = Interrupted(f"stopped at once by a second Ctrl-C; {run.path} resumes from its last complete "
                         f"checkpoint{_latest(run, cfg)} when the same command runs again (without --fresh)")
-        e.at_once = True  # a save it cut short may leave the writer's threads waiting: see Interrupted
+        e.at_once = True  # a save cut short (a third Ctrl-C) may leave the writer's threads waiting: see Interrupted
         raise e from None
     except (OSError, ValueError, RuntimeError) as e:
         full = _full_disk(e)
