@@ -34,5 +34,6 @@ def get_config(preset=None):
         c.sft.steps, c.sft.batch_size, c.sft.optimizer.learning_rate = 80, 64, 3e-3
         c.ei.rounds, c.ei.prompts_per_round, c.ei.search.n, c.ei.sft_steps, c.ei.batch_size = 3, 8, 16, 2, 8
         c.ei.keep_per_prompt = 2
-        c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 2, 16, 1, 2
+        # the 80 warm-start steps evaluate and checkpoint twice, the rounds at their end
+        c.eval.every, c.eval.num_examples, c.log.every, c.checkpoint.every = 40, 16, 1, 40
     return c

@@ -4,6 +4,8 @@ The flag must be set before jax is imported anywhere.
 """
 
 import os
+import shutil
+import tempfile
 
 # Compile fast: the tests run small programs a few times each, so compiling is most of their time; LLVM's
 # optimisations off and XLA's classic CPU fusion emitters compile much faster. Subprocesses that tests start
@@ -17,6 +19,18 @@ PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=600 
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), COMPILE_FAST, PATIENT_COLLECTIVES,
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the session, shared by both pytest workers and the processes tests start
+# (those that compare runs set their own): a program compiled by an earlier test, in either worker, is read back
+# instead of compiled again (library functions jit fresh closures, so the in-memory caches miss). The process
+# that starts the session creates it (the workers inherit the variable) and removes it at the end. A cache set
+# by the caller is used as it is and kept.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="jaxrl-llm-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -46,6 +60,11 @@ HEAVY_FILES_FIRST = ("test_experiments.py", "test_vectorised_seeds.py", "test_tr
                      "test_kto.py", "test_gguf.py", "test_multihost.py", "test_plots_sweep.py",
                      "test_ppo_step.py", "test_grpo_step.py", "test_model.py", "test_checkpoint.py",
                      "test_sampler.py", "test_sft_rm_dpo_steps.py")
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
