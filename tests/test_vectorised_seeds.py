@@ -51,20 +51,13 @@ def runs(tmp_path_factory):
     from jaxrl_llm.train.trainer import train
     from jaxrl_llm.train.vectorised import train_vectorised
     root = tmp_path_factory.mktemp("vec")
-    # the separate runs compile what the vectorised members' earlier stages compiled: share it through the cache
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(root / ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # the separate runs compile what the vectorised members' earlier stages compiled: the session's compilation
+    # cache (conftest) gives it back
     vec = [_cfg(root, "vec", s, lr) for s, lr in MEMBERS]
     sep = [_cfg(root, "sep", s, lr) for s, lr in MEMBERS]
-    try:
-        summaries = train_vectorised(vec)
-        for c in sep:
-            train(c)
-    finally:
-        for k, v in saved.items():
-            jax.config.update(k, v)
+    summaries = train_vectorised(vec)
+    for c in sep:
+        train(c)
     return root, vec, sep, summaries
 
 
