@@ -6,8 +6,9 @@ import sys
 
 from subprocs import stop_with_tracebacks
 
-HANG = ("import threading, time\n"
-        "def nap():\n    print('in nap', flush=True)\n    time.sleep(300)\n"
+# one write per line (print writes the text and its newline apart: the two threads' lines could interleave)
+HANG = ("import os, threading, time\n"
+        "def nap():\n    os.write(1, b'in nap\\n')\n    time.sleep(300)\n"
         "threading.Thread(target=nap).start()\n"
         "nap()\n")
 
