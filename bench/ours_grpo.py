@@ -20,8 +20,9 @@ its phases:
 
 Every piece ends with `block_until_ready`; medians over --iters iterations
 after --warmup. `decode_s` times the sampler alone (64 x 64, like
-`transformers.generate`). `--old-forward` forces the separate old-policy
-forward; `--scan-unroll N`, `--remat POLICY`, `--dtype DTYPE` (compute; params stay
+`transformers.generate`), and `matmuls_only_step_ms` one decode step's float32 matmuls alone (median of
+--matmul-repeats calls; bench/peers/hf_generate.py times the same chain in torch). `--old-forward`
+forces the separate old-policy forward; `--scan-unroll N`, `--remat POLICY`, `--dtype DTYPE` (compute; params stay
 float32) and `--matmul-dtype DTYPE` (the dense layers' matmul operands, float32 accumulation)
 override `load_hf`'s config; `--cache-segments K` the sampler's KV-cache segments;
 `--micro-batches M` sets `algo.num_micro_batches` (the gradient of all 64 rows summed over M row
@@ -59,7 +60,7 @@ from jaxrl_llm.algos import grpo
 from jaxrl_llm.algos.policy_loss import PolicyLossConfig
 from jaxrl_llm.algos.train_state import OptimizerConfig, TrainState
 from jaxrl_llm.models import CausalLM, KVCache, load_hf, positions_from_mask
-from jaxrl_llm.models.transformer import unstack_layers
+from jaxrl_llm.models.transformer import unembedding, unstack_layers
 from jaxrl_llm.rewards import RolloutScorer
 from jaxrl_llm.rollout import SamplingConfig, make_sampler
 from jaxrl_llm.sharding import ShardingEnv, make_mesh, set_cpu_devices
@@ -241,6 +242,39 @@ def _kv_copies(hlo: str, layer_shape: tuple[int, ...]) -> dict:
             "while_loops": hlo.count(" while(")}
 
 
+def matmul_chain(o: Ours, steps: int | None = None):
+    """One decode step's float32 matmuls alone (q, k, v, o projections, the MLP, the head; no attention, cache,
+    norms or sampling) for every row, from the per-layer weights split once as the sampler does, `steps`
+    (default max_new_tokens) steps in one compiled loop: (jitted fn, its arguments). bench/peers/hf_generate.py
+    runs the same chain in torch with the same weights (tests/test_bench_smollm2.py: the same result), so
+    the two timings say whether a decode gap lies in the matmul kernels or around them."""
+    cfg, params = o.cfg, o.state.params
+    rows, n_new = o.prompt_tokens.shape[0] * o.sampling.n_samples, steps or o.sampling.max_new_tokens
+
+    def chain(prm, w_head, x):
+        def step(_, h):
+            for layer in range(cfg.num_layers):
+                a = prm["model"]["layers"][str(layer)]
+                q = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["q_proj"]["kernel"])
+                k = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["k_proj"]["kernel"])
+                v = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["v_proj"]["kernel"])
+                h = h + jnp.einsum("bhd,hde->be", q, a["self_attn"]["o_proj"]["kernel"]) + 0 * (k.sum() + v.sum())
+                gt = h @ a["mlp"]["gate_proj"]["kernel"]
+                up = h @ a["mlp"]["up_proj"]["kernel"]
+                h = h + (jax.nn.silu(gt) * up) @ a["mlp"]["down_proj"]["kernel"]
+            return h + 1e-3 * (h @ w_head)[:, :1]  # keep the head
+        return jax.lax.fori_loop(0, n_new, step, x)
+
+    x = jnp.ones((rows, cfg.hidden_size), jnp.float32)
+    return jax.jit(chain), (unstack_layers(params), unembedding(params, cfg), x)
+
+
+def matmuls_only_step_ms(o: Ours, repeats: int) -> float:
+    """ms per decode step of `matmul_chain` (median of `repeats` calls after one)."""
+    fn, args = matmul_chain(o)
+    return 1e3 * _time(lambda: fn(*args), repeats) / o.sampling.max_new_tokens
+
+
 def detail(o: Ours, repeats: int) -> dict:
     """Where the time goes: prefill vs decode steps (vs their matmul floor), KV-cache copies in the compiled
     sampler, the log-prob and plain forwards, the trunk's forward vs backward (as loaded and unrolled), and
@@ -285,33 +319,11 @@ def detail(o: Ours, repeats: int) -> dict:
     step_nodonate = jax.jit(traced(one_step))
     out["isolated_decode_step_ms"] = 1e3 * _time(lambda: step_nodonate(params, tok, pos, live, cache0), repeats)
 
-    # The compute floor of one decode step: its matmuls alone (projections, MLP, head; no attention, no cache,
-    # no sampling), from the per-layer weights split once as the sampler does, n_new steps in one loop.
-    split = unstack_layers(params)
-
-    def mlp_only(prm, x):
-        def step(_, h):
-            for layer in range(cfg.num_layers):
-                a = prm["model"]["layers"][str(layer)]
-                q = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["q_proj"]["kernel"])
-                k = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["k_proj"]["kernel"])
-                v = jnp.einsum("be,ehd->bhd", h, a["self_attn"]["v_proj"]["kernel"])
-                h = h + jnp.einsum("bhd,hde->be", q, a["self_attn"]["o_proj"]["kernel"]) + 0 * (k.sum() + v.sum())
-                gt = h @ a["mlp"]["gate_proj"]["kernel"]
-                up = h @ a["mlp"]["up_proj"]["kernel"]
-                h = h + (jax.nn.silu(gt) * up) @ a["mlp"]["down_proj"]["kernel"]
-            logits = h @ prm["model"]["embed_tokens"]["embedding"].T
-            return h + 1e-3 * logits[:, :1]  # keep the head
-        return jax.lax.fori_loop(0, n_new, step, x)
-
-    x = jnp.ones((rows, cfg.hidden_size), jnp.float32)
-    mlp_jit = jax.jit(mlp_only)
-    out["matmuls_only_step_ms"] = 1e3 * _time(lambda: mlp_jit(split, x), repeats) / n_new
+    out["matmuls_only_step_ms"] = matmuls_only_step_ms(o, repeats)
 
     # The decode step's per-token work outside the layers, over the full vocabulary: the head matmul alone,
     # and the draw (log-softmax, per-row Gumbel noise from one key per row, argmax, log-prob picks).
     from jaxrl_llm.rollout.sampling import process_logits, sample_tokens
-    from jaxrl_llm.models.transformer import unembedding
     w_ev = unembedding(params, cfg)
 
     def head_only(w, x):
@@ -330,6 +342,7 @@ def detail(o: Ours, repeats: int) -> dict:
         return jax.lax.fori_loop(0, n_new, step, (logits, jnp.zeros((rows,), jnp.int32)))
     head_jit, draw_jit = jax.jit(head_only), jax.jit(draw_only)
     logits0 = jax.random.normal(jax.random.key(1), (rows, cfg.vocab_size), jnp.float32)
+    x = jnp.ones((rows, cfg.hidden_size), jnp.float32)
     out["decode_head_matmul_step_ms"] = 1e3 * _time(lambda: head_jit(w_ev, x), repeats) / n_new
     out["decode_draw_step_ms"] = 1e3 * _time(lambda: draw_jit(logits0, key), repeats) / n_new
 
@@ -442,6 +455,7 @@ def run(args) -> dict:
     times = [o.iteration(args.warmup + i) for i in range(args.iters)]
     decode = [o.decode_only(i) for i in range(args.iters)]
     jax.config.update("jax_log_compiles", False)
+    matmuls_ms = matmuls_only_step_ms(o, args.matmul_repeats) if args.matmul_repeats else None
 
     res = {
         "framework": "jaxrl_llm",
@@ -456,6 +470,7 @@ def run(args) -> dict:
         "host_median": {k: {q: _median([h[k][q] for h in o.host[-args.iters:]]) for q in ("minor_faults", "system_s")}
                         for k in PIECES},
         "decode_s": _median(decode),
+        "matmuls_only_step_ms": matmuls_ms,
         "all_total_s": [t["total"] for t in times],
         "compiles_in_timed_loop": counter.count,
         "compiled_in_timed_loop": sorted(set(counter.names))[:20],
@@ -500,6 +515,8 @@ def main(argv=None):
                     help="timed calls per --detail figure (default max(5, iters / 2); 1-2 at the smollm2 shape)")
     ap.add_argument("--logprob-chunk", type=int, default=None,
                     help="algo.logprob_chunk: positions per block of the chunked head in the log-prob forwards")
+    ap.add_argument("--matmul-repeats", type=int, default=3,
+                    help="timed calls of the decode step's matmuls alone (matmuls_only_step_ms; 0: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.cpu_devices != 1:

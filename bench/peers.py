@@ -229,6 +229,7 @@ def summarize(runs: dict[str, list[dict]], targets: dict | None = None) -> dict:
         med = {c: _med([r.get("median", {}).get(c) for r in good]) for c in COLUMNS}
         out[name] = {"ok": True, "rounds": len(good), "median": med,
                      "decode_s": _med([r.get("decode_s") for r in good]),
+                     "matmuls_only_step_ms": _med([r.get("matmuls_only_step_ms") for r in good]),
                      "round_totals": [r.get("median", {}).get("total") for r in good]}
     ours = out.get("ours", {})
     if ours.get("ok"):
@@ -256,6 +257,13 @@ def summarize(runs: dict[str, list[dict]], targets: dict | None = None) -> dict:
             out[o]["generate_over_decode_per_round"] = [
                 gen_by_round[r.get("round")] / r["decode_s"] for r in runs[o]
                 if r.get("ok") and r.get("decode_s") and gen_by_round.get(r.get("round"))]
+    # the decode step's matmuls alone: torch's (generate's process) over ours, per round too
+    ours_mm = {r.get("round"): r.get("matmuls_only_step_ms") for r in runs.get("ours", []) if r.get("ok")}
+    mm = [r["matmuls_only_step_ms"] / ours_mm[r.get("round")] for r in gen_runs
+          if r.get("matmuls_only_step_ms") and ours_mm.get(r.get("round"))]
+    if mm:
+        out["generate"]["matmuls_torch_over_ours"] = _med(mm)
+        out["generate"]["matmuls_torch_over_ours_per_round"] = mm
     # every configuration of ours against every iteration peer (median over rounds of each run's median)
     matrix = {}
     for o in (n for n in runs if n.startswith("ours") and out.get(n, {}).get("ok")):
@@ -319,6 +327,12 @@ def table(summary: dict, decode_label: str = "decode 64 rows x 64 new tokens") -
                 rng = f", rounds {min(r):.2f}-{max(r):.2f}" if len(r) > 1 else ""
                 lines.append(f"| sampler of: {labels[name]} | {_f(s['decode_s'], 3)} | generate / this: "
                              f"{_f(s['generate_over_decode'])}{rng} |")
+        if g.get("matmuls_torch_over_ours"):
+            r = g["matmuls_torch_over_ours_per_round"]
+            rng = f", rounds {min(r):.2f}-{max(r):.2f}" if len(r) > 1 else ""
+            ours_ms = summary["ours"]["matmuls_only_step_ms"]
+            lines.append(f"| the step's float32 matmuls alone, ms/step: ours {_f(ours_ms)}, torch "
+                         f"{_f(g['matmuls_only_step_ms'])} | | torch / ours: {_f(g['matmuls_torch_over_ours'])}{rng} |")
     elif g:
         lines.append(f"| transformers generate | failed: {g.get('reason', '')[:120]} | |")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ workload without EOS. The real SmolLM2 file is exported the same way (`bench/wor
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -138,3 +139,21 @@ def test_peers_refuses_peers_without_a_no_eos_mode(built, capsys):
     assert peers.targets_for({"name": "smollm2-135m GRPO"})["trl"] == 2.0
     assert peers.decode_label(wl := json.loads((out / "workload.json").read_text())) == (
         "decode 32 rows x 64 new tokens") and wl["eos_id"] is None
+
+
+def test_the_decode_matmul_chain_is_the_same_work_on_both_sides(built, monkeypatch):
+    """bench/ours_grpo.py and bench/peers/hf_generate.py time one decode step's matmuls alone
+    (`matmuls_only_step_ms`, side by side in peers.py's decode table): with the same weights, the same result."""
+    _, wl = built
+    for name, value in (("OMP_NUM_THREADS", "2"), ("TOKENIZERS_PARALLELISM", "false")):  # hf_generate sets them
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    monkeypatch.syspath_prepend(str(BENCH / "peers"))
+    import hf_generate
+    import ours_grpo
+    fn, args = ours_grpo.matmul_chain(ours_grpo.Ours(wl), steps=1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(wl["model_dir"], dtype=torch.float32).eval()
+    chain, x = hf_generate.matmul_chain(model, len(wl["prompts"]) * wl["num_generations"], steps=1)
+    ours, theirs = np.asarray(fn(*args)), chain(x).numpy()
+    assert ours.shape == theirs.shape == (32, HIDDEN) and np.abs(ours - 1.0).max() > 1e-2  # the chain moved h
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert hf_generate.matmuls_only_step_ms(model, 4, 2, repeats=1) > 0
