@@ -58,8 +58,10 @@ def raising(inp):
 
 
 def sleepy(inp):
+    # far longer than any test waits: a runner that returned at all did not wait for it, even on a loaded
+    # machine where the caller's own thread can stall for seconds (a 3 s sleep failed `< 2.0` there: 3.4 s)
     if any("slow" in c for c in inp.completions):
-        time.sleep(3.0)
+        time.sleep(30.0)
     return [0.25] * len(inp)
 
 
@@ -189,7 +191,7 @@ def test_thread_timeout_counted_and_late_result_dropped():
     with HostRewardRunner(reward, timeout_s=0.3, batch_size=2, error_score=-5.0) as runner:
         t0 = time.monotonic()
         out = runner(make_inputs(["slow", "42", "a", "b"]))
-        assert time.monotonic() - t0 < 2.0               # did not wait for the 3 s sleep
+        assert time.monotonic() - t0 < 15.0              # did not wait for the 30 s sleep
         np.testing.assert_allclose(out.components["slow"], [-5.0, -5.0, 0.25, 0.25])
         assert out.timeouts == {"answer": 0, "slow": 1} and out.errors == {"answer": 0, "slow": 0}
         out2 = runner(make_inputs(["a", "42"]))          # the abandoned call must not leak into later calls
