@@ -275,7 +275,7 @@ def matmuls_only_step_ms(o: Ours, repeats: int) -> float:
     return 1e3 * _time(lambda: fn(*args), repeats) / o.sampling.max_new_tokens
 
 
-def detail(o: Ours, repeats: int) -> dict:
+def detail(o: Ours, repeats: int, matmuls_ms: float | None = None) -> dict:
     """Where the time goes: prefill vs decode steps (vs their matmul floor), KV-cache copies in the compiled
     sampler, the log-prob and plain forwards, the trunk's forward vs backward (as loaded and unrolled), and
     the update's parts (loss+grad, optimizer). Each figure is a median of `repeats` calls after a warm-up."""
@@ -319,7 +319,8 @@ def detail(o: Ours, repeats: int) -> dict:
     step_nodonate = jax.jit(traced(one_step))
     out["isolated_decode_step_ms"] = 1e3 * _time(lambda: step_nodonate(params, tok, pos, live, cache0), repeats)
 
-    out["matmuls_only_step_ms"] = matmuls_only_step_ms(o, repeats)
+    # the run's own figure when it timed one (run(): --matmul-repeats), else timed here
+    out["matmuls_only_step_ms"] = matmuls_ms if matmuls_ms is not None else matmuls_only_step_ms(o, repeats)
 
     # The decode step's per-token work outside the layers, over the full vocabulary: the head matmul alone,
     # and the draw (log-softmax, per-row Gumbel noise from one key per row, argmax, log-prob picks).
@@ -485,7 +486,7 @@ def run(args) -> dict:
     res["median"]["other"] = res["median"]["total"] - sum(res["median"][k] for k in ("generation", "reference",
                                                                                         "update"))
     if args.detail:
-        res["detail"] = detail(o, repeats=args.detail_repeats or max(5, args.iters // 2))
+        res["detail"] = detail(o, repeats=args.detail_repeats or max(5, args.iters // 2), matmuls_ms=matmuls_ms)
     return res
 
 

@@ -282,8 +282,8 @@ def _f(x, digits=2):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def _range(s: dict) -> str:
-    r = s.get("ratio_per_round") or []
+def _range(s: dict, key: str = "ratio_per_round") -> str:
+    r = s.get(key) or []
     return f", rounds {min(r):.2f}-{max(r):.2f}" if len(r) > 1 else ""
 
 
@@ -323,16 +323,13 @@ def table(summary: dict, decode_label: str = "decode 64 rows x 64 new tokens") -
                      f"(target {g['target']:g}: {'met' if g.get('target_met') else 'not met'}) |")
         for name, s in summary.items():
             if name.startswith("ours") and name != "ours" and s.get("generate_over_decode"):
-                r = s.get("generate_over_decode_per_round") or []
-                rng = f", rounds {min(r):.2f}-{max(r):.2f}" if len(r) > 1 else ""
                 lines.append(f"| sampler of: {labels[name]} | {_f(s['decode_s'], 3)} | generate / this: "
-                             f"{_f(s['generate_over_decode'])}{rng} |")
+                             f"{_f(s['generate_over_decode'])}{_range(s, 'generate_over_decode_per_round')} |")
         if g.get("matmuls_torch_over_ours"):
-            r = g["matmuls_torch_over_ours_per_round"]
-            rng = f", rounds {min(r):.2f}-{max(r):.2f}" if len(r) > 1 else ""
             ours_ms = summary["ours"]["matmuls_only_step_ms"]
             lines.append(f"| the step's float32 matmuls alone, ms/step: ours {_f(ours_ms)}, torch "
-                         f"{_f(g['matmuls_only_step_ms'])} | | torch / ours: {_f(g['matmuls_torch_over_ours'])}{rng} |")
+                         f"{_f(g['matmuls_only_step_ms'])} | | torch / ours: {_f(g['matmuls_torch_over_ours'])}"
+                         f"{_range(g, 'matmuls_torch_over_ours_per_round')} |")
     elif g:
         lines.append(f"| transformers generate | failed: {g.get('reason', '')[:120]} | |")
     return "\n".join(lines)
